@@ -1,0 +1,47 @@
+# pg_reverse_etl — the two set-up commands are `make run` (demo) and `make test` (every test).
+PGRX_VERSION := 0.18.1
+PG_CONFIG    := /usr/lib/postgresql/15/bin/pg_config
+export PGRX_VERSION
+export PGHOST     ?= 127.0.0.1
+export PGPORT     ?= 28815
+export PGUSER     ?= postgres
+export PGPASSWORD ?= retl-dev
+export PGDATABASE ?= postgres
+
+.PHONY: run test deps install cluster stop unit e2e demo clean
+
+## make run: install what is missing, build and install the extension, start a local cluster
+## with it preloaded, and run the demo sync to a local webhook receiver.
+run: deps install cluster demo
+
+## make test: every test — engine unit tests, then end-to-end tests against a real cluster.
+test: deps unit install cluster e2e
+
+deps:
+	@scripts/deps.sh
+
+unit:
+	cargo test -p retl-engine
+	cargo test -p retl-e2e --lib
+
+# Installing replaces the shared library; a running cluster that preloads it must not see
+# the file change under it, so the cluster is stopped first and started again after.
+install:
+	@scripts/cluster.sh stop
+	cd extension && cargo pgrx install --pg-config $(PG_CONFIG)
+
+cluster:
+	@scripts/cluster.sh start
+
+stop:
+	@scripts/cluster.sh stop
+
+e2e:
+	cargo test -p retl-e2e --tests -- --test-threads=1
+
+demo:
+	@scripts/demo.sh
+
+clean: stop
+	rm -rf .run
+	cargo clean

@@ -1,0 +1,10 @@
+//! Test support for pg_reverse_etl: a strict fake of the `webhook` destination
+//! ([`FakeWebhook`]) and helpers to drive the Postgres test cluster ([`cluster`]).
+
+pub mod cluster;
+pub mod fake_webhook;
+
+pub use cluster::{connect, connect_as, error_text, unique, wait_until};
+pub use fake_webhook::{
+    canonical_json, Builder, FakeWebhook, RecordedRequest, RejectionRule, RequestObserver, Scripted,
+};

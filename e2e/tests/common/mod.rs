@@ -1,0 +1,147 @@
+//! Shared set-up for the end-to-end tests: each test makes its own table, model, destination
+//! (pointing at its own fake) and sync, so tests never see each other's rows.
+#![allow(dead_code)]
+
+pub use retl_e2e::cluster::{connect, error_text, unique, wait_until};
+pub use retl_e2e::fake_webhook::{FakeWebhook, Scripted};
+use postgres::Client;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub struct Fixture {
+    pub client: Client,
+    pub table: String,
+    pub model: String,
+    pub server: String,
+    pub sync: String,
+}
+
+/// The summary columns of `retl.run(...)` the tests look at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: i64,
+    pub status: String,
+    pub rows_in_model: Option<i64>,
+    pub inserts: i64,
+    pub updates: i64,
+    pub deletes: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    pub api_calls: i64,
+    pub error: Option<String>,
+}
+
+pub const RUN_COLUMNS: &str = "id, status, rows_in_model, planned_inserts, planned_updates, planned_deletes, \
+                               delivered, failed, api_calls, error";
+
+pub fn run_from_row(row: &postgres::Row) -> Run {
+    Run {
+        id: row.get(0),
+        status: row.get(1),
+        rows_in_model: row.get(2),
+        inserts: row.get(3),
+        updates: row.get(4),
+        deletes: row.get(5),
+        delivered: row.get(6),
+        failed: row.get(7),
+        api_calls: row.get(8),
+        error: row.get(9),
+    }
+}
+
+pub fn ensure_extension(client: &mut Client) {
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_reverse_etl")
+        .expect("CREATE EXTENSION");
+}
+
+impl Fixture {
+    /// A `people` table with rows 1..=n, a model over it, a destination at `url` with
+    /// `server_options` (e.g. "batch_size '2'"), a user mapping with `token`, and a sync.
+    pub fn new(url: &str, n: i64, mode: &str, server_options: &str, token: Option<&str>) -> Fixture {
+        let mut client = connect();
+        ensure_extension(&mut client);
+        let base = unique("e2e");
+        let (table, model, server, sync) =
+            (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, name text, score int);
+                 INSERT INTO {table} SELECT i, 'user' || i || '@example.com', 'Person ' || i, i * 10
+                   FROM generate_series(1, {n}) i;"
+            ))
+            .unwrap();
+        client
+            .execute(
+                "SELECT retl.create_model(name => $1, query => $2, primary_key => '{id}')",
+                &[&model, &format!("SELECT id, email, name, score FROM {table}")],
+            )
+            .unwrap();
+        let extra = if server_options.is_empty() { String::new() } else { format!(", {server_options}") };
+        client
+            .batch_execute(&format!(
+                "CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}'{extra})"
+            ))
+            .unwrap();
+        if let Some(token) = token {
+            client
+                .batch_execute(&format!(
+                    "CREATE USER MAPPING FOR CURRENT_USER SERVER {server} OPTIONS (token '{token}')"
+                ))
+                .unwrap();
+        }
+        client
+            .execute(
+                "SELECT retl.create_sync(name => $1, model => $2, destination => $3, mode => $4)",
+                &[&sync, &model, &server, &mode],
+            )
+            .unwrap();
+        Fixture { client, table, model, server, sync }
+    }
+
+    pub fn run(&mut self) -> Run {
+        let row = self
+            .client
+            .query_one(&format!("SELECT {RUN_COLUMNS} FROM retl.run($1, wait => true)"), &[&self.sync])
+            .expect("retl.run");
+        run_from_row(&row)
+    }
+
+    pub fn exec(&mut self, sql: &str) {
+        self.client.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn count(&mut self, sql: &str) -> i64 {
+        self.client.query_one(sql, &[]).unwrap().get(0)
+    }
+
+    /// The rows the model holds now, as the destination should hold them (fields by column).
+    pub fn model_state(&mut self) -> std::collections::BTreeMap<String, Value> {
+        let rows = self
+            .client
+            .query(&format!("SELECT id, email, name, score FROM {} ORDER BY id", self.table), &[])
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let email: Option<String> = r.get(1);
+                let name: Option<String> = r.get(2);
+                let score: Option<i32> = r.get(3);
+                (json!({"id": id}).to_string(), json!({"id": id, "email": email, "name": name, "score": score}))
+            })
+            .collect()
+    }
+
+    pub fn outbox_rows(&mut self) -> i64 {
+        self.count(&format!(
+            "SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = '{}'",
+            self.sync
+        ))
+    }
+}
+
+pub fn key(id: i64) -> String {
+    json!({"id": id}).to_string()
+}
+
+pub const SHORT: Duration = Duration::from_secs(30);

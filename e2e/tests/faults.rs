@@ -1,0 +1,143 @@
+//! Destination faults: 429 with Retry-After, 5xx, per-record rejections, bad credentials,
+//! a destination that stays down; and the rate limit.
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn idempotency_keys(fake: &FakeWebhook) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .map(|r| r.headers.iter().find(|(k, _)| k == "idempotency-key").map(|(_, v)| v.clone()).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn a_429_with_retry_after_is_waited_out() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 5, "upsert", "", None);
+    fake.script(vec![Scripted::Status { status: 429, retry_after: Some("2".into()), body: r#"{"error":"slow down"}"#.into() }]);
+    let started = Instant::now();
+    let run = f.run();
+    let elapsed = started.elapsed();
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 5, 2), "{run:?}");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2);
+    let gap = requests[1].at - requests[0].at;
+    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}, Retry-After said 2 s");
+    assert!(elapsed >= Duration::from_secs(2));
+    let keys = idempotency_keys(&fake);
+    assert_eq!(keys[0], keys[1], "the retry carries the same Idempotency-Key");
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn server_errors_are_retried_until_they_succeed() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+    let boom = || Scripted::Status { status: 500, retry_after: None, body: "internal error".into() };
+    fake.script(vec![boom(), boom(), Scripted::Status { status: 503, retry_after: None, body: String::new() }]);
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 3, 4), "{run:?}");
+    assert_eq!(fake.records(), f.model_state());
+    assert_eq!(fake.create_count(&key(1)), 1);
+}
+
+#[test]
+fn a_rejected_record_lands_in_row_errors_while_the_rest_arrive() {
+    let fake = FakeWebhook::start();
+    fake.set_rejection_rule(|rec| {
+        let email = rec["fields"]["email"].as_str().unwrap_or("");
+        (!email.contains('@')).then(|| (422, "email is invalid".to_string()))
+    });
+    let mut f = Fixture::new(&fake.url(), 5, "upsert", "", None);
+    f.exec(&format!("UPDATE {} SET email = 'not-an-email' WHERE id = 3", f.table));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.failed), ("partial", 4, 1), "{run:?}");
+    let mut expected = f.model_state();
+    expected.remove(&key(3));
+    assert_eq!(fake.records(), expected);
+    let err = f
+        .client
+        .query_one(
+            "SELECT e.key::text, e.op, e.payload->>'email', e.http_status, e.response, e.attempts
+               FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = $1",
+            &[&f.sync],
+        )
+        .unwrap();
+    assert_eq!(err.get::<_, String>(0), r#"{"id": 3}"#);
+    assert_eq!(err.get::<_, String>(1), "upsert");
+    assert_eq!(err.get::<_, String>(2), "not-an-email");
+    assert_eq!(err.get::<_, Option<i32>>(3), Some(422));
+    assert_eq!(err.get::<_, String>(4), "email is invalid");
+    assert_eq!(err.get::<_, i32>(5), 1);
+
+    // Not fixed: retried on the next run (and counted); fixed: delivered and cleared.
+    fake.clear_journal();
+    let again = f.run();
+    assert_eq!((again.delivered, again.failed, again.api_calls), (0, 1, 1));
+    assert_eq!(f.count(&format!("SELECT attempts FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = '{}'", f.sync)), 2);
+    f.exec(&format!("UPDATE {} SET email = 'fixed@example.com' WHERE id = 3", f.table));
+    let fixed = f.run();
+    assert_eq!((fixed.status.as_str(), fixed.delivered, fixed.failed), ("succeeded", 1, 0));
+    assert_eq!(fake.records(), f.model_state());
+    assert_eq!(f.count(&format!("SELECT count(*) FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = '{}'", f.sync)), 0);
+}
+
+#[test]
+fn rejected_credentials_fail_the_run_without_leaking_the_token() {
+    let fake = FakeWebhook::builder().token("the-right-token").start();
+    let mut f = Fixture::new(&fake.url(), 2, "upsert", "", Some("a-wrong-token-XYZ"));
+    let run = f.run();
+    assert_eq!(run.status, "failed");
+    assert_eq!(run.api_calls, 1, "a 401 is not retried");
+    let error = run.error.unwrap();
+    assert_eq!(error, "destination rejected the credentials (HTTP 401): check the token in the user mapping");
+    assert!(fake.records().is_empty());
+    assert_eq!(f.outbox_rows(), 2, "nothing is lost: the rows stay queued");
+    let leaks = f.count(
+        "SELECT (SELECT count(*) FROM retl.runs WHERE error LIKE '%a-wrong-token-XYZ%')
+              + (SELECT count(*) FROM retl.batches WHERE error LIKE '%a-wrong-token-XYZ%')
+              + (SELECT count(*) FROM retl.row_errors WHERE response LIKE '%a-wrong-token-XYZ%')
+              + (SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%a-wrong-token-XYZ%' AND pid <> pg_backend_pid())",
+    );
+    assert_eq!(leaks, 0);
+    // Fix the mapping: the next run delivers everything.
+    f.exec(&format!("ALTER USER MAPPING FOR CURRENT_USER SERVER {} OPTIONS (SET token 'the-right-token')", f.server));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 2));
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn a_destination_that_stays_down_fails_the_run_and_the_next_run_converges() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "max_retries '2'", None);
+    let down = || Scripted::Status { status: 503, retry_after: Some("0".into()), body: "maintenance".into() };
+    fake.script(vec![down(), down(), down()]);
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("failed", 0, 3), "{run:?}");
+    assert!(run.error.as_deref().unwrap().contains("HTTP 503"), "{:?}", run.error);
+    assert!(fake.records().is_empty());
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.inserts, run.delivered), ("succeeded", 3, 3));
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn the_rate_limit_spaces_requests() {
+    let fake = FakeWebhook::start();
+    // 8 single-record batches at 4 requests/s (burst 4): the last can start no earlier than 1 s in.
+    let mut f = Fixture::new(&fake.url(), 8, "upsert", "batch_size '1', rate_limit '4', max_concurrency '2'", None);
+    let run = f.run();
+    assert_eq!((run.delivered, run.api_calls), (8, 8));
+    let mut at: Vec<Instant> = fake.requests().iter().map(|r| r.at).collect();
+    at.sort();
+    // With a bucket of 4 tokens refilled at 4/s, request k (0-based) cannot start before
+    // (k + 1 - 4) / 4 seconds after the first.
+    for (k, t) in at.iter().enumerate().skip(4) {
+        let earliest = Duration::from_millis(((k as u64 + 1 - 4) * 1000) / 4);
+        let actual = *t - at[0];
+        assert!(actual + Duration::from_millis(30) >= earliest, "request {k} at {actual:?}, rate limit allows {earliest:?}");
+    }
+    assert_eq!(fake.records(), f.model_state());
+}

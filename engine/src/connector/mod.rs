@@ -1,0 +1,193 @@
+//! The contract every destination implements: turn a batch into one HTTP request, and turn
+//! the response into per-record outcomes. Connectors do no I/O; `deliver` does.
+
+mod webhook;
+
+pub use webhook::Webhook;
+
+use crate::options::{DestinationConfig, DestinationKind};
+use crate::record::OutboxRecord;
+use std::time::Duration;
+
+pub struct BatchContext<'a> {
+    pub sync_name: &'a str,
+    pub run_id: i64,
+    pub idempotency_key: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpRequest {
+    pub method: reqwest::Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First header of that name, compared case-insensitively as HTTP requires.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RecordResult {
+    Ack,
+    /// The destination refused this record; retrying the same data will not help.
+    Rejected {
+        status: Option<u16>,
+        message: String,
+    },
+    /// This record failed transiently; send it again.
+    Retry {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResponseOutcome {
+    /// Same length and order as the request's records.
+    PerRecord(Vec<RecordResult>),
+    /// The whole request is to be retried.
+    Transient {
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// Nothing more will work in this run (e.g. bad credentials).
+    Fatal { status: Option<u16>, message: String },
+}
+
+pub trait Destination: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// The most records the destination accepts in one request.
+    fn max_batch_size(&self) -> usize;
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> HttpRequest;
+    fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome;
+}
+
+/// Hex blake3 over the sync, the run and the record ids in order. A retry of the same
+/// records, even by a restarted worker, gets the same key, so the destination can dedupe it.
+pub fn idempotency_key(sync_name: &str, run_id: i64, records: &[OutboxRecord]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    // Length prefix: ("ab", 1) and ("a", ...) must never collide.
+    hasher.update(&(sync_name.len() as u64).to_le_bytes());
+    hasher.update(sync_name.as_bytes());
+    hasher.update(&run_id.to_le_bytes());
+    for record in records {
+        hasher.update(&record.id.to_le_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// At most `max` characters of a response body, for error messages and `retl.row_errors`.
+pub fn excerpt(body: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.into_owned(),
+    }
+}
+
+/// Destinations sometimes echo the Authorization header back in error bodies; this keeps the
+/// token out of anything we store or log.
+pub fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(secret) if !secret.is_empty() => text.replace(secret, "[redacted]"),
+        _ => text.to_string(),
+    }
+}
+
+pub fn for_config(cfg: &DestinationConfig) -> Box<dyn Destination> {
+    match cfg.kind {
+        DestinationKind::Webhook => Box::new(Webhook::new(&cfg.url)),
+    }
+}
+
+/// The batch size actually used: the configured one, capped by what the connector accepts.
+pub fn effective_batch_size(cfg: &DestinationConfig, dest: &dyn Destination) -> usize {
+    cfg.batch_size.min(dest.max_batch_size()).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Op;
+    use serde_json::json;
+
+    fn rec(id: i64) -> OutboxRecord {
+        OutboxRecord {
+            id,
+            op: Op::Upsert,
+            key: json!({"id": id}),
+            fields: None,
+        }
+    }
+
+    #[test]
+    fn idempotency_key_is_stable_and_specific() {
+        let key = idempotency_key("crm", 7, &[rec(1), rec(2)]);
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(key, idempotency_key("crm", 7, &[rec(1), rec(2)]));
+        assert_ne!(key, idempotency_key("crm", 7, &[rec(2), rec(1)]));
+        assert_ne!(key, idempotency_key("crm", 8, &[rec(1), rec(2)]));
+        assert_ne!(key, idempotency_key("crm2", 7, &[rec(1), rec(2)]));
+        assert_ne!(key, idempotency_key("crm", 7, &[rec(1)]));
+    }
+
+    #[test]
+    fn excerpt_cuts_on_char_boundaries() {
+        assert_eq!(excerpt(b"hello", 5), "hello");
+        assert_eq!(excerpt(b"hello", 4), "hell…");
+        assert_eq!(excerpt("héllo".as_bytes(), 2), "hé…");
+        assert_eq!(excerpt(b"", 3), "");
+        assert_eq!(excerpt(b"ok\xff", 10), "ok\u{fffd}");
+    }
+
+    #[test]
+    fn redact_hides_the_secret() {
+        assert_eq!(
+            redact("bad token abc, abc", Some("abc")),
+            "bad token [redacted], [redacted]"
+        );
+        assert_eq!(redact("bad token abc", None), "bad token abc");
+        assert_eq!(redact("bad token abc", Some("")), "bad token abc");
+    }
+
+    #[test]
+    fn factory_and_batch_cap() {
+        let mut cfg = crate::options::parse_server_options(&[
+            ("type".into(), "webhook".into()),
+            ("url".into(), "https://example.com/h".into()),
+        ])
+        .unwrap();
+        let dest = for_config(&cfg);
+        assert_eq!(dest.kind(), "webhook");
+        assert_eq!(dest.max_batch_size(), 1000);
+        assert_eq!(effective_batch_size(&cfg, dest.as_ref()), 100);
+        cfg.batch_size = 5000;
+        assert_eq!(effective_batch_size(&cfg, dest.as_ref()), 1000);
+    }
+
+    #[test]
+    fn header_lookup_ignores_case() {
+        let resp = HttpResponse {
+            status: 429,
+            headers: vec![("retry-after".into(), "3".into())],
+            body: vec![],
+        };
+        assert_eq!(resp.header("Retry-After"), Some("3"));
+        assert_eq!(resp.header("Location"), None);
+    }
+}

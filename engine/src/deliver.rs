@@ -1,0 +1,318 @@
+//! Sends batches to a destination: concurrency, rate limit, retries with backoff, and a
+//! per-record account of what happened. Runs inside the worker's current-thread runtime, so
+//! batches are futures polled by one task (no spawn, no Send) and share state via Cell/RefCell.
+
+use crate::backoff::backoff_delay;
+use crate::connector::{
+    idempotency_key, redact, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
+};
+use crate::options::DestinationConfig;
+use crate::ratelimit::TokenBucket;
+use crate::record::OutboxRecord;
+use futures_util::stream::{self, StreamExt};
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+/// First retry waits about this long; later ones double it.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
+/// How often a waiting batch checks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryLimits {
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub retry_base: Duration,
+    pub max_backoff: Duration,
+}
+
+impl DeliveryLimits {
+    pub fn from_config(cfg: &DestinationConfig) -> Self {
+        DeliveryLimits {
+            max_concurrency: cfg.max_concurrency,
+            timeout: cfg.timeout,
+            max_retries: cfg.max_retries,
+            retry_base: DEFAULT_RETRY_BASE,
+            max_backoff: cfg.max_backoff,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub id: i64,
+    pub status: Option<u16>,
+    pub message: String,
+    /// Requests that included this record.
+    pub attempts: u32,
+}
+
+/// What became of one batch. Every record ends up in exactly one of acked/rejected/unresolved.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchReport {
+    pub acked: Vec<i64>,
+    pub rejected: Vec<Rejection>,
+    /// Neither accepted nor refused (retries exhausted, stopped, fatal error): send again later.
+    pub unresolved: Vec<i64>,
+    pub api_calls: u32,
+    pub error: Option<String>,
+    /// The destination said nothing more will work in this run.
+    pub fatal: bool,
+}
+
+pub struct Deliverer {
+    client: reqwest::Client,
+}
+
+/// One `deliver` call's shared state.
+struct Run<'a> {
+    client: &'a reqwest::Client,
+    dest: &'a dyn Destination,
+    limits: &'a DeliveryLimits,
+    bucket: RefCell<Option<&'a mut TokenBucket>>,
+    sync_name: &'a str,
+    run_id: i64,
+    token: Option<&'a str>,
+    should_stop: &'a dyn Fn() -> bool,
+    /// Set by the first batch that gets a fatal answer, so the others stop too.
+    fatal: Cell<bool>,
+}
+
+impl Deliverer {
+    pub fn new(timeout: Duration) -> Result<Self, String> {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(timeout)
+            // A redirect could carry the bearer token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(crate::USER_AGENT)
+            .build()
+            .map(|client| Deliverer { client })
+            .map_err(|e| format!("could not create the HTTP client: {e}"))
+    }
+
+    /// Delivers `batches` (each at most `dest.max_batch_size()` records) and returns one report
+    /// per batch, in the same order.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deliver(
+        &self,
+        dest: &dyn Destination,
+        limits: &DeliveryLimits,
+        bucket: &mut Option<TokenBucket>,
+        sync_name: &str,
+        run_id: i64,
+        token: Option<&str>,
+        batches: Vec<Vec<OutboxRecord>>,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Vec<BatchReport> {
+        let run = Run {
+            client: &self.client,
+            dest,
+            limits,
+            bucket: RefCell::new(bucket.as_mut()),
+            sync_name,
+            run_id,
+            token,
+            should_stop,
+            fatal: Cell::new(false),
+        };
+        stream::iter(batches)
+            .map(|batch| run.batch(batch))
+            .buffered(limits.max_concurrency.max(1))
+            .collect()
+            .await
+    }
+}
+
+impl Run<'_> {
+    async fn batch(&self, mut pending: Vec<OutboxRecord>) -> BatchReport {
+        let mut report = BatchReport::default();
+        let mut last_error = String::new();
+        while !pending.is_empty() {
+            if let Err(reason) = self.take_token().await {
+                return self.give_up(report, &pending, reason);
+            }
+            let ctx = BatchContext {
+                sync_name: self.sync_name,
+                run_id: self.run_id,
+                idempotency_key: idempotency_key(self.sync_name, self.run_id, &pending),
+            };
+            let request = self.dest.build_request(&ctx, &pending, self.token);
+            report.api_calls += 1;
+            let outcome = match send(self.client, request, self.limits.timeout).await {
+                Ok(response) => self.dest.classify(&pending, &response),
+                Err(message) => ResponseOutcome::Transient {
+                    status: None,
+                    retry_after: None,
+                    message,
+                },
+            };
+            let retry_after = match outcome {
+                ResponseOutcome::PerRecord(results) if results.len() == pending.len() => {
+                    let mut retry = Vec::new();
+                    for (record, result) in pending.into_iter().zip(results) {
+                        match result {
+                            RecordResult::Ack => report.acked.push(record.id),
+                            RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
+                                id: record.id,
+                                status,
+                                message: redact(&message, self.token),
+                                attempts: report.api_calls,
+                            }),
+                            RecordResult::Retry { message } => {
+                                if retry.is_empty() {
+                                    last_error = format!("record {}: {message}", record.id);
+                                }
+                                retry.push(record);
+                            }
+                        }
+                    }
+                    pending = retry;
+                    None
+                }
+                ResponseOutcome::PerRecord(results) => {
+                    last_error = format!(
+                        "{} connector returned {} results for {} records",
+                        self.dest.kind(),
+                        results.len(),
+                        pending.len()
+                    );
+                    None
+                }
+                ResponseOutcome::Transient {
+                    retry_after, message, ..
+                } => {
+                    last_error = message;
+                    retry_after
+                }
+                ResponseOutcome::Fatal { message, .. } => {
+                    self.fatal.set(true);
+                    report.fatal = true;
+                    return self.give_up(report, &pending, message);
+                }
+            };
+            if pending.is_empty() {
+                break;
+            }
+            let retries = report.api_calls - 1;
+            if retries >= self.limits.max_retries {
+                let attempts = report.api_calls;
+                let plural = if attempts == 1 { "" } else { "s" };
+                return self.give_up(
+                    report,
+                    &pending,
+                    format!("gave up after {attempts} attempt{plural}: {last_error}"),
+                );
+            }
+            let max_backoff = self.limits.max_backoff;
+            let backoff = backoff_delay(retries, self.limits.retry_base, max_backoff);
+            let wait = backoff.max(retry_after.unwrap_or_default());
+            if wait > max_backoff {
+                // The destination asks for more patience than configured: leave the rows for the
+                // next run instead of holding the worker.
+                let message = format!(
+                    "Retry-After {} exceeds max_backoff {}: {last_error}",
+                    show(wait),
+                    show(max_backoff)
+                );
+                return self.give_up(report, &pending, message);
+            }
+            if let Err(reason) = self.pause(wait).await {
+                return self.give_up(report, &pending, reason);
+            }
+        }
+        report
+    }
+
+    fn give_up(&self, mut report: BatchReport, pending: &[OutboxRecord], error: String) -> BatchReport {
+        report.unresolved.extend(pending.iter().map(|r| r.id));
+        report.error = Some(redact(&error, self.token));
+        report
+    }
+
+    /// Why this batch must not send another request, if it must not.
+    fn stop_reason(&self) -> Option<String> {
+        if self.fatal.get() {
+            Some("stopped: another batch failed fatally".into())
+        } else if (self.should_stop)() {
+            Some("stopped: worker shutting down".into())
+        } else {
+            None
+        }
+    }
+
+    /// Sleeps `wait`, waking every `STOP_POLL` to honour a stop.
+    async fn pause(&self, wait: Duration) -> Result<(), String> {
+        let end = Instant::now() + wait;
+        loop {
+            if let Some(reason) = self.stop_reason() {
+                return Err(reason);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            tokio::time::sleep(left.min(STOP_POLL)).await;
+        }
+    }
+
+    /// Takes a token from the shared bucket; the borrow never spans an await, so concurrent
+    /// batches interleave safely.
+    async fn take_token(&self) -> Result<(), String> {
+        loop {
+            let attempt = match self.bucket.borrow_mut().as_mut() {
+                None => Ok(()),
+                Some(bucket) => bucket.try_acquire(Instant::now()),
+            };
+            match attempt {
+                Ok(()) => return self.stop_reason().map_or(Ok(()), Err),
+                Err(wait) => self.pause(wait).await?,
+            }
+        }
+    }
+}
+
+async fn send(client: &reqwest::Client, req: HttpRequest, timeout: Duration) -> Result<HttpResponse, String> {
+    let mut builder = client.request(req.method, &req.url).timeout(timeout).body(req.body);
+    for (name, value) in &req.headers {
+        builder = builder.header(name, value);
+    }
+    let failed = |e: reqwest::Error| transport_error(e, timeout);
+    let response = builder.send().await.map_err(failed)?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let body = response.bytes().await.map_err(failed)?.to_vec();
+    Ok(HttpResponse { status, headers, body })
+}
+
+/// The error chain without the URL (it may hold secrets in its query string).
+fn transport_error(error: reqwest::Error, timeout: Duration) -> String {
+    if error.is_timeout() {
+        return format!("request failed: timed out after {}", show(timeout));
+    }
+    let error = error.without_url();
+    let mut message = format!("request failed: {error}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
+/// "30s" for whole seconds, else "1500ms".
+fn show(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests;

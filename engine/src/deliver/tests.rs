@@ -1,0 +1,448 @@
+//! Delivery against a scripted HTTP/1.1 server on 127.0.0.1 (one thread per connection,
+//! `Connection: close`), so retries, timing and headers are observed end to end.
+
+use super::*;
+use crate::connector::{for_config, idempotency_key};
+use crate::options::parse_server_options;
+use crate::record::Op;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+const TOKEN: &str = "sk_test_123";
+
+struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    delay: Duration,
+}
+
+fn reply(status: u16, body: &str) -> Reply {
+    Reply {
+        status,
+        headers: vec![],
+        body: body.to_string(),
+        delay: Duration::ZERO,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    /// Lower-cased names.
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+    fn ids(&self) -> Vec<i64> {
+        self.body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"]["id"].as_i64().unwrap())
+            .collect()
+    }
+}
+
+type Script = dyn Fn(usize, &Seen) -> Reply + Send + Sync;
+
+/// Starts a server answering request number n (0-based, in arrival order) with `script(n, req)`.
+fn serve(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let script: Arc<Script> = Arc::new(script);
+    let log = seen.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let (script, log) = (script.clone(), log.clone());
+            thread::spawn(move || handle(stream.unwrap(), &*script, &log));
+        }
+    });
+    (url, seen)
+}
+
+fn handle(mut stream: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            return;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    while raw.len() < head_end + length {
+        let n = stream.read(&mut buf).unwrap();
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let seen = Seen {
+        headers,
+        body: serde_json::from_slice(&raw[head_end..]).unwrap(),
+    };
+    let n = {
+        let mut log = log.lock().unwrap();
+        log.push(seen.clone());
+        log.len() - 1
+    };
+    let r = script(n, &seen);
+    thread::sleep(r.delay);
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        r.status,
+        r.body.len()
+    );
+    for (k, v) in &r.headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(&r.body);
+    let _ = stream.write_all(out.as_bytes());
+}
+
+fn records(ids: std::ops::RangeInclusive<i64>) -> Vec<OutboxRecord> {
+    ids.map(|id| OutboxRecord {
+        id,
+        op: Op::Upsert,
+        key: json!({"id": id}),
+        fields: Some(json!({"n": id})),
+    })
+    .collect()
+}
+
+fn limits(max_retries: u32) -> DeliveryLimits {
+    DeliveryLimits {
+        max_concurrency: 4,
+        timeout: Duration::from_secs(3),
+        max_retries,
+        retry_base: Duration::from_millis(10),
+        max_backoff: Duration::from_secs(60),
+    }
+}
+
+fn webhook(url: &str) -> Box<dyn Destination> {
+    for_config(&parse_server_options(&[("type".into(), "webhook".into()), ("url".into(), url.into())]).unwrap())
+}
+
+/// Runs one delivery of `batches` for sync "crm", run 9.
+async fn run(
+    url: &str,
+    limits: &DeliveryLimits,
+    bucket: &mut Option<TokenBucket>,
+    batches: Vec<Vec<OutboxRecord>>,
+    should_stop: &dyn Fn() -> bool,
+) -> Vec<BatchReport> {
+    Deliverer::new(limits.timeout)
+        .unwrap()
+        .deliver(
+            webhook(url).as_ref(),
+            limits,
+            bucket,
+            "crm",
+            9,
+            Some(TOKEN),
+            batches,
+            should_stop,
+        )
+        .await
+}
+
+fn acked(ids: &[i64], api_calls: u32) -> BatchReport {
+    BatchReport {
+        acked: ids.to_vec(),
+        api_calls,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn all_acked_with_documented_request() {
+    let (url, seen) = serve(|_, _| reply(200, ""));
+    let reports = run(
+        &url,
+        &limits(5),
+        &mut None,
+        vec![records(1..=2), records(3..=3)],
+        &|| false,
+    )
+    .await;
+    assert_eq!(reports, vec![acked(&[1, 2], 1), acked(&[3], 1)]);
+    let seen = seen.lock().unwrap();
+    let first = seen.iter().find(|s| s.ids() == [1, 2]).unwrap();
+    assert_eq!(
+        first.body,
+        json!({"sync": "crm", "run_id": 9, "records": [
+            {"op": "upsert", "key": {"id": 1}, "fields": {"n": 1}},
+            {"op": "upsert", "key": {"id": 2}, "fields": {"n": 2}}]})
+    );
+    assert_eq!(first.header("authorization"), Some("Bearer sk_test_123"));
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    assert_eq!(first.header("user-agent"), Some(crate::USER_AGENT));
+    let key = idempotency_key("crm", 9, &records(1..=2));
+    assert_eq!(first.header("idempotency-key"), Some(key.as_str()));
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let (url, seen) = serve(|n, _| match n {
+        0 => Reply {
+            headers: vec![("Retry-After", "1".into())],
+            ..reply(429, "slow down")
+        },
+        _ => reply(200, ""),
+    });
+    let start = Instant::now();
+    let reports = run(&url, &limits(5), &mut None, vec![records(1..=2)], &|| false).await;
+    assert!(start.elapsed() >= Duration::from_secs(1), "{:?}", start.elapsed());
+    assert_eq!(reports, vec![acked(&[1, 2], 2)]);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_with_the_same_idempotency_key() {
+    let (url, seen) = serve(|n, _| if n < 2 { reply(500, "oops") } else { reply(200, "") });
+    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    assert_eq!(reports, vec![acked(&[1, 2, 3], 3)]);
+    let keys: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.header("idempotency-key").unwrap().to_string())
+        .collect();
+    assert_eq!(keys, vec![idempotency_key("crm", 9, &records(1..=3)); 3]);
+}
+
+#[tokio::test]
+async fn per_record_rejection() {
+    let (url, _) = serve(|_, _| {
+        reply(
+            207,
+            r#"{"results": [{"status": 200}, {"status": 422, "error": "email is invalid"}, {"status": 200}]}"#,
+        )
+    });
+    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    assert_eq!(
+        reports,
+        vec![BatchReport {
+            acked: vec![1, 3],
+            rejected: vec![Rejection {
+                id: 2,
+                status: Some(422),
+                message: "email is invalid".into(),
+                attempts: 1
+            }],
+            api_calls: 1,
+            ..Default::default()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn per_record_retry_resends_only_those_records() {
+    let (url, seen) = serve(|n, req| match n {
+        0 => reply(
+            200,
+            r#"{"results": [{"status": 200}, {"status": 503, "error": "busy"}, {"status": 422}]}"#,
+        ),
+        _ => {
+            assert_eq!(req.ids(), [2]);
+            reply(200, r#"{"results": [{"status": 201}]}"#)
+        }
+    });
+    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    assert_eq!(
+        reports,
+        vec![BatchReport {
+            acked: vec![1, 2],
+            rejected: vec![Rejection {
+                id: 3,
+                status: Some(422),
+                message: "HTTP 422".into(),
+                attempts: 1
+            }],
+            api_calls: 2,
+            ..Default::default()
+        }]
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[1].header("idempotency-key"),
+        Some(idempotency_key("crm", 9, &records(2..=2)).as_str())
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_is_fatal_and_stops_other_batches() {
+    let (url, seen) = serve(|_, req| reply(401, &format!("bad {}", req.header("authorization").unwrap())));
+    let limits = DeliveryLimits {
+        max_concurrency: 1,
+        ..limits(5)
+    };
+    let reports = run(&url, &limits, &mut None, vec![records(1..=2), records(3..=3)], &|| {
+        false
+    })
+    .await;
+    let message = "destination rejected the credentials (HTTP 401): check the token in the user mapping";
+    assert_eq!(
+        reports,
+        vec![
+            BatchReport {
+                unresolved: vec![1, 2],
+                api_calls: 1,
+                error: Some(message.into()),
+                fatal: true,
+                ..Default::default()
+            },
+            BatchReport {
+                unresolved: vec![3],
+                error: Some("stopped: another batch failed fatally".into()),
+                ..Default::default()
+            },
+        ]
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn retries_exhausted_leave_records_unresolved() {
+    // The body echoes the token: it must come out redacted.
+    let (url, seen) = serve(|_, _| reply(503, &format!("busy, token {TOKEN}")));
+    let reports = run(&url, &limits(2), &mut None, vec![records(1..=2)], &|| false).await;
+    assert_eq!(
+        reports,
+        vec![BatchReport {
+            unresolved: vec![1, 2],
+            api_calls: 3,
+            error: Some("gave up after 3 attempts: HTTP 503: busy, token [redacted]".into()),
+            ..Default::default()
+        }]
+    );
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn retry_after_beyond_max_backoff_gives_up_at_once() {
+    let (url, _) = serve(|_, _| Reply {
+        headers: vec![("Retry-After", "120".into())],
+        ..reply(429, "")
+    });
+    let start = Instant::now();
+    let reports = run(&url, &limits(5), &mut None, vec![records(1..=1)], &|| false).await;
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        reports[0].error.as_deref(),
+        Some("Retry-After 120s exceeds max_backoff 60s: HTTP 429")
+    );
+    assert_eq!((reports[0].unresolved.clone(), reports[0].api_calls), (vec![1], 1));
+}
+
+#[tokio::test]
+async fn stop_request_interrupts_a_backoff() {
+    let (url, _) = serve(|_, _| reply(503, ""));
+    let limits = DeliveryLimits {
+        retry_base: Duration::from_secs(10),
+        ..limits(5)
+    };
+    let start = Instant::now();
+    let stop = || start.elapsed() > Duration::from_millis(300);
+    let reports = run(&url, &limits, &mut None, vec![records(1..=1)], &stop).await;
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert_eq!(
+        reports,
+        vec![BatchReport {
+            unresolved: vec![1],
+            api_calls: 1,
+            error: Some("stopped: worker shutting down".into()),
+            ..Default::default()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_holds_across_concurrent_batches() {
+    let (url, seen) = serve(|_, _| reply(200, ""));
+    // Burst 1: ten requests at 5/s need nine 200 ms refills.
+    let mut bucket = Some(TokenBucket::new(5.0, 1.0));
+    let batches: Vec<_> = (1..=10).map(|id| records(id..=id)).collect();
+    let start = Instant::now();
+    let reports = run(&url, &limits(5), &mut bucket, batches, &|| false).await;
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1790) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    assert_eq!(
+        reports.iter().map(|r| r.acked.clone()).collect::<Vec<_>>(),
+        (1..=10).map(|i| vec![i]).collect::<Vec<_>>()
+    );
+    assert_eq!(seen.lock().unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn timeouts_are_reported_without_the_token() {
+    let (url, _) = serve(|_, _| Reply {
+        delay: Duration::from_secs(2),
+        ..reply(200, "")
+    });
+    let limits = DeliveryLimits {
+        timeout: Duration::from_millis(300),
+        ..limits(0)
+    };
+    let reports = run(&url, &limits, &mut None, vec![records(1..=1)], &|| false).await;
+    assert_eq!(
+        reports[0].error.as_deref(),
+        Some("gave up after 1 attempt: request failed: timed out after 300ms")
+    );
+    assert_eq!(reports[0].unresolved, [1]);
+}
+
+#[tokio::test]
+async fn connection_refused_is_transient() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/hook?key={TOKEN}");
+    let reports = run(&url, &limits(1), &mut None, vec![records(1..=1)], &|| false).await;
+    let error = reports[0].error.clone().unwrap();
+    assert!(
+        error.starts_with("gave up after 2 attempts: request failed: "),
+        "{error}"
+    );
+    assert!(!error.contains(TOKEN), "{error}");
+    assert_eq!((reports[0].unresolved.clone(), reports[0].api_calls), (vec![1], 2));
+}
+
+#[test]
+fn limits_from_config() {
+    let cfg = parse_server_options(&[("type".into(), "webhook".into()), ("url".into(), "http://x".into())]).unwrap();
+    assert_eq!(
+        DeliveryLimits::from_config(&cfg),
+        DeliveryLimits {
+            max_concurrency: 4,
+            timeout: Duration::from_secs(30),
+            max_retries: 5,
+            retry_base: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        }
+    );
+    assert_eq!(show(Duration::from_secs(30)), "30s");
+    assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+}

@@ -1,0 +1,471 @@
+//! Validation of the foreign-data-wrapper options. It runs at DDL time (the validator of
+//! CREATE SERVER / USER MAPPING), so every message says what is wrong and how to fix it.
+
+use std::fmt;
+use std::time::Duration;
+
+const SERVER_OPTIONS: &str =
+    "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms";
+const MAPPING_OPTIONS: &str = "token, token_env";
+const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
+const SUPPORTED_TYPES: &str = "webhook";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum OptionsError {
+    #[error("unknown option \"{option}\" for a {context}; valid options: {valid}")]
+    Unknown {
+        option: String,
+        context: &'static str,
+        valid: &'static str,
+    },
+    #[error("option \"{option}\" is given more than once")]
+    Duplicate { option: String },
+    #[error("option \"{option}\" is required ({hint})")]
+    Missing { option: &'static str, hint: &'static str },
+    #[error("unknown destination type \"{0}\" (supported: {SUPPORTED_TYPES})")]
+    UnknownType(String),
+    #[error("option \"{option}\" must be {expected}, got \"{value}\"")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// Like `Invalid`, for secrets: the value never appears in the message (it would end up in
+    /// the server log and in the client's error).
+    #[error("option \"{option}\" must be {expected}; the value is not shown")]
+    InvalidSecret {
+        option: &'static str,
+        expected: &'static str,
+    },
+    #[error("option {0}")]
+    Conflict(String),
+    #[error("environment variable \"{name}\" named by token_env {problem}")]
+    Env { name: String, problem: &'static str },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestinationKind {
+    Webhook,
+}
+
+impl DestinationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::Webhook => "webhook",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationConfig {
+    pub kind: DestinationKind,
+    pub url: String,
+    pub batch_size: usize,
+    /// Requests per second; `None` = unlimited.
+    pub rate_limit: Option<f64>,
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub max_backoff: Duration,
+}
+
+/// Rejects a second occurrence of any option, and any option not in `valid`.
+fn check_names(opts: &[(String, String)], valid: &'static str, context: &'static str) -> Result<(), OptionsError> {
+    let names: Vec<&str> = valid.split(", ").filter(|n| !n.is_empty()).collect();
+    for (i, (name, _)) in opts.iter().enumerate() {
+        if !names.contains(&name.as_str()) {
+            return Err(OptionsError::Unknown {
+                option: name.clone(),
+                context,
+                valid,
+            });
+        }
+        if opts[..i].iter().any(|(earlier, _)| earlier == name) {
+            return Err(OptionsError::Duplicate { option: name.clone() });
+        }
+    }
+    Ok(())
+}
+
+fn get<'a>(opts: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    opts.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// An optional integer option within `range`, or `default` when absent.
+fn int(
+    opts: &[(String, String)],
+    option: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+    expected: &'static str,
+) -> Result<u64, OptionsError> {
+    let Some(value) = get(opts, option) else {
+        return Ok(default);
+    };
+    match value.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(OptionsError::Invalid {
+            option,
+            value: value.to_string(),
+            expected,
+        }),
+    }
+}
+
+pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConfig, OptionsError> {
+    check_names(opts, SERVER_OPTIONS, "retl destination")?;
+    let kind = match get(opts, "type") {
+        None => {
+            return Err(OptionsError::Missing {
+                option: "type",
+                hint: "one of: webhook",
+            })
+        }
+        Some("webhook") => DestinationKind::Webhook,
+        Some(other) => return Err(OptionsError::UnknownType(other.to_string())),
+    };
+    let url = get(opts, "url").ok_or(OptionsError::Missing {
+        option: "url",
+        hint: "the endpoint records are POSTed to, e.g. 'https://example.com/hooks/retl'",
+    })?;
+    let valid_url = url::Url::parse(url)
+        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .unwrap_or(false);
+    if !valid_url {
+        return Err(OptionsError::Invalid {
+            option: "url",
+            value: url.to_string(),
+            expected: "an http or https URL",
+        });
+    }
+    let rate_limit = match get(opts, "rate_limit") {
+        None => None,
+        Some(value) => match value.trim().parse::<f64>() {
+            // The comparison also rejects NaN.
+            Ok(r) if r > 0.0 && r <= 10_000.0 => Some(r),
+            _ => {
+                return Err(OptionsError::Invalid {
+                    option: "rate_limit",
+                    value: value.to_string(),
+                    expected: "a number of requests per second greater than 0 and at most 10000 (omit it for no limit)",
+                })
+            }
+        },
+    };
+    let ms = |option, range, default, expected| int(opts, option, range, default, expected).map(Duration::from_millis);
+    Ok(DestinationConfig {
+        kind,
+        url: url.to_string(),
+        batch_size: int(opts, "batch_size", 1..=1000, 100, "an integer between 1 and 1000")? as usize,
+        rate_limit,
+        max_concurrency: int(opts, "max_concurrency", 1..=32, 4, "an integer between 1 and 32")? as usize,
+        timeout: ms(
+            "timeout_ms",
+            100..=600_000,
+            30_000,
+            "an integer number of milliseconds between 100 and 600000",
+        )?,
+        max_retries: int(opts, "max_retries", 0..=20, 5, "an integer between 0 and 20")? as u32,
+        max_backoff: ms(
+            "max_backoff_ms",
+            100..=3_600_000,
+            60_000,
+            "an integer number of milliseconds between 100 and 3600000",
+        )?,
+    })
+}
+
+/// How the worker authenticates to the destination, from the user mapping.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    None,
+    Token(String),
+    /// Name of an environment variable of the Postgres server holding the token, so the secret
+    /// need not be stored in the catalog.
+    TokenEnv(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::TokenEnv(name) => f.debug_tuple("TokenEnv").field(name).finish(),
+        }
+    }
+}
+
+const TOKEN_EXPECTED: &str = "a non-empty token of printable ASCII characters without spaces";
+
+/// A token ends up in an `Authorization` header: anything else would fail every request.
+fn valid_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+pub fn parse_user_mapping_options(opts: &[(String, String)]) -> Result<Credentials, OptionsError> {
+    check_names(opts, MAPPING_OPTIONS, "retl user mapping")?;
+    match (get(opts, "token"), get(opts, "token_env")) {
+        (Some(_), Some(_)) => Err(OptionsError::Conflict(
+            "\"token\" and \"token_env\" cannot both be set; use one".into(),
+        )),
+        (Some(token), None) if valid_token(token) => Ok(Credentials::Token(token.to_string())),
+        (Some(_), None) => Err(OptionsError::InvalidSecret {
+            option: "token",
+            expected: TOKEN_EXPECTED,
+        }),
+        (None, Some(name)) if valid_env_name(name) => Ok(Credentials::TokenEnv(name.to_string())),
+        (None, Some(name)) => Err(OptionsError::Invalid {
+            option: "token_env",
+            value: name.to_string(),
+            expected: "an environment variable name (letters, digits and underscores, not starting with a digit)",
+        }),
+        (None, None) => Ok(Credentials::None),
+    }
+}
+
+/// The wrapper itself is configuration-free; accepting options there would only hide typos.
+pub fn parse_wrapper_options(opts: &[(String, String)]) -> Result<(), OptionsError> {
+    check_names(opts, "", "retl foreign-data wrapper").map_err(|e| match e {
+        OptionsError::Unknown { option, context, .. } => OptionsError::Unknown {
+            option,
+            context,
+            valid: WRAPPER_OPTIONS,
+        },
+        other => other,
+    })
+}
+
+impl Credentials {
+    /// The bearer token to send, if any. `env` looks up the server's environment (injected so
+    /// tests need not mutate the process environment).
+    pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<String>, OptionsError> {
+        match self {
+            Credentials::None => Ok(None),
+            Credentials::Token(token) => Ok(Some(token.clone())),
+            Credentials::TokenEnv(name) => match env(name) {
+                Some(token) if valid_token(&token) => Ok(Some(token)),
+                Some(token) if !token.is_empty() => Err(OptionsError::Env {
+                    name: name.clone(),
+                    problem: "contains spaces or non-printable characters; the value is not shown",
+                }),
+                _ => Err(OptionsError::Env {
+                    name: name.clone(),
+                    problem: "is not set in the server's environment",
+                }),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn server_err(pairs: &[(&str, &str)]) -> String {
+        parse_server_options(&opts(pairs)).unwrap_err().to_string()
+    }
+
+    const BASE: [(&str, &str); 2] = [("type", "webhook"), ("url", "https://example.com/hook")];
+
+    fn with<'a>(extra: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+        let mut v = BASE.to_vec();
+        v.push(extra);
+        v
+    }
+
+    #[test]
+    fn server_defaults() {
+        let cfg = parse_server_options(&opts(&BASE)).unwrap();
+        assert_eq!(
+            cfg,
+            DestinationConfig {
+                kind: DestinationKind::Webhook,
+                url: "https://example.com/hook".into(),
+                batch_size: 100,
+                rate_limit: None,
+                max_concurrency: 4,
+                timeout: Duration::from_secs(30),
+                max_retries: 5,
+                max_backoff: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(cfg.kind.as_str(), "webhook");
+    }
+
+    #[test]
+    fn server_all_options() {
+        let cfg = parse_server_options(&opts(&[
+            ("type", "webhook"),
+            ("url", "http://127.0.0.1:8080/x"),
+            ("batch_size", "1000"),
+            ("rate_limit", "2.5"),
+            ("max_concurrency", "1"),
+            ("timeout_ms", "100"),
+            ("max_retries", "0"),
+            ("max_backoff_ms", "3600000"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.batch_size, 1000);
+        assert_eq!(cfg.rate_limit, Some(2.5));
+        assert_eq!(cfg.max_concurrency, 1);
+        assert_eq!(cfg.timeout, Duration::from_millis(100));
+        assert_eq!(cfg.max_retries, 0);
+        assert_eq!(cfg.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn server_errors_are_explicit() {
+        assert_eq!(
+            server_err(&with(("batchsize", "10"))),
+            "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
+             rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms"
+        );
+        assert_eq!(
+            server_err(&with(("batch_size", "abc"))),
+            "option \"batch_size\" must be an integer between 1 and 1000, got \"abc\""
+        );
+        assert_eq!(
+            server_err(&with(("batch_size", "1001"))),
+            "option \"batch_size\" must be an integer between 1 and 1000, got \"1001\""
+        );
+        assert_eq!(
+            server_err(&with(("max_concurrency", "0"))),
+            "option \"max_concurrency\" must be an integer between 1 and 32, got \"0\""
+        );
+        assert_eq!(
+            server_err(&with(("timeout_ms", "99"))),
+            "option \"timeout_ms\" must be an integer number of milliseconds between 100 and 600000, got \"99\""
+        );
+        assert_eq!(
+            server_err(&with(("max_retries", "21"))),
+            "option \"max_retries\" must be an integer between 0 and 20, got \"21\""
+        );
+        assert_eq!(
+            server_err(&with(("max_backoff_ms", "-1"))),
+            "option \"max_backoff_ms\" must be an integer number of milliseconds between 100 and 3600000, got \"-1\""
+        );
+        for bad in ["0", "NaN", "10001", "fast"] {
+            assert_eq!(
+                server_err(&with(("rate_limit", bad))),
+                format!(
+                    "option \"rate_limit\" must be a number of requests per second greater than 0 and at most \
+                     10000 (omit it for no limit), got \"{bad}\""
+                )
+            );
+        }
+        assert_eq!(
+            server_err(&[("url", "https://example.com")]),
+            "option \"type\" is required (one of: webhook)"
+        );
+        assert_eq!(
+            server_err(&[("type", "hubspt"), ("url", "https://example.com")]),
+            "unknown destination type \"hubspt\" (supported: webhook)"
+        );
+        assert_eq!(
+            server_err(&[("type", "webhook")]),
+            "option \"url\" is required (the endpoint records are POSTed to, e.g. 'https://example.com/hooks/retl')"
+        );
+        for bad in ["ftp://x", "example.com/hook", "http://"] {
+            assert_eq!(
+                server_err(&[("type", "webhook"), ("url", bad)]),
+                format!("option \"url\" must be an http or https URL, got \"{bad}\"")
+            );
+        }
+        assert_eq!(
+            server_err(&with(("url", "https://other.example"))),
+            "option \"url\" is given more than once"
+        );
+    }
+
+    #[test]
+    fn user_mapping() {
+        let parse = |pairs: &[(&str, &str)]| parse_user_mapping_options(&opts(pairs));
+        assert_eq!(parse(&[]), Ok(Credentials::None));
+        assert_eq!(parse(&[("token", "s3cr3t")]), Ok(Credentials::Token("s3cr3t".into())));
+        assert_eq!(
+            parse(&[("token_env", "HOOK_TOKEN_1")]),
+            Ok(Credentials::TokenEnv("HOOK_TOKEN_1".into()))
+        );
+        assert_eq!(
+            parse(&[("token", "a"), ("token_env", "B")]).unwrap_err().to_string(),
+            "option \"token\" and \"token_env\" cannot both be set; use one"
+        );
+        assert_eq!(
+            parse(&[("token", "")]).unwrap_err().to_string(),
+            "option \"token\" must be a non-empty token of printable ASCII characters without spaces; the value is not shown"
+        );
+        assert_eq!(
+            parse(&[("token_env", "1BAD")]).unwrap_err().to_string(),
+            "option \"token_env\" must be an environment variable name (letters, digits and underscores, not \
+             starting with a digit), got \"1BAD\""
+        );
+        assert_eq!(
+            parse(&[("password", "hunter2")]).unwrap_err().to_string(),
+            "unknown option \"password\" for a retl user mapping; valid options: token, token_env"
+        );
+        assert_eq!(
+            parse(&[("token", "a"), ("token", "b")]).unwrap_err().to_string(),
+            "option \"token\" is given more than once"
+        );
+    }
+
+    #[test]
+    fn secrets_never_leak() {
+        let secret = "sk_live_abc def\n";
+        let err = parse_user_mapping_options(&opts(&[("token", secret)])).unwrap_err();
+        assert!(!err.to_string().contains("sk_live"), "{err}");
+        assert!(!format!("{err:?}").contains("sk_live"), "{err:?}");
+        let dup = parse_user_mapping_options(&opts(&[("token", "sk_live_1"), ("token", "sk_live_2")])).unwrap_err();
+        assert!(!dup.to_string().contains("sk_live"), "{dup}");
+        assert_eq!(
+            format!("{:?}", Credentials::Token("sk_live_1".into())),
+            "Token(<redacted>)"
+        );
+        assert_eq!(format!("{:?}", Credentials::TokenEnv("T".into())), "TokenEnv(\"T\")");
+        let err = Credentials::TokenEnv("T".into())
+            .resolve(|_| Some("sk_live bad".into()))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable \"T\" named by token_env contains spaces or non-printable characters; the value is not shown"
+        );
+    }
+
+    #[test]
+    fn resolve_credentials() {
+        let env = |name: &str| match name {
+            "SET" => Some("tok".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        assert_eq!(Credentials::None.resolve(env), Ok(None));
+        assert_eq!(Credentials::Token("x".into()).resolve(env), Ok(Some("x".into())));
+        assert_eq!(Credentials::TokenEnv("SET".into()).resolve(env), Ok(Some("tok".into())));
+        for name in ["EMPTY", "UNSET"] {
+            assert_eq!(
+                Credentials::TokenEnv(name.into()).resolve(env).unwrap_err().to_string(),
+                format!("environment variable \"{name}\" named by token_env is not set in the server's environment")
+            );
+        }
+    }
+
+    #[test]
+    fn wrapper_takes_no_options() {
+        assert_eq!(parse_wrapper_options(&[]), Ok(()));
+        assert_eq!(
+            parse_wrapper_options(&opts(&[("url", "x")])).unwrap_err().to_string(),
+            "unknown option \"url\" for a retl foreign-data wrapper; valid options: none (put destination \
+             settings on CREATE SERVER and credentials on CREATE USER MAPPING)"
+        );
+    }
+}

@@ -1,0 +1,622 @@
+-- pg_reverse_etl catalog: the tables a DBA queries, and the SQL API that edits them.
+--
+-- Everything lives in schema `retl`; model and audience views live in `retl_models` so that
+-- Postgres itself tracks what each model depends on and whose privileges it runs with.
+-- Functions that change the catalog are SECURITY DEFINER with a fixed search_path and check
+-- the caller (retl._caller(), the role that called them) themselves.
+
+CREATE SCHEMA retl_models;
+COMMENT ON SCHEMA retl_models IS
+  'pg_reverse_etl: one view per model and audience; each view is owned by the role that defined it.';
+GRANT USAGE ON SCHEMA retl_models TO PUBLIC;
+GRANT USAGE ON SCHEMA retl TO PUBLIC;
+
+CREATE FOREIGN DATA WRAPPER retl VALIDATOR retl._fdw_validator;
+COMMENT ON FOREIGN DATA WRAPPER retl IS
+  'pg_reverse_etl destinations: CREATE SERVER name FOREIGN DATA WRAPPER retl OPTIONS (type ''webhook'', url ''...''); credentials go in a USER MAPPING (token or token_env).';
+
+------------------------------------------------------------------------------------------------
+-- Tables
+------------------------------------------------------------------------------------------------
+
+CREATE TABLE retl.models (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE,
+    query       text NOT NULL,
+    primary_key text[] NOT NULL,
+    owner       regrole NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE retl.models IS
+  'Models: a query returning one row per entity, with its primary key. The query is also the view retl_models.<name>.';
+
+CREATE TABLE retl.audiences (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name       text NOT NULL UNIQUE,
+    model_id   bigint NOT NULL REFERENCES retl.models(id),
+    filter     text NOT NULL,
+    owner      regrole NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE retl.audiences IS
+  'Audiences: a named filter over a model, kept as the view retl_models.<name>.';
+
+CREATE TABLE retl.syncs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE,
+    model_id    bigint NOT NULL REFERENCES retl.models(id),
+    audience_id bigint REFERENCES retl.audiences(id),
+    destination text NOT NULL,
+    mode        text NOT NULL CHECK (mode IN ('insert', 'update', 'upsert', 'mirror', 'delete')),
+    mappings    jsonb,
+    owner       regrole NOT NULL,
+    paused      boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE retl.syncs IS
+  'Syncs: a model or audience pushed to a destination (a retl foreign server) in a mode, with field mappings {"destination_field": "model_column"} (NULL: every model column under its own name).';
+
+CREATE TABLE retl.runs (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sync_id          bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    trigger          text NOT NULL DEFAULT 'manual',
+    status           text NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'delivering', 'succeeded', 'partial', 'failed', 'cancelled')),
+    queued_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    started_at       timestamptz,
+    planned_at       timestamptz,
+    finished_at      timestamptz,
+    rows_in_model    bigint,
+    planned_inserts  bigint NOT NULL DEFAULT 0,
+    planned_updates  bigint NOT NULL DEFAULT 0,
+    planned_deletes  bigint NOT NULL DEFAULT 0,
+    delivered        bigint NOT NULL DEFAULT 0,
+    failed           bigint NOT NULL DEFAULT 0,
+    api_calls        bigint NOT NULL DEFAULT 0,
+    error            text
+);
+CREATE INDEX runs_sync_id_idx ON retl.runs (sync_id, id DESC);
+CREATE INDEX runs_pending_idx ON retl.runs (id) WHERE status IN ('queued', 'delivering');
+COMMENT ON TABLE retl.runs IS
+  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned and what was delivered.';
+
+CREATE TABLE retl.batches (
+    run_id      bigint NOT NULL REFERENCES retl.runs(id) ON DELETE CASCADE,
+    batch_no    int NOT NULL,
+    records     int NOT NULL,
+    acknowledged int NOT NULL,
+    rejected    int NOT NULL,
+    unresolved  int NOT NULL,
+    api_calls   int NOT NULL,
+    error       text,
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (run_id, batch_no)
+);
+COMMENT ON TABLE retl.batches IS
+  'One row per delivered batch: how many records it held, were acknowledged, rejected per record, or left for the next run.';
+
+-- The snapshot: what this sync has delivered and the destination acknowledged.
+CREATE TABLE retl.snapshots (
+    sync_id      bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    key          jsonb NOT NULL,
+    hash         bytea NOT NULL,
+    delivered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sync_id, key)
+);
+COMMENT ON TABLE retl.snapshots IS
+  'Per sync, every key the destination acknowledged and the blake3 hash of the mapped fields it holds; the next plan diffs the model against it.';
+
+-- The outbox: the current plan of a sync, row by row, until delivered.
+CREATE TABLE retl.outbox (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sync_id  bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    run_id   bigint NOT NULL REFERENCES retl.runs(id) ON DELETE CASCADE,
+    op       text NOT NULL CHECK (op IN ('insert', 'update', 'upsert', 'delete')),
+    key      jsonb NOT NULL,
+    payload  jsonb,
+    hash     bytea NOT NULL,
+    attempts int NOT NULL DEFAULT 0
+);
+CREATE INDEX outbox_run_idx ON retl.outbox (run_id, id);
+CREATE INDEX outbox_sync_idx ON retl.outbox (sync_id);
+COMMENT ON TABLE retl.outbox IS
+  'Changes planned and not yet acknowledged by the destination. A row leaves it when acknowledged (snapshot advanced) or rejected (moved to retl.row_errors).';
+
+CREATE TABLE retl.row_errors (
+    sync_id         bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    key             jsonb NOT NULL,
+    run_id          bigint NOT NULL,
+    op              text NOT NULL,
+    payload         jsonb,
+    http_status     int,
+    response        text NOT NULL,
+    attempts        int NOT NULL DEFAULT 1,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sync_id, key)
+);
+COMMENT ON TABLE retl.row_errors IS
+  'Rows the destination rejected (permanent per-record errors) and that are still failing: retried on every run, removed once delivered. attempts counts the runs in which the row failed.';
+
+GRANT SELECT ON retl.models, retl.audiences, retl.syncs, retl.runs, retl.batches, retl.row_errors TO PUBLIC;
+
+------------------------------------------------------------------------------------------------
+-- Status
+------------------------------------------------------------------------------------------------
+
+CREATE VIEW retl.sync_status AS
+SELECT s.name                                            AS sync,
+       coalesce(a.name, m.name)                          AS source,
+       s.destination,
+       s.mode,
+       s.paused,
+       last.id                                           AS last_run_id,
+       last.status                                       AS last_status,
+       last.finished_at                                  AS last_finished_at,
+       last.error                                        AS last_error,
+       ok.finished_at                                    AS last_success_at,
+       now() - ok.finished_at                            AS freshness_lag,
+       (SELECT count(*) FROM retl.runs r WHERE r.sync_id = s.id)                 AS runs,
+       recent.success_rate,
+       (SELECT count(*) FROM retl.outbox o WHERE o.sync_id = s.id)               AS queue_depth,
+       (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id)           AS failing_rows,
+       (SELECT count(*) FROM retl.snapshots sn WHERE sn.sync_id = s.id)          AS rows_synced,
+       last.delivered                                    AS last_delivered,
+       last.api_calls                                    AS last_api_calls
+  FROM retl.syncs s
+  JOIN retl.models m ON m.id = s.model_id
+  LEFT JOIN retl.audiences a ON a.id = s.audience_id
+  LEFT JOIN LATERAL (SELECT * FROM retl.runs r WHERE r.sync_id = s.id ORDER BY r.id DESC LIMIT 1) last ON true
+  LEFT JOIN LATERAL (SELECT r.finished_at FROM retl.runs r
+                      WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial')
+                      ORDER BY r.id DESC LIMIT 1) ok ON true
+  LEFT JOIN LATERAL (SELECT round(avg((r.status IN ('succeeded', 'partial'))::int), 3) AS success_rate
+                       FROM (SELECT status FROM retl.runs r
+                              WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial', 'failed')
+                              ORDER BY r.id DESC LIMIT 20) r) recent ON true;
+COMMENT ON VIEW retl.sync_status IS
+  'One row per sync: last run and its outcome, time since the last successful run, success rate of the last 20 finished runs, rows queued, rows failing, rows in the snapshot.';
+GRANT SELECT ON retl.sync_status TO PUBLIC;
+
+------------------------------------------------------------------------------------------------
+-- Internal helpers
+------------------------------------------------------------------------------------------------
+
+-- An identifier as Postgres's own messages show one: in double quotes.
+CREATE FUNCTION retl._q(name text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN name IS NULL THEN 'NULL' ELSE '"' || replace(name, '"', '""') || '"' END
+$$;
+
+CREATE FUNCTION retl._check_name(kind text, name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION '% name % is not valid', kind, coalesce(retl._q(name), 'NULL')
+              USING ERRCODE = 'invalid_name',
+                    HINT = 'Use 1 to 63 lower-case letters, digits and underscores, starting with a letter or underscore.';
+    END IF;
+END $$;
+
+-- Raise unless the caller owns (or is a member of the owner of) the object.
+CREATE FUNCTION retl._check_owner(kind text, name text, owner regrole) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT pg_has_role(retl._caller(), owner, 'MEMBER') THEN
+        RAISE EXCEPTION 'must be owner of % %', kind, retl._q(name)
+              USING ERRCODE = 'insufficient_privilege',
+                    DETAIL = format('It belongs to role %s.', owner::text);
+    END IF;
+END $$;
+
+CREATE FUNCTION retl._model_columns(view_name text) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}')
+      FROM pg_attribute a
+     WHERE a.attrelid = format('retl_models.%I', view_name)::regclass
+       AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
+-- Mapped columns must exist in the model; returns the model columns the sync reads.
+CREATE FUNCTION retl._check_mappings(sync_name text, source_name text, mappings jsonb) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cols text[] := retl._model_columns(source_name);
+    field text;
+    col jsonb;
+BEGIN
+    IF mappings IS NULL THEN
+        RETURN;
+    END IF;
+    IF jsonb_typeof(mappings) <> 'object' OR mappings = '{}' THEN
+        RAISE EXCEPTION 'mappings of sync % must be a non-empty JSON object', retl._q(sync_name)
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Map destination fields to model columns, e.g. ''{"email": "email", "full_name": "name"}''.';
+    END IF;
+    FOR field, col IN SELECT * FROM jsonb_each(mappings) LOOP
+        IF jsonb_typeof(col) <> 'string' THEN
+            RAISE EXCEPTION 'mapping for destination field % must name a model column as a string, got %', retl._q(field), col
+                  USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT (col #>> '{}') = ANY (cols) THEN
+            RAISE EXCEPTION 'mapped column % is not in model %', retl._q(col #>> '{}'), retl._q(source_name)
+                  USING ERRCODE = 'undefined_column',
+                        DETAIL = format('The model has columns: %s.', array_to_string(cols, ', ')),
+                        HINT = format('Fix the mapping for destination field %s, or add the column to the model.', retl._q(field));
+        END IF;
+    END LOOP;
+END $$;
+
+------------------------------------------------------------------------------------------------
+-- Models and audiences
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION retl._create_model(name text, query text, primary_key text[], caller_search_path text)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caller regrole := retl._caller();
+    select_sql text;
+    relation regclass;
+    cols text[];
+    k text;
+    model_id bigint;
+BEGIN
+    PERFORM retl._check_name('model', name);
+    IF EXISTS (SELECT 1 FROM retl.models m WHERE m.name = _create_model.name)
+       OR EXISTS (SELECT 1 FROM retl.audiences a WHERE a.name = _create_model.name) THEN
+        RAISE EXCEPTION 'model % already exists', retl._q(name)
+              USING ERRCODE = 'duplicate_object', HINT = 'Drop it first with retl.drop_model, or pick another name.';
+    END IF;
+    IF primary_key IS NULL OR cardinality(primary_key) = 0 THEN
+        RAISE EXCEPTION 'model % needs a primary key', retl._q(name)
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
+    END IF;
+    -- A query, or the name of an existing table or view (resolved with the caller's search_path).
+    IF query ~ '^\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)(\s*\.\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*))?\s*$' THEN
+        PERFORM set_config('search_path', caller_search_path, true);
+        relation := to_regclass(query);
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        IF relation IS NULL THEN
+            RAISE EXCEPTION 'relation % does not exist', retl._q(btrim(query))
+                  USING ERRCODE = 'undefined_table', HINT = 'Pass the name of a table or view, or a SELECT query.';
+        END IF;
+        select_sql := format('SELECT * FROM %s', relation::text);
+    ELSE
+        select_sql := retl._check_query(query);
+    END IF;
+    PERFORM set_config('search_path', caller_search_path, true);
+    BEGIN
+        EXECUTE format('CREATE VIEW retl_models.%I AS %s', name, select_sql);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE;
+    END;
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', name, caller::text);
+    cols := retl._model_columns(name);
+    FOREACH k IN ARRAY primary_key LOOP
+        IF NOT k = ANY (cols) THEN
+            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(name)
+                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
+        END IF;
+    END LOOP;
+    IF cardinality(primary_key) <> (SELECT count(DISTINCT x) FROM unnest(primary_key) x) THEN
+        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The caller must be able to read what the model reads: checked now, as the caller.
+    PERFORM retl._check_readable(name, caller);
+    INSERT INTO retl.models (name, query, primary_key, owner)
+    VALUES (name, query, primary_key, caller)
+    RETURNING id INTO model_id;
+    RETURN model_id;
+END $$;
+
+CREATE FUNCTION retl.create_model(name text, query text, primary_key text[] DEFAULT '{id}')
+RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT retl._create_model(name, query, primary_key, current_setting('search_path'))
+$$;
+COMMENT ON FUNCTION retl.create_model(text, text, text[]) IS
+  'Define a model: query => a SELECT or the name of a table or view, primary_key => its key column(s). Kept as the view retl_models.<name>, owned by you. Returns the model id.';
+
+CREATE FUNCTION retl.drop_model(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m retl.models;
+    users text;
+BEGIN
+    SELECT * INTO m FROM retl.models WHERE models.name = drop_model.name FOR UPDATE;
+    IF NOT FOUND THEN
+        IF if_exists THEN RETURN; END IF;
+        RAISE EXCEPTION 'model % does not exist', retl._q(name) USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('model', m.name, m.owner);
+    SELECT string_agg(retl._q(s.name), ', ') INTO users FROM retl.syncs s WHERE s.model_id = m.id;
+    IF users IS NULL THEN
+        SELECT string_agg(retl._q(a.name), ', ') INTO users FROM retl.audiences a WHERE a.model_id = m.id;
+    END IF;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'model % is still used by %', retl._q(m.name), users
+              USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs and audiences first.';
+    END IF;
+    EXECUTE format('DROP VIEW retl_models.%I', m.name);
+    DELETE FROM retl.models WHERE id = m.id;
+END $$;
+COMMENT ON FUNCTION retl.drop_model(text, boolean) IS 'Drop a model that no sync or audience uses.';
+
+CREATE FUNCTION retl._create_audience(name text, model text, filter text, caller_search_path text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caller regrole := retl._caller();
+    m retl.models;
+    audience_id bigint;
+BEGIN
+    PERFORM retl._check_name('audience', name);
+    SELECT * INTO m FROM retl.models WHERE models.name = _create_audience.model;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model % does not exist', retl._q(model) USING ERRCODE = 'undefined_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM retl.models x WHERE x.name = _create_audience.name)
+       OR EXISTS (SELECT 1 FROM retl.audiences a WHERE a.name = _create_audience.name) THEN
+        RAISE EXCEPTION 'audience % already exists (models and audiences share names)', retl._q(name)
+              USING ERRCODE = 'duplicate_object';
+    END IF;
+    PERFORM retl._check_filter(filter);
+    PERFORM set_config('search_path', caller_search_path, true);
+    BEGIN
+        EXECUTE format(E'CREATE VIEW retl_models.%I AS SELECT * FROM retl_models.%I WHERE (%s\n)', name, m.name, filter);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE;
+    END;
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', name, caller::text);
+    PERFORM retl._check_readable(name, caller);
+    INSERT INTO retl.audiences (name, model_id, filter, owner)
+    VALUES (name, m.id, filter, caller)
+    RETURNING id INTO audience_id;
+    RETURN audience_id;
+END $$;
+
+CREATE FUNCTION retl.create_audience(name text, model text, filter text) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT retl._create_audience(name, model, filter, current_setting('search_path'))
+$$;
+COMMENT ON FUNCTION retl.create_audience(text, text, text) IS
+  'Define an audience: the rows of a model matching filter (a boolean SQL expression over its columns, e.g. ''churn_risk > 0.7''). Returns the audience id.';
+
+CREATE FUNCTION retl.drop_audience(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    a retl.audiences;
+    users text;
+BEGIN
+    SELECT * INTO a FROM retl.audiences WHERE audiences.name = drop_audience.name FOR UPDATE;
+    IF NOT FOUND THEN
+        IF if_exists THEN RETURN; END IF;
+        RAISE EXCEPTION 'audience % does not exist', retl._q(name) USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('audience', a.name, a.owner);
+    SELECT string_agg(retl._q(s.name), ', ') INTO users FROM retl.syncs s WHERE s.audience_id = a.id;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'audience % is still used by %', retl._q(a.name), users
+              USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs first.';
+    END IF;
+    EXECUTE format('DROP VIEW retl_models.%I', a.name);
+    DELETE FROM retl.audiences WHERE id = a.id;
+END $$;
+COMMENT ON FUNCTION retl.drop_audience(text, boolean) IS 'Drop an audience that no sync uses.';
+
+------------------------------------------------------------------------------------------------
+-- Syncs
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION retl._check_destination(destination text, caller regrole) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    wrapper name;
+BEGIN
+    SELECT w.fdwname INTO wrapper
+      FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+     WHERE s.srvname = destination;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'destination % does not exist', retl._q(destination)
+              USING ERRCODE = 'undefined_object',
+                    HINT = 'Create it with CREATE SERVER ... FOREIGN DATA WRAPPER retl OPTIONS (type ''webhook'', url ''...'').';
+    END IF;
+    IF wrapper <> 'retl' THEN
+        RAISE EXCEPTION 'server % is not a retl destination (it uses foreign-data wrapper %)', retl._q(destination), wrapper
+              USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF NOT has_server_privilege(caller, destination, 'USAGE') THEN
+        RAISE EXCEPTION 'permission denied for destination %', retl._q(destination)
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = format('A superuser or the server owner can run: GRANT USAGE ON FOREIGN SERVER %I TO %I;', destination, caller::text);
+    END IF;
+END $$;
+
+CREATE FUNCTION retl.create_sync(
+    name        text,
+    destination text,
+    model       text DEFAULT NULL,
+    audience    text DEFAULT NULL,
+    mode        text DEFAULT 'upsert',
+    mappings    jsonb DEFAULT NULL,
+    paused      boolean DEFAULT false
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caller regrole := retl._caller();
+    m retl.models;
+    a retl.audiences;
+    source_name text;
+    sync_id bigint;
+BEGIN
+    PERFORM retl._check_name('sync', name);
+    IF EXISTS (SELECT 1 FROM retl.syncs s WHERE s.name = create_sync.name) THEN
+        RAISE EXCEPTION 'sync % already exists', retl._q(name)
+              USING ERRCODE = 'duplicate_object', HINT = 'Change it with retl.alter_sync, or drop it with retl.drop_sync.';
+    END IF;
+    IF (model IS NULL) = (audience IS NULL) THEN
+        RAISE EXCEPTION 'sync % needs exactly one of model or audience', retl._q(name)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF audience IS NOT NULL THEN
+        SELECT * INTO a FROM retl.audiences WHERE audiences.name = create_sync.audience;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'audience % does not exist', retl._q(audience) USING ERRCODE = 'undefined_object';
+        END IF;
+        SELECT * INTO m FROM retl.models WHERE id = a.model_id;
+        source_name := a.name;
+    ELSE
+        SELECT * INTO m FROM retl.models WHERE models.name = create_sync.model;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'model % does not exist', retl._q(model) USING ERRCODE = 'undefined_object';
+        END IF;
+        source_name := m.name;
+    END IF;
+    PERFORM retl._check_mode(mode);
+    PERFORM retl._check_destination(destination, caller);
+    IF NOT has_table_privilege(caller, format('retl_models.%I', source_name), 'SELECT') THEN
+        RAISE EXCEPTION 'permission denied for % %', CASE WHEN a.id IS NULL THEN 'model' ELSE 'audience' END, retl._q(source_name)
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = format('Its owner can run: GRANT SELECT ON retl_models.%I TO %I;', source_name, caller::text);
+    END IF;
+    PERFORM retl._check_mappings(name, source_name, mappings);
+    INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused)
+    VALUES (name, m.id, a.id, destination, mode, mappings, caller, paused)
+    RETURNING id INTO sync_id;
+    RETURN sync_id;
+END $$;
+COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean) IS
+  'Define a sync from a model (or audience) to a destination. mode: insert, update, upsert (default), mirror (also deletes rows that leave the model), delete (the model lists keys to delete). mappings: {"destination_field": "model_column"}, NULL for every column. Returns the sync id.';
+
+CREATE FUNCTION retl._check_mode(mode text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('insert', 'update', 'upsert', 'mirror', 'delete') THEN
+        RAISE EXCEPTION 'unknown sync mode %', coalesce(retl._q(mode), 'NULL')
+              USING ERRCODE = 'invalid_parameter_value', HINT = 'Use one of: insert, update, upsert, mirror, delete.';
+    END IF;
+END $$;
+
+CREATE FUNCTION retl._sync_for_change(sync_name text) RETURNS retl.syncs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs;
+BEGIN
+    SELECT * INTO s FROM retl.syncs WHERE name = sync_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sync % does not exist', coalesce(retl._q(sync_name), 'NULL') USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('sync', s.name, s.owner);
+    RETURN s;
+END $$;
+
+CREATE FUNCTION retl.alter_sync(
+    name        text,
+    destination text DEFAULT NULL,
+    mode        text DEFAULT NULL,
+    mappings    jsonb DEFAULT NULL,
+    reset_mappings boolean DEFAULT false
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(name);
+    source_name text;
+BEGIN
+    IF mode IS NOT NULL THEN
+        PERFORM retl._check_mode(mode);
+    END IF;
+    IF destination IS NOT NULL AND destination <> s.destination THEN
+        PERFORM retl._check_destination(destination, s.owner);
+        -- A new destination holds nothing this sync delivered: start from an empty snapshot.
+        DELETE FROM retl.snapshots WHERE sync_id = s.id;
+        DELETE FROM retl.outbox WHERE sync_id = s.id;
+        DELETE FROM retl.row_errors WHERE sync_id = s.id;
+    END IF;
+    SELECT coalesce(a.name, m.name) INTO source_name
+      FROM retl.models m LEFT JOIN retl.audiences a ON a.id = s.audience_id WHERE m.id = s.model_id;
+    IF mappings IS NOT NULL THEN
+        PERFORM retl._check_mappings(s.name, source_name, mappings);
+    END IF;
+    UPDATE retl.syncs
+       SET destination = coalesce(alter_sync.destination, syncs.destination),
+           mode        = coalesce(alter_sync.mode, syncs.mode),
+           mappings    = CASE WHEN reset_mappings THEN NULL ELSE coalesce(alter_sync.mappings, syncs.mappings) END,
+           updated_at  = now()
+     WHERE id = s.id;
+END $$;
+COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean) IS
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again). A new destination starts from an empty snapshot.';
+
+CREATE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs;
+BEGIN
+    IF if_exists AND NOT EXISTS (SELECT 1 FROM retl.syncs WHERE syncs.name = drop_sync.name) THEN
+        RETURN;
+    END IF;
+    s := retl._sync_for_change(name);
+    -- Runs, batches, snapshot, outbox and row errors go with it (ON DELETE CASCADE).
+    DELETE FROM retl.syncs WHERE id = s.id;
+END $$;
+COMMENT ON FUNCTION retl.drop_sync(text, boolean) IS
+  'Drop a sync with its snapshot, queue, row errors and run history. Nothing is deleted in the destination.';
+
+CREATE FUNCTION retl.pause(sync text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(sync);
+BEGIN
+    UPDATE retl.syncs SET paused = true, updated_at = now() WHERE id = s.id;
+END $$;
+COMMENT ON FUNCTION retl.pause(text) IS
+  'Pause a sync: queued runs are cancelled and a delivering run stops after its current batches; what is queued stays queued.';
+
+CREATE FUNCTION retl.resume(sync text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(sync);
+BEGIN
+    UPDATE retl.syncs SET paused = false, updated_at = now() WHERE id = s.id;
+END $$;
+COMMENT ON FUNCTION retl.resume(text) IS 'Resume a paused sync.';
+
+-- Used by retl.run: checks the caller may run the sync, queues the run row, returns it.
+CREATE FUNCTION retl._queue_run(sync text, trigger text) RETURNS retl.runs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(sync);
+    r retl.runs;
+BEGIN
+    IF s.paused THEN
+        RAISE EXCEPTION 'sync % is paused', retl._q(s.name)
+              USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('Resume it with SELECT retl.resume(%L);', s.name);
+    END IF;
+    INSERT INTO retl.runs (sync_id, trigger) VALUES (s.id, trigger) RETURNING * INTO r;
+    RETURN r;
+END $$;
+
+-- Used by retl.run(wait => true): checks the caller may run the sync, returns its id.
+CREATE FUNCTION retl._runnable_sync(sync text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(sync);
+BEGIN
+    IF s.paused THEN
+        RAISE EXCEPTION 'sync % is paused', retl._q(s.name)
+              USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('Resume it with SELECT retl.resume(%L);', s.name);
+    END IF;
+    RETURN s.id;
+END $$;
+
+CREATE FUNCTION retl._run_summary(run_id bigint) RETURNS retl.runs
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM retl.runs WHERE id = run_id
+$$;

@@ -1,0 +1,128 @@
+//! SQL-callable functions implemented in Rust. The catalog API itself is plpgsql
+//! (sql/catalog.sql); these are the parts that need the parser, shared memory or the engine.
+
+use crate::errors::{OrReport, RetlError};
+use crate::{identity, parse, plan, settings, shared};
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+use retl_engine::options;
+
+/// Validator of the `retl` foreign-data wrapper: rejects unknown or malformed destination
+/// and credential options at CREATE/ALTER SERVER and USER MAPPING time.
+#[pg_extern(schema = "retl")]
+fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::Oid>) {
+    let pairs = option_pairs(options.unwrap_or_default()).or_report();
+    match catalog {
+        Some(pg_sys::ForeignServerRelationId) => {
+            options::parse_server_options(&pairs).or_report();
+        }
+        Some(pg_sys::UserMappingRelationId) => {
+            options::parse_user_mapping_options(&pairs).or_report();
+        }
+        Some(pg_sys::ForeignDataWrapperRelationId) => {
+            options::parse_wrapper_options(&pairs).or_report();
+        }
+        _ => ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FDW_INVALID_OPTION_NAME,
+            "the retl foreign-data wrapper only takes options on servers and user mappings",
+            "pg_reverse_etl",
+        )
+        .report(PgLogLevel::ERROR),
+    }
+}
+
+/// `{"name=value", ...}` as Postgres stores generic options, split into pairs.
+pub fn option_pairs(raw: Vec<Option<String>>) -> Result<Vec<(String, String)>, RetlError> {
+    Ok(raw
+        .into_iter()
+        .flatten()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (item, String::new()),
+        })
+        .collect())
+}
+
+/// The role calling the API, seen through our SECURITY DEFINER functions.
+#[pg_extern(schema = "retl", stable, parallel_safe)]
+fn _caller() -> pg_sys::Oid {
+    identity::caller()
+}
+
+/// The exact text of the single SELECT in a model query, or an error saying what is wrong.
+#[pg_extern(schema = "retl", immutable, parallel_safe)]
+fn _check_query(query: &str) -> String {
+    parse::single_select(query).or_report()
+}
+
+/// Errors unless `filter` is one boolean expression (an audience's WHERE condition).
+#[pg_extern(schema = "retl", immutable, parallel_safe)]
+fn _check_filter(filter: &str) {
+    parse::check_filter(filter).or_report()
+}
+
+/// Errors unless `role` can read the model or audience view `view_name`: the view runs with
+/// its owner's privileges, so this proves at definition time that the owner can read what the
+/// query reads (a permission error names the table).
+#[pg_extern(schema = "retl", volatile)]
+fn _check_readable(view_name: &str, role: pg_sys::Oid) {
+    let sql = format!("SELECT * FROM retl_models.{} LIMIT 0", quote_identifier(view_name));
+    identity::as_role(role, || Spi::run(&sql)).unwrap_or_else(|e| error!("{e}"));
+}
+
+/// blake3 of a row's canonical encoding (jsonb's text form: keys sorted, no insignificant
+/// whitespace), used by the planner to notice changed rows.
+#[pg_extern(schema = "retl", immutable, strict, parallel_safe)]
+fn _row_hash(canonical: &str) -> Vec<u8> {
+    retl_engine::hash::row_hash(canonical.as_bytes()).to_vec()
+}
+
+/// Errors when this database is not the one the worker serves: runs queued here would
+/// never start.
+#[pg_extern(schema = "retl", stable)]
+fn _check_worker_database() {
+    let current = Spi::get_one::<String>("SELECT current_database()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let worker_db = settings::database_name();
+    if current != worker_db {
+        RetlError::WrongDatabase { worker_db, current }.report();
+    }
+}
+
+/// Wakes the worker when the calling transaction commits (a queued run becomes visible).
+#[pg_extern(schema = "retl", volatile)]
+fn _wake_worker_at_commit() {
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_worker);
+}
+
+/// Hands sync `sync_id` to the worker, which creates and commits the run itself, and waits
+/// until that run has finished. Returns the run id.
+#[pg_extern(schema = "retl", volatile)]
+fn _run_and_wait(sync_id: i64, trigger: &str) -> i64 {
+    crate::waiting::run_and_wait(sync_id, trigger == "manual").or_report()
+}
+
+/// The changes the next run of a sync would send (op, key, payload), sending nothing.
+#[pg_extern(schema = "retl", volatile)]
+fn preview(
+    sync: &str,
+) -> TableIterator<'static, (name!(op, String), name!(key, pgrx::JsonB), name!(payload, Option<pgrx::JsonB>))> {
+    let rows = plan::preview(sync).or_report();
+    TableIterator::new(rows.into_iter().map(|(op, key, payload)| {
+        (op, pgrx::JsonB(key), payload.map(pgrx::JsonB))
+    }))
+}
+
+extension_sql!(
+    r#"
+COMMENT ON FUNCTION retl.preview(text) IS
+  'The changes the next run of a sync would send: op (insert, update, upsert, delete), key and payload. Sends nothing and changes nothing.';
+-- Internals that act for another role: only the extension's own SECURITY DEFINER API calls them.
+REVOKE ALL ON FUNCTION retl._run_and_wait(bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION retl._check_readable(text, oid) FROM PUBLIC;
+"#,
+    name = "api_comments",
+    requires = ["run", preview]
+);

@@ -1,0 +1,290 @@
+//! Deliver: send a run's outbox to its destination batch by batch, and record each batch's
+//! outcome in its own short transaction — acknowledged rows advance the snapshot and leave the
+//! outbox, rejected rows move to retl.row_errors, unresolved rows stay for the next attempt.
+
+use crate::destination;
+use crate::plan::{self, Mode, SyncDef};
+use crate::transaction::{report_activity, transaction};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use retl_engine::connector::{self, Destination as _};
+use retl_engine::deliver::{BatchReport, DeliveryLimits, Deliverer};
+use retl_engine::options::DestinationConfig;
+use retl_engine::ratelimit::TokenBucket;
+use retl_engine::record::{Op, OutboxRecord};
+use std::collections::HashMap;
+use std::str::FromStr;
+
+/// Per-destination state that outlives a run: the token bucket is the destination's rate
+/// budget, shared by every sync that delivers to it.
+#[derive(Default)]
+pub struct Buckets {
+    by_destination: HashMap<String, (Option<f64>, Option<TokenBucket>)>,
+}
+
+impl Buckets {
+    fn for_destination(&mut self, name: &str, config: &DestinationConfig) -> &mut Option<TokenBucket> {
+        let entry = self
+            .by_destination
+            .entry(name.to_string())
+            .or_insert_with(|| (None, None));
+        if entry.0 != config.rate_limit || (entry.1.is_none() && config.rate_limit.is_some()) {
+            *entry = (
+                config.rate_limit,
+                config.rate_limit.map(|rate| TokenBucket::new(rate, rate.max(1.0))),
+            );
+        }
+        &mut entry.1
+    }
+}
+
+pub enum Delivered {
+    /// Every planned row was acknowledged or rejected, or the run failed: it is over.
+    Finished,
+    /// The worker is shutting down; the run stays `delivering` and resumes after a restart.
+    Interrupted,
+}
+
+pub fn deliver_run(
+    runtime: &tokio::runtime::Runtime,
+    buckets: &mut Buckets,
+    run_id: i64,
+) -> Delivered {
+    let loaded = transaction(|| {
+        Spi::connect(|client| {
+            let sync_id: i64 = client
+                .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
+                .and_then(|t| t.first().get_one())
+                .map_err(|e| e.to_string())?
+                .ok_or("run vanished")?;
+            let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
+            let dest = destination::load(client, &sync.destination, sync.owner).map_err(|e| e.to_string())?;
+            let batch_no: i32 = client
+                .select("SELECT coalesce(max(batch_no), 0) FROM retl.batches WHERE run_id = $1", Some(1), &[run_id.into()])
+                .and_then(|t| t.first().get_one())
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0);
+            Ok((sync, dest, batch_no))
+        })
+    });
+    let (sync, dest, mut batch_no) = match loaded {
+        Ok(v) => v,
+        Err(message) => {
+            finish_run(run_id, Some(&message), false);
+            return Delivered::Finished;
+        }
+    };
+    let connector = connector::for_config(&dest.config);
+    let batch_size = dest.config.batch_size.min(connector.max_batch_size()).max(1);
+    let limits = DeliveryLimits::from_config(&dest.config);
+    let deliverer = match Deliverer::new(dest.config.timeout) {
+        Ok(d) => d,
+        Err(message) => {
+            finish_run(run_id, Some(&message), false);
+            return Delivered::Finished;
+        }
+    };
+    let window = (batch_size * limits.max_concurrency) as i64;
+    let mut cursor = 0i64;
+    let mut run_error: Option<String> = None;
+
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            return Delivered::Interrupted;
+        }
+        let next = transaction(|| Ok(load_window(&sync, run_id, cursor, window)));
+        let (paused, records) = match next {
+            Ok(v) => v,
+            Err(message) => {
+                run_error = Some(message);
+                break;
+            }
+        };
+        if paused {
+            finish_run(run_id, Some("sync was paused"), true);
+            return Delivered::Finished;
+        }
+        let Some(last) = records.last() else { break };
+        cursor = last.id;
+        report_activity(&format!(
+            "retl: sync {} run {run_id}: delivering {} rows to {}",
+            sync.name,
+            records.len(),
+            sync.destination
+        ));
+        let batches: Vec<Vec<OutboxRecord>> = records.chunks(batch_size).map(|c| c.to_vec()).collect();
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        let bucket = buckets.for_destination(&sync.destination, &dest.config);
+        let should_stop = || BackgroundWorker::sigterm_received();
+        let reports = runtime.block_on(deliverer.deliver(
+            connector.as_ref(),
+            &limits,
+            bucket,
+            &sync.name,
+            run_id,
+            dest.token.as_deref(),
+            batches,
+            &should_stop,
+        ));
+        if BackgroundWorker::sigterm_received() {
+            // Record what was acknowledged; the rest stays queued for the restarted worker.
+            for (report, size) in reports.iter().zip(&sizes) {
+                batch_no += 1;
+                record_batch(&sync, run_id, batch_no, *size, report);
+            }
+            return Delivered::Interrupted;
+        }
+        for (report, size) in reports.iter().zip(&sizes) {
+            batch_no += 1;
+            record_batch(&sync, run_id, batch_no, *size, report);
+            if run_error.is_none() && (report.fatal || !report.unresolved.is_empty()) {
+                run_error = Some(report.error.clone().unwrap_or_else(|| "delivery failed".into()));
+            }
+        }
+        if run_error.is_some() {
+            break;
+        }
+    }
+    finish_run(run_id, run_error.as_deref(), false);
+    Delivered::Finished
+}
+
+/// The next rows of the run's outbox after `cursor` (ids ascending), and whether the sync
+/// has been paused meanwhile.
+fn load_window(sync: &SyncDef, run_id: i64, cursor: i64, window: i64) -> (bool, Vec<OutboxRecord>) {
+    Spi::connect(|client| {
+        let paused = client
+            .select("SELECT paused FROM retl.syncs WHERE id = $1", Some(1), &[sync.id.into()])
+            .and_then(|t| t.first().get_one::<bool>())
+            .unwrap_or_else(|e| error!("{e}"))
+            .unwrap_or(true);
+        let table = client
+            .select(
+                "SELECT id, op, key::text, payload::text FROM retl.outbox \
+                  WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                None,
+                &[run_id.into(), cursor.into(), window.into()],
+            )
+            .unwrap_or_else(|e| error!("{e}"));
+        let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
+        let records = table
+            .into_iter()
+            .map(|row| OutboxRecord {
+                id: row.get::<i64>(1).ok().flatten().unwrap_or_default(),
+                op: Op::from_str(&row.get::<String>(2).ok().flatten().unwrap_or_default()).unwrap_or(Op::Upsert),
+                key: row.get::<String>(3).ok().flatten().map(parse).unwrap_or_default(),
+                fields: row.get::<String>(4).ok().flatten().map(parse),
+            })
+            .collect();
+        (paused, records)
+    })
+}
+
+/// Apply one batch's outcome in one transaction.
+fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report: &BatchReport) {
+    let erasing = sync.mode == Mode::Delete;
+    let outcome = transaction(|| {
+        Spi::connect_mut(|client| {
+            let acked = report.acked.clone();
+            // Acknowledged: advance the snapshot (a mirror delete removes the key; a delete-mode
+            // tombstone records it as erased), leave the outbox, clear any old row error.
+            client
+                .update(
+                    "WITH acked AS (DELETE FROM retl.outbox WHERE id = ANY($1) RETURNING sync_id, op, key, hash), \
+                          kept AS (INSERT INTO retl.snapshots (sync_id, key, hash, delivered_at) \
+                                   SELECT sync_id, key, hash, now() FROM acked WHERE op <> 'delete' OR $2 \
+                                   ON CONFLICT (sync_id, key) DO UPDATE \
+                                   SET hash = excluded.hash, delivered_at = excluded.delivered_at RETURNING 1), \
+                          gone AS (DELETE FROM retl.snapshots s USING acked a \
+                                   WHERE a.op = 'delete' AND NOT $2 AND s.sync_id = a.sync_id AND s.key = a.key RETURNING 1), \
+                          healed AS (DELETE FROM retl.row_errors e USING acked a \
+                                   WHERE e.sync_id = a.sync_id AND e.key = a.key RETURNING 1) \
+                     SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM healed)",
+                    None,
+                    &[acked.into(), erasing.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            if !report.rejected.is_empty() {
+                let ids: Vec<i64> = report.rejected.iter().map(|r| r.id).collect();
+                let statuses: Vec<Option<i32>> = report.rejected.iter().map(|r| r.status.map(i32::from)).collect();
+                let messages: Vec<String> = report.rejected.iter().map(|r| r.message.clone()).collect();
+                client
+                    .update(
+                        "WITH rejected AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, http_status, response)), \
+                              moved AS (DELETE FROM retl.outbox o USING rejected r WHERE o.id = r.id \
+                                        RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, r.http_status, r.response) \
+                         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, http_status, response) \
+                         SELECT sync_id, key, run_id, op, payload, http_status, response FROM moved \
+                         ON CONFLICT (sync_id, key) DO UPDATE \
+                         SET run_id = excluded.run_id, op = excluded.op, payload = excluded.payload, \
+                             http_status = excluded.http_status, response = excluded.response, \
+                             attempts = retl.row_errors.attempts + 1, last_failed_at = now()",
+                        None,
+                        &[ids.into(), statuses.into(), messages.into()],
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            if !report.unresolved.is_empty() {
+                client
+                    .update(
+                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE id = ANY($1)",
+                        None,
+                        &[report.unresolved.clone().into()],
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            client
+                .update(
+                    "INSERT INTO retl.batches (run_id, batch_no, records, acknowledged, rejected, unresolved, api_calls, error) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    None,
+                    &[
+                        run_id.into(),
+                        batch_no.into(),
+                        (size as i32).into(),
+                        (report.acked.len() as i32).into(),
+                        (report.rejected.len() as i32).into(),
+                        (report.unresolved.len() as i32).into(),
+                        (report.api_calls as i32).into(),
+                        report.error.clone().into(),
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+            client
+                .update(
+                    "UPDATE retl.runs SET delivered = delivered + $2, failed = failed + $3, api_calls = api_calls + $4 WHERE id = $1",
+                    None,
+                    &[
+                        run_id.into(),
+                        (report.acked.len() as i64).into(),
+                        (report.rejected.len() as i64).into(),
+                        (report.api_calls as i64).into(),
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    });
+    if let Err(message) = outcome {
+        // The rows stay in the outbox and are sent again: at-least-once.
+        log!("pg_reverse_etl: could not record batch {batch_no} of run {run_id}: {message}");
+    }
+}
+
+/// Close a run: failed with `error`, cancelled, partial (some rows rejected) or succeeded.
+pub fn finish_run(run_id: i64, error: Option<&str>, cancelled: bool) {
+    let result = transaction(|| {
+        Spi::run_with_args(
+            "UPDATE retl.runs SET \
+               status = CASE WHEN $3 THEN 'cancelled' WHEN $2::text IS NOT NULL THEN 'failed' \
+                             WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END, \
+               error = $2, started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp() \
+             WHERE id = $1",
+            &[run_id.into(), error.into(), cancelled.into()],
+        )
+        .map_err(|e| e.to_string())
+    });
+    if let Err(message) = result {
+        log!("pg_reverse_etl: could not close run {run_id}: {message}");
+    }
+}

@@ -1,0 +1,108 @@
+//! The extension layer's errors, mapped to SQLSTATEs at the SQL boundary.
+
+use pgrx::prelude::*;
+use retl_engine::options::OptionsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetlError {
+    #[error("{0}")]
+    Options(#[from] OptionsError),
+    #[error("destination \"{name}\" is misconfigured: {source}")]
+    DestinationOptions { name: String, source: OptionsError },
+    #[error("destination \"{0}\" does not exist")]
+    DestinationMissing(String),
+    #[error("model query must be a single SELECT statement, found {0} statements")]
+    MultipleStatements(usize),
+    #[error("model query must be a SELECT, VALUES or TABLE statement, not {0}")]
+    NotASelect(&'static str),
+    #[error("model query must not use SELECT INTO")]
+    SelectInto,
+    #[error("audience filter must be a single boolean expression over the model's columns, got {0:?}")]
+    BadFilter(String),
+    #[error("model \"{model}\" returned {count} duplicate primary keys (e.g. {example} appears {times} times)")]
+    DuplicateKeys { model: String, count: i64, example: String, times: i64 },
+    #[error("model \"{model}\" returned {count} rows with a NULL primary key ({columns})")]
+    NullKeys { model: String, count: i64, columns: String },
+    #[error("mapped column \"{column}\" is not in model \"{model}\" (its columns: {columns})")]
+    MissingColumn { column: String, model: String, columns: String },
+    #[error("pg_reverse_etl's worker runs syncs in database \"{worker_db}\", not in \"{current}\"")]
+    WrongDatabase { worker_db: String, current: String },
+    #[error("the pg_reverse_etl background worker is not running")]
+    WorkerNotRunning,
+    #[error("too many sessions are waiting for runs ({0} at most)")]
+    TooManyWaiters(usize),
+    #[error("sync id {0} is not visible to the worker")]
+    SyncNotVisible(i64),
+}
+
+impl RetlError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            RetlError::Options(OptionsError::Unknown { .. }) => ERRCODE_FDW_INVALID_OPTION_NAME,
+            RetlError::Options(_) => ERRCODE_FDW_INVALID_ATTRIBUTE_VALUE,
+            RetlError::DestinationOptions { .. } => ERRCODE_FDW_INVALID_ATTRIBUTE_VALUE,
+            RetlError::DestinationMissing(_) => ERRCODE_UNDEFINED_OBJECT,
+            RetlError::MultipleStatements(_) | RetlError::NotASelect(_) | RetlError::SelectInto => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            RetlError::BadFilter(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            RetlError::DuplicateKeys { .. } => ERRCODE_UNIQUE_VIOLATION,
+            RetlError::NullKeys { .. } => ERRCODE_NOT_NULL_VIOLATION,
+            RetlError::MissingColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            RetlError::WrongDatabase { .. } | RetlError::WorkerNotRunning => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            RetlError::TooManyWaiters(_) => ERRCODE_INSUFFICIENT_RESOURCES,
+            RetlError::SyncNotVisible(_) => ERRCODE_UNDEFINED_OBJECT,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            RetlError::MultipleStatements(_) | RetlError::NotASelect(_) | RetlError::SelectInto => {
+                "Pass one query (e.g. 'SELECT id, email FROM customers') or the name of a table or view.".into()
+            }
+            RetlError::BadFilter(_) => "Write a WHERE condition without the WHERE, e.g. 'churn_risk > 0.7'.".into(),
+            RetlError::DuplicateKeys { .. } => {
+                "A model must return one row per primary key; fix the query (GROUP BY, DISTINCT ON) or the key.".into()
+            }
+            RetlError::NullKeys { .. } => "Filter those rows out of the model or pick a key that is never NULL.".into(),
+            RetlError::MissingColumn { .. } => "Fix the sync's mappings with retl.alter_sync, or add the column to the model.".into(),
+            RetlError::WrongDatabase { worker_db, .. } => format!(
+                "Use the database \"{worker_db}\", or set retl.database_name in postgresql.conf and restart."
+            ),
+            RetlError::WorkerNotRunning => {
+                "Check the server log; the worker restarts by itself after a crash.".into()
+            }
+            RetlError::SyncNotVisible(_) => {
+                "The worker only sees committed syncs: commit the transaction that created the sync, then run it.".into()
+            }
+            RetlError::DestinationMissing(_) => "Create it with CREATE SERVER ... FOREIGN DATA WRAPPER retl.".into(),
+            _ => return None,
+        })
+    }
+
+    /// Raise this error as a Postgres ERROR with its SQLSTATE and hint.
+    pub fn report(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "pg_reverse_etl");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+pub trait OrReport<T> {
+    fn or_report(self) -> T;
+}
+
+impl<T, E: Into<RetlError>> OrReport<T> for Result<T, E> {
+    fn or_report(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.into().report(),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! pg_reverse_etl: the SQL API and the background worker glue. The pgrx-free work (options,
+//! connectors, delivery, rate limits, backoff, hashing) lives in the `retl-engine` crate.
+
+use pgrx::prelude::*;
+
+mod api;
+mod destination;
+mod errors;
+mod identity;
+mod parse;
+mod plan;
+mod settings;
+mod shared;
+mod transaction;
+mod waiting;
+mod worker;
+mod deliver;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The catalog (tables, views, plpgsql API) is hand-written SQL; it needs the Rust helpers
+// it calls to exist first.
+pgrx::extension_sql_file!(
+    "../sql/catalog.sql",
+    name = "catalog",
+    requires = [
+        api::_fdw_validator,
+        api::_caller,
+        api::_model_select,
+        api::_check_filter,
+        api::_check_readable,
+    ]
+);
+
+pgrx::extension_sql_file!("../sql/run.sql", name = "run", requires = ["catalog", api::_wake_worker_at_commit, api::_run_and_wait, api::_check_worker_database]);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // Shared memory and background workers can only be set up from shared_preload_libraries.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_reverse_etl must be loaded via shared_preload_libraries",
+            function_name!(),
+        )
+        .set_hint(
+            "Add pg_reverse_etl to shared_preload_libraries in postgresql.conf \
+             (ALTER SYSTEM SET shared_preload_libraries = 'pg_reverse_etl'), restart the server, \
+             then run CREATE EXTENSION pg_reverse_etl.",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+    settings::define();
+    shared::init();
+    worker::register();
+}

@@ -1,0 +1,299 @@
+//! Plan: run the model as the sync owner, hash each row's mapped fields, diff against the
+//! sync's snapshot with one set-based SQL statement, and queue the changes in the outbox —
+//! all in the caller's transaction, so a refusal queues nothing.
+
+use crate::errors::RetlError;
+use crate::identity;
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
+
+/// `jsonb_build_object` takes at most 100 arguments: build wide payloads in chunks.
+const PAIRS_PER_CALL: usize = 50;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Insert,
+    Update,
+    Upsert,
+    Mirror,
+    Delete,
+}
+
+impl Mode {
+    fn parse(s: &str) -> Mode {
+        match s {
+            "insert" => Mode::Insert,
+            "update" => Mode::Update,
+            "upsert" => Mode::Upsert,
+            "mirror" => Mode::Mirror,
+            _ => Mode::Delete,
+        }
+    }
+
+    /// Which diff rows this mode sends, and with which op.
+    fn op_sql(self) -> (&'static str, &'static str) {
+        match self {
+            Mode::Insert => ("change = 'new'", "'insert'"),
+            Mode::Update => ("change <> 'gone'", "'update'"),
+            Mode::Upsert => ("change <> 'gone'", "'upsert'"),
+            Mode::Mirror => ("true", "CASE WHEN change = 'gone' THEN 'delete' ELSE 'upsert' END"),
+            // A tombstone model: every listed key not yet erased is deleted.
+            Mode::Delete => ("change = 'new'", "'delete'"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncDef {
+    pub id: i64,
+    pub name: String,
+    pub mode: Mode,
+    pub source: String,
+    pub primary_key: Vec<String>,
+    /// (destination field, model column); None: every column under its own name.
+    pub mappings: Option<Vec<(String, String)>>,
+    pub owner: pg_sys::Oid,
+    pub destination: String,
+    pub paused: bool,
+}
+
+const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
+     s.mappings::text, s.owner::oid, s.destination, s.paused \
+     FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
+     LEFT JOIN retl.audiences a ON a.id = s.audience_id";
+
+pub fn load_sync_by_id(client: &SpiClient, id: i64) -> Option<SyncDef> {
+    let sql = format!("SELECT {SYNC_COLUMNS} WHERE s.id = $1");
+    load_sync(client, &sql, &[id.into()])
+}
+
+pub fn load_sync_by_name(client: &SpiClient, name: &str) -> Option<SyncDef> {
+    let sql = format!("SELECT {SYNC_COLUMNS} WHERE s.name = $1");
+    load_sync(client, &sql, &[name.into()])
+}
+
+fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Option<SyncDef> {
+    let table = client.select(sql, Some(1), args).unwrap_or_else(|e| error!("{e}"));
+    let row = table.into_iter().next()?;
+    let get_text = |i: usize| row.get::<String>(i).ok().flatten().unwrap_or_default();
+    let mappings = row.get::<String>(6).ok().flatten().map(|text| {
+        let obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).unwrap_or_default();
+        obj.into_iter()
+            .map(|(field, col)| (field, col.as_str().unwrap_or_default().to_string()))
+            .collect()
+    });
+    Some(SyncDef {
+        id: row.get::<i64>(1).ok().flatten().unwrap_or_default(),
+        name: get_text(2),
+        mode: Mode::parse(&get_text(3)),
+        source: get_text(4),
+        primary_key: row.get::<Vec<String>>(5).ok().flatten().unwrap_or_default(),
+        mappings,
+        owner: row.get::<pg_sys::Oid>(7).ok().flatten().unwrap_or(pg_sys::InvalidOid),
+        destination: get_text(8),
+        paused: row.get::<bool>(9).ok().flatten().unwrap_or(false),
+    })
+}
+
+/// The schema contract: every mapped column must still be in the model.
+fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<(), RetlError> {
+    let columns: Vec<String> = client
+        .select("SELECT retl._model_columns($1)", Some(1), &[sync.source.as_str().into()])
+        .and_then(|t| t.first().get_one::<Vec<String>>())
+        .unwrap_or_else(|e| error!("{e}"))
+        .unwrap_or_default();
+    let wanted = sync
+        .primary_key
+        .iter()
+        .chain(sync.mappings.iter().flatten().map(|(_, col)| col));
+    for col in wanted {
+        if !columns.contains(col) {
+            return Err(RetlError::MissingColumn {
+                column: col.clone(),
+                model: sync.source.clone(),
+                columns: columns.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn build_object(pairs: &[(String, String)]) -> String {
+    if pairs.is_empty() {
+        return "'{}'::jsonb".into();
+    }
+    pairs
+        .chunks(PAIRS_PER_CALL)
+        .map(|chunk| {
+            let args: Vec<String> = chunk
+                .iter()
+                .map(|(field, col)| format!("{}, m.{}", quote_literal(field), quote_identifier(col)))
+                .collect();
+            format!("jsonb_build_object({})", args.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" || ")
+}
+
+/// SQL that materialises the model as (key, key_is_null, payload) into pg_temp.retl_plan.
+fn materialize_sql(sync: &SyncDef) -> String {
+    let key_pairs: Vec<(String, String)> =
+        sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
+    let key_null = sync
+        .primary_key
+        .iter()
+        .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let payload = match (&sync.mode, &sync.mappings) {
+        (Mode::Delete, _) => "NULL::jsonb".to_string(),
+        (_, None) => "to_jsonb(m.*)".to_string(),
+        (_, Some(pairs)) => build_object(pairs),
+    };
+    format!(
+        "CREATE TEMP TABLE retl_plan ON COMMIT DROP AS \
+         SELECT {key} AS key, ({key_null}) AS key_is_null, {payload} AS payload \
+           FROM retl_models.{source} m",
+        key = build_object(&key_pairs),
+        source = quote_identifier(&sync.source),
+    )
+}
+
+/// The diff of pg_temp.retl_plan against the snapshot of sync $1, restricted to what the
+/// mode sends: (change, op, key, payload, hash).
+fn diff_sql(sync: &SyncDef) -> String {
+    let (filter, op) = sync.mode.op_sql();
+    let hashed = if sync.mode == Mode::Delete { "key" } else { "payload" };
+    format!(
+        "WITH m AS (SELECT key, payload, retl._row_hash({hashed}::text) AS hash FROM pg_temp.retl_plan), \
+              s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
+              d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
+                           coalesce(m.key, s.key) AS key, m.payload, coalesce(m.hash, s.hash) AS hash \
+                      FROM m FULL JOIN s ON m.key = s.key \
+                     WHERE m.key IS NULL OR s.key IS NULL OR m.hash <> s.hash) \
+         SELECT change, {op} AS op, key, payload, hash FROM d WHERE {filter}"
+    )
+}
+
+/// Materialise the model as the sync owner and refuse NULL or duplicate keys.
+fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError> {
+    check_columns(client, sync)?;
+    let sql = materialize_sql(sync);
+    identity::as_role(sync.owner, || {
+        client.update("DROP TABLE IF EXISTS pg_temp.retl_plan", None, &[])?;
+        client.update(sql.as_str(), None, &[])
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+
+    let (rows, null_keys) = client
+        .select("SELECT count(*), count(*) FILTER (WHERE key_is_null) FROM pg_temp.retl_plan", Some(1), &[])
+        .and_then(|t| t.first().get_two::<i64, i64>())
+        .unwrap_or_else(|e| error!("{e}"));
+    let (rows, null_keys) = (rows.unwrap_or(0), null_keys.unwrap_or(0));
+    if null_keys > 0 {
+        return Err(RetlError::NullKeys {
+            model: sync.source.clone(),
+            count: null_keys,
+            columns: sync.primary_key.join(", "),
+        });
+    }
+    let dup = client
+        .select(
+            "SELECT count(*), (array_agg(key::text ORDER BY n DESC, key))[1], max(n) \
+               FROM (SELECT key, count(*) AS n FROM pg_temp.retl_plan GROUP BY key HAVING count(*) > 1) d",
+            Some(1),
+            &[],
+        )
+        .and_then(|t| t.first().get_three::<i64, String, i64>())
+        .unwrap_or_else(|e| error!("{e}"));
+    if let (Some(count), Some(example), Some(times)) = dup {
+        if count > 0 {
+            return Err(RetlError::DuplicateKeys { model: sync.source.clone(), count, example, times });
+        }
+    }
+    Ok(rows)
+}
+
+pub struct PlanSummary {
+    pub rows_in_model: i64,
+    pub inserts: i64,
+    pub updates: i64,
+    pub deletes: i64,
+}
+
+impl PlanSummary {
+    pub fn total(&self) -> i64 {
+        self.inserts + self.updates + self.deletes
+    }
+}
+
+/// Plan run `run_id` of `sync` into the outbox (inside the caller's transaction).
+pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, RetlError> {
+    let rows_in_model = materialize(client, sync)?;
+    // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
+    client
+        .update("DELETE FROM retl.outbox WHERE sync_id = $1", None, &[sync.id.into()])
+        .unwrap_or_else(|e| error!("{e}"));
+    let sql = format!(
+        "WITH diff AS ({diff}), \
+              queued AS (INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
+                         SELECT $1, $2, op, key, payload, hash FROM diff RETURNING 1) \
+         SELECT count(*) FILTER (WHERE change = 'new'), \
+                count(*) FILTER (WHERE change = 'changed'), \
+                count(*) FILTER (WHERE change = 'gone') \
+           FROM diff",
+        diff = diff_sql(sync)
+    );
+    let (new, changed, gone) = client
+        .update(sql.as_str(), None, &[sync.id.into(), run_id.into()])
+        .and_then(|t| t.first().get_three::<i64, i64, i64>())
+        .unwrap_or_else(|e| error!("{e}"));
+    let (new, changed, gone) = (new.unwrap_or(0), changed.unwrap_or(0), gone.unwrap_or(0));
+    // In delete mode every planned row is a deletion.
+    let summary = if sync.mode == Mode::Delete {
+        PlanSummary { rows_in_model, inserts: 0, updates: 0, deletes: new }
+    } else {
+        PlanSummary { rows_in_model, inserts: new, updates: changed, deletes: gone }
+    };
+    client
+        .update("DROP TABLE pg_temp.retl_plan", None, &[])
+        .unwrap_or_else(|e| error!("{e}"));
+    Ok(summary)
+}
+
+/// What the next run would queue, for `retl.preview`. Only the sync's owner may look.
+pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option<serde_json::Value>)>, RetlError> {
+    Spi::connect_mut(|client| {
+        let Some(sync) = load_sync_by_name(client, sync_name) else {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("sync \"{sync_name}\" does not exist"),
+                "pg_reverse_etl",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        };
+        client
+            .select("SELECT retl._check_owner('sync', $1, $2::regrole)", None, &[sync.name.as_str().into(), sync.owner.into()])
+            .unwrap_or_else(|e| error!("{e}"));
+        materialize(client, &sync)?;
+        let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync));
+        // The snapshot is not readable by users: diff with the extension owner's rights.
+        let owner = identity::extension_owner(client);
+        let table = identity::as_role(owner, || client.select(sql.as_str(), None, &[sync.id.into()]))
+            .unwrap_or_else(|e| error!("{e}"));
+        let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
+        let rows = table
+            .into_iter()
+            .map(|row| {
+                let op = row.get::<String>(1).ok().flatten().unwrap_or_default();
+                let key = row.get::<String>(2).ok().flatten().map(parse).unwrap_or_default();
+                let payload = row.get::<String>(3).ok().flatten().map(parse);
+                (op, key, payload)
+            })
+            .collect();
+        client.update("DROP TABLE pg_temp.retl_plan", None, &[]).unwrap_or_else(|e| error!("{e}"));
+        Ok(rows)
+    })
+}

@@ -1,0 +1,50 @@
+//! Transactions in the worker: each one short, and an error inside one is caught, rolled
+//! back and returned as text, so one failing sync or batch never kills the worker.
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use std::panic::AssertUnwindSafe;
+
+/// Run `f` in its own transaction: committed when it returns Ok, rolled back when it
+/// returns Err or raises.
+pub fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(AssertUnwindSafe(f))
+        .catch_others(|e| Err(describe(e)))
+        .execute();
+    unsafe {
+        match outcome {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    outcome
+}
+
+fn describe(e: CaughtError) -> String {
+    let report = match &e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+        CaughtError::RustPanic { ereport, .. } => ereport,
+    };
+    match report.detail() {
+        Some(detail) if !detail.is_empty() => format!("{} ({detail})", report.message()),
+        _ => report.message().to_string(),
+    }
+}
+
+/// Show what the worker is doing in pg_stat_activity.query.
+pub fn report_activity(what: &str) {
+    let text = std::ffi::CString::new(what).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
+}
+
+pub fn report_idle() {
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+}

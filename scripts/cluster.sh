@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A local Postgres 15 cluster with pg_reverse_etl preloaded, owned by the unprivileged
+# `postgres` user (Postgres refuses to run as root). Used by `make run` and `make test`.
+#   scripts/cluster.sh start|stop|restart|status
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUN_DIR=${RETL_RUN_DIR:-$ROOT/.run}
+PGDATA_DIR=$RUN_DIR/pgdata
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+PORT=${PGPORT:-28815}
+PASSWORD=${PGPASSWORD:-retl-dev}
+as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres "$@"; fi; }
+
+init() {
+    [ -f "$PGDATA_DIR/PG_VERSION" ] && return 0
+    install -d -o postgres -g postgres -m 700 "$RUN_DIR" "$PGDATA_DIR"
+    local pwfile
+    pwfile=$(mktemp) && echo "$PASSWORD" >"$pwfile" && chown postgres "$pwfile"
+    as_pg "$PGBIN/initdb" -D "$PGDATA_DIR" -U postgres --pwfile="$pwfile" \
+        --auth-local=peer --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pwfile"
+    cat >>"$PGDATA_DIR/postgresql.conf" <<CONF
+# pg_reverse_etl development cluster
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$RUN_DIR'
+shared_preload_libraries = 'pg_reverse_etl'
+retl.database_name = 'postgres'
+max_connections = 50
+logging_collector = off
+log_line_prefix = '%m [%p] %b '
+restart_after_crash = on
+CONF
+}
+
+start() {
+    init
+    if as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then return 0; fi
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$RUN_DIR/postgres.log" -w -t 60 start >/dev/null
+    echo "postgres running on 127.0.0.1:$PORT (log: $RUN_DIR/postgres.log)"
+}
+
+stop() {
+    [ -f "$PGDATA_DIR/PG_VERSION" ] || return 0
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+}
+
+case "${1:-start}" in
+    start) start ;;
+    stop) stop ;;
+    restart) stop; start ;;
+    status) as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" status ;;
+    *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+esac
