@@ -36,8 +36,10 @@ cluster:
 stop:
 	@scripts/cluster.sh stop
 
+# Every test run starts from a freshly created extension (the cluster itself is kept).
 e2e:
-	cargo test -p retl-e2e --tests -- --test-threads=1
+	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
+	cargo test -p retl-e2e --tests --no-fail-fast -- --test-threads=1
 
 demo:
 	@scripts/demo.sh

@@ -75,7 +75,7 @@ fn a_rejected_record_lands_in_row_errors_while_the_rest_arrive() {
     fake.clear_journal();
     let again = f.run();
     assert_eq!((again.delivered, again.failed, again.api_calls), (0, 1, 1));
-    assert_eq!(f.count(&format!("SELECT attempts FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = '{}'", f.sync)), 2);
+    assert_eq!(f.count(&format!("SELECT attempts::bigint FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = '{}'", f.sync)), 2);
     f.exec(&format!("UPDATE {} SET email = 'fixed@example.com' WHERE id = 3", f.table));
     let fixed = f.run();
     assert_eq!((fixed.status.as_str(), fixed.delivered, fixed.failed), ("succeeded", 1, 0));

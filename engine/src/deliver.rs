@@ -72,6 +72,7 @@ struct Run<'a> {
     limits: &'a DeliveryLimits,
     bucket: RefCell<Option<&'a mut TokenBucket>>,
     sync_name: &'a str,
+    key_scope: &'a str,
     run_id: i64,
     token: Option<&'a str>,
     should_stop: &'a dyn Fn() -> bool,
@@ -93,7 +94,9 @@ impl Deliverer {
     }
 
     /// Delivers `batches` (each at most `dest.max_batch_size()` records) and returns one report
-    /// per batch, in the same order.
+    /// per batch, in the same order. `key_scope` identifies this incarnation of the sync in
+    /// idempotency keys: a sync dropped and re-created under the same name starts its run and
+    /// record ids over, and must not collide with keys the destination still remembers.
     #[allow(clippy::too_many_arguments)]
     pub async fn deliver(
         &self,
@@ -101,6 +104,7 @@ impl Deliverer {
         limits: &DeliveryLimits,
         bucket: &mut Option<TokenBucket>,
         sync_name: &str,
+        key_scope: &str,
         run_id: i64,
         token: Option<&str>,
         batches: Vec<Vec<OutboxRecord>>,
@@ -112,6 +116,7 @@ impl Deliverer {
             limits,
             bucket: RefCell::new(bucket.as_mut()),
             sync_name,
+            key_scope,
             run_id,
             token,
             should_stop,
@@ -136,7 +141,7 @@ impl Run<'_> {
             let ctx = BatchContext {
                 sync_name: self.sync_name,
                 run_id: self.run_id,
-                idempotency_key: idempotency_key(self.sync_name, self.run_id, &pending),
+                idempotency_key: idempotency_key(self.key_scope, self.run_id, &pending),
             };
             let request = self.dest.build_request(&ctx, &pending, self.token);
             report.api_calls += 1;

@@ -52,6 +52,8 @@ CREATE TABLE retl.syncs (
     mappings    jsonb,
     owner       regrole NOT NULL,
     paused      boolean NOT NULL DEFAULT false,
+    -- Scopes idempotency keys: a sync re-created under the same name restarts its run ids.
+    uid         uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -604,11 +606,18 @@ BEGIN
 END $$;
 
 -- Used by retl.run(wait => true): checks the caller may run the sync, returns its id.
+-- No row lock here (unlike _sync_for_change): the worker inserts the run, whose foreign key
+-- needs a share lock on this very row while we wait for it.
 CREATE FUNCTION retl._runnable_sync(sync text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(sync);
+    s retl.syncs;
 BEGIN
+    SELECT * INTO s FROM retl.syncs WHERE name = sync;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sync % does not exist', coalesce(retl._q(sync), 'NULL') USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('sync', s.name, s.owner);
     IF s.paused THEN
         RAISE EXCEPTION 'sync % is paused', retl._q(s.name)
               USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('Resume it with SELECT retl.resume(%L);', s.name);

@@ -4,6 +4,7 @@ CREATE FUNCTION retl.run(sync text, wait boolean DEFAULT false) RETURNS retl.run
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r retl.runs;
+    run_id bigint;
 BEGIN
     PERFORM retl._check_worker_database();
     IF NOT wait THEN
@@ -18,7 +19,9 @@ BEGIN
                     DETAIL = format('This transaction is %s, so it could not see the finished run.', current_setting('transaction_isolation'));
     END IF;
     -- The worker creates and commits the run row itself, so it can finish while we wait.
-    RETURN retl._run_summary(retl._run_and_wait(retl._runnable_sync(sync), 'manual'));
+    run_id := retl._run_and_wait(retl._runnable_sync(sync), 'manual');
+    -- A new statement, so a new snapshot: it sees the run the worker committed meanwhile.
+    RETURN retl._run_summary(run_id);
 END $$;
 COMMENT ON FUNCTION retl.run(text, boolean) IS
   'Run a sync. wait => false (default): queue the run; the worker starts it when this transaction commits; returns the queued run. wait => true: the worker runs it now and this call returns the finished run (the sync itself must be committed).';

@@ -3,13 +3,14 @@
 
 use crate::errors::{OrReport, RetlError};
 use crate::{identity, parse, plan, settings, shared};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use retl_engine::options;
 
 /// Validator of the `retl` foreign-data wrapper: rejects unknown or malformed destination
 /// and credential options at CREATE/ALTER SERVER and USER MAPPING time.
-#[pg_extern(schema = "retl")]
+#[pg_extern]
 fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::Oid>) {
     let pairs = option_pairs(options.unwrap_or_default()).or_report();
     match catalog {
@@ -44,19 +45,19 @@ pub fn option_pairs(raw: Vec<Option<String>>) -> Result<Vec<(String, String)>, R
 }
 
 /// The role calling the API, seen through our SECURITY DEFINER functions.
-#[pg_extern(schema = "retl", stable, parallel_safe)]
+#[pg_extern(stable, parallel_safe)]
 fn _caller() -> pg_sys::Oid {
     identity::caller()
 }
 
 /// The exact text of the single SELECT in a model query, or an error saying what is wrong.
-#[pg_extern(schema = "retl", immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe)]
 fn _check_query(query: &str) -> String {
     parse::single_select(query).or_report()
 }
 
 /// Errors unless `filter` is one boolean expression (an audience's WHERE condition).
-#[pg_extern(schema = "retl", immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe)]
 fn _check_filter(filter: &str) {
     parse::check_filter(filter).or_report()
 }
@@ -64,7 +65,7 @@ fn _check_filter(filter: &str) {
 /// Errors unless `role` can read the model or audience view `view_name`: the view runs with
 /// its owner's privileges, so this proves at definition time that the owner can read what the
 /// query reads (a permission error names the table).
-#[pg_extern(schema = "retl", volatile)]
+#[pg_extern(volatile)]
 fn _check_readable(view_name: &str, role: pg_sys::Oid) {
     let sql = format!("SELECT * FROM retl_models.{} LIMIT 0", quote_identifier(view_name));
     identity::as_role(role, || Spi::run(&sql)).unwrap_or_else(|e| error!("{e}"));
@@ -72,14 +73,14 @@ fn _check_readable(view_name: &str, role: pg_sys::Oid) {
 
 /// blake3 of a row's canonical encoding (jsonb's text form: keys sorted, no insignificant
 /// whitespace), used by the planner to notice changed rows.
-#[pg_extern(schema = "retl", immutable, strict, parallel_safe)]
+#[pg_extern(immutable, strict, parallel_safe)]
 fn _row_hash(canonical: &str) -> Vec<u8> {
     retl_engine::hash::row_hash(canonical.as_bytes()).to_vec()
 }
 
 /// Errors when this database is not the one the worker serves: runs queued here would
 /// never start.
-#[pg_extern(schema = "retl", stable)]
+#[pg_extern(stable)]
 fn _check_worker_database() {
     let current = Spi::get_one::<String>("SELECT current_database()::text")
         .ok()
@@ -92,20 +93,20 @@ fn _check_worker_database() {
 }
 
 /// Wakes the worker when the calling transaction commits (a queued run becomes visible).
-#[pg_extern(schema = "retl", volatile)]
+#[pg_extern(volatile)]
 fn _wake_worker_at_commit() {
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_worker);
 }
 
 /// Hands sync `sync_id` to the worker, which creates and commits the run itself, and waits
 /// until that run has finished. Returns the run id.
-#[pg_extern(schema = "retl", volatile)]
+#[pg_extern(volatile)]
 fn _run_and_wait(sync_id: i64, trigger: &str) -> i64 {
     crate::waiting::run_and_wait(sync_id, trigger == "manual").or_report()
 }
 
 /// The changes the next run of a sync would send (op, key, payload), sending nothing.
-#[pg_extern(schema = "retl", volatile)]
+#[pg_extern(volatile)]
 fn preview(
     sync: &str,
 ) -> TableIterator<'static, (name!(op, String), name!(key, pgrx::JsonB), name!(payload, Option<pgrx::JsonB>))> {

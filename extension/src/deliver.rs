@@ -3,11 +3,11 @@
 //! outbox, rejected rows move to retl.row_errors, unresolved rows stay for the next attempt.
 
 use crate::destination;
+use crate::shared;
 use crate::plan::{self, Mode, SyncDef};
 use crate::transaction::{report_activity, transaction};
-use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
-use retl_engine::connector::{self, Destination as _};
+use retl_engine::connector;
 use retl_engine::deliver::{BatchReport, DeliveryLimits, Deliverer};
 use retl_engine::options::DestinationConfig;
 use retl_engine::ratelimit::TokenBucket;
@@ -54,9 +54,11 @@ pub fn deliver_run(
         Spi::connect(|client| {
             let sync_id: i64 = client
                 .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
-                .and_then(|t| t.first().get_one())
                 .map_err(|e| e.to_string())?
-                .ok_or("run vanished")?;
+                .into_iter()
+                .next()
+                .and_then(|row| row.get::<i64>(1).ok().flatten())
+                .ok_or("the run was deleted (its sync was dropped)")?;
             let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
             let dest = destination::load(client, &sync.destination, sync.owner).map_err(|e| e.to_string())?;
             let batch_no: i32 = client
@@ -89,7 +91,7 @@ pub fn deliver_run(
     let mut run_error: Option<String> = None;
 
     loop {
-        if BackgroundWorker::sigterm_received() {
+        if shared::shutdown_requested() {
             return Delivered::Interrupted;
         }
         let next = transaction(|| Ok(load_window(&sync, run_id, cursor, window)));
@@ -115,18 +117,19 @@ pub fn deliver_run(
         let batches: Vec<Vec<OutboxRecord>> = records.chunks(batch_size).map(|c| c.to_vec()).collect();
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         let bucket = buckets.for_destination(&sync.destination, &dest.config);
-        let should_stop = || BackgroundWorker::sigterm_received();
+        let should_stop = shared::shutdown_requested;
         let reports = runtime.block_on(deliverer.deliver(
             connector.as_ref(),
             &limits,
             bucket,
             &sync.name,
+            &sync.uid,
             run_id,
             dest.token.as_deref(),
             batches,
             &should_stop,
         ));
-        if BackgroundWorker::sigterm_received() {
+        if shared::shutdown_requested() {
             // Record what was acknowledged; the rest stays queued for the restarted worker.
             for (report, size) in reports.iter().zip(&sizes) {
                 batch_no += 1;
@@ -155,8 +158,11 @@ fn load_window(sync: &SyncDef, run_id: i64, cursor: i64, window: i64) -> (bool, 
     Spi::connect(|client| {
         let paused = client
             .select("SELECT paused FROM retl.syncs WHERE id = $1", Some(1), &[sync.id.into()])
-            .and_then(|t| t.first().get_one::<bool>())
             .unwrap_or_else(|e| error!("{e}"))
+            .into_iter()
+            .next()
+            .map(|row| row.get::<bool>(1).ok().flatten().unwrap_or(false))
+            // A dropped sync stops like a paused one.
             .unwrap_or(true);
         let table = client
             .select(

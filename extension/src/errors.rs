@@ -1,5 +1,6 @@
 //! The extension layer's errors, mapped to SQLSTATEs at the SQL boundary.
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use retl_engine::options::OptionsError;
 

@@ -32,5 +32,5 @@ pub fn extension_owner(client: &pgrx::spi::SpiClient) -> pg_sys::Oid {
         .and_then(|t| t.first().get_one::<pg_sys::Oid>())
         .ok()
         .flatten()
-        .unwrap_or(pg_sys::BOOTSTRAP_SUPERUSERID)
+        .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID))
 }

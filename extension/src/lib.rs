@@ -1,6 +1,7 @@
 //! pg_reverse_etl: the SQL API and the background worker glue. The pgrx-free work (options,
 //! connectors, delivery, rate limits, backoff, hashing) lives in the `retl-engine` crate.
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 mod api;
@@ -26,7 +27,7 @@ pgrx::extension_sql_file!(
     requires = [
         api::_fdw_validator,
         api::_caller,
-        api::_model_select,
+        api::_check_query,
         api::_check_filter,
         api::_check_readable,
     ]

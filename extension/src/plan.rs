@@ -4,6 +4,7 @@
 
 use crate::errors::RetlError;
 use crate::identity;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
@@ -55,10 +56,12 @@ pub struct SyncDef {
     pub owner: pg_sys::Oid,
     pub destination: String,
     pub paused: bool,
+    /// This incarnation of the sync (idempotency keys are scoped by it).
+    pub uid: String,
 }
 
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
-     s.mappings::text, s.owner::oid, s.destination, s.paused \
+     s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text \
      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
      LEFT JOIN retl.audiences a ON a.id = s.audience_id";
 
@@ -93,6 +96,7 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
         owner: row.get::<pg_sys::Oid>(7).ok().flatten().unwrap_or(pg_sys::InvalidOid),
         destination: get_text(8),
         paused: row.get::<bool>(9).ok().flatten().unwrap_or(false),
+        uid: get_text(10),
     })
 }
 
@@ -176,12 +180,26 @@ fn diff_sql(sync: &SyncDef) -> String {
     )
 }
 
+/// Drop this session's plan table if there is one (`DROP TABLE IF EXISTS` would print a
+/// NOTICE in sessions that have no temporary schema yet).
+fn drop_plan_table(client: &mut SpiClient) -> Result<(), pgrx::spi::SpiError> {
+    let exists = client
+        .select("SELECT to_regclass('pg_temp.retl_plan') IS NOT NULL", Some(1), &[])?
+        .first()
+        .get_one::<bool>()?
+        .unwrap_or(false);
+    if exists {
+        client.update("DROP TABLE pg_temp.retl_plan", None, &[])?;
+    }
+    Ok(())
+}
+
 /// Materialise the model as the sync owner and refuse NULL or duplicate keys.
 fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError> {
     check_columns(client, sync)?;
     let sql = materialize_sql(sync);
     identity::as_role(sync.owner, || {
-        client.update("DROP TABLE IF EXISTS pg_temp.retl_plan", None, &[])?;
+        drop_plan_table(client)?;
         client.update(sql.as_str(), None, &[])
     })
     .unwrap_or_else(|e| error!("{e}"));
@@ -256,9 +274,7 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
     } else {
         PlanSummary { rows_in_model, inserts: new, updates: changed, deletes: gone }
     };
-    client
-        .update("DROP TABLE pg_temp.retl_plan", None, &[])
-        .unwrap_or_else(|e| error!("{e}"));
+    identity::as_role(sync.owner, || drop_plan_table(client)).unwrap_or_else(|e| error!("{e}"));
     Ok(summary)
 }
 
@@ -293,7 +309,7 @@ pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option
                 (op, key, payload)
             })
             .collect();
-        client.update("DROP TABLE pg_temp.retl_plan", None, &[]).unwrap_or_else(|e| error!("{e}"));
+        identity::as_role(sync.owner, || drop_plan_table(client)).unwrap_or_else(|e| error!("{e}"));
         Ok(rows)
     })
 }

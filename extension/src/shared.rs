@@ -78,3 +78,24 @@ pub fn wake_pid(pid: i32) {
 pub fn wake_worker() {
     wake_pid(worker_pid());
 }
+
+/// Whether the worker was asked to stop (SIGTERM). Unlike pgrx's `sigterm_received`, this
+/// does not reset: every layer that polls it sees the same answer.
+pub fn shutdown_requested() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Sleep until our latch is set or `timeout` passes; exits the process if the postmaster
+/// died. Interrupts (cancel, terminate) are serviced on return.
+pub fn sleep_on_latch(timeout: std::time::Duration) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis() as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}

@@ -16,7 +16,7 @@ pub fn run_and_wait(sync_id: i64, manual: bool) -> Result<i64, RetlError> {
         if started.elapsed() > WORKER_START_GRACE {
             return Err(RetlError::WorkerNotRunning);
         }
-        sleep_on_latch(Duration::from_millis(100));
+        shared::sleep_on_latch(Duration::from_millis(100));
     }
     let me = unsafe { pg_sys::MyProcPid };
     let slot = {
@@ -44,7 +44,7 @@ pub fn run_and_wait(sync_id: i64, manual: bool) -> Result<i64, RetlError> {
                 break (s.run_id, s.failure);
             }
         }
-        sleep_on_latch(Duration::from_secs(1));
+        shared::sleep_on_latch(Duration::from_secs(1));
     })
     .catch_others(|e| {
         abandon(slot);
@@ -67,17 +67,4 @@ fn abandon(slot: usize) {
     } else {
         shared::WaitSlot { state: SlotState::Abandoned, ..*s }
     };
-}
-
-fn sleep_on_latch(timeout: Duration) {
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            timeout.as_millis() as _,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pg_sys::check_for_interrupts!();
 }

@@ -60,7 +60,12 @@ pub extern "C-unwind" fn retl_worker_main(_arg: pg_sys::Datum) {
         }
         work(&runtime, &mut buckets);
         report_idle();
-        if !BackgroundWorker::wait_latch(Some(IDLE_RECHECK)) {
+        if shared::shutdown_requested() {
+            break;
+        }
+        // Returns at once if the latch was set while we worked (a commit or a wait-request).
+        shared::sleep_on_latch(IDLE_RECHECK);
+        if shared::shutdown_requested() {
             break;
         }
     }
@@ -80,15 +85,24 @@ fn work(runtime: &tokio::runtime::Runtime, buckets: &mut Buckets) {
     loop {
         accept_wait_requests();
         settle_waiters();
-        if BackgroundWorker::sigterm_received() {
+        if shared::shutdown_requested() {
             return;
         }
         let next = transaction(|| {
-            Spi::get_two::<i64, String>(
-                "SELECT id, status FROM retl.runs WHERE status IN ('queued', 'delivering') \
-                  ORDER BY status = 'delivering' DESC, id LIMIT 1",
-            )
-            .map_err(|e| e.to_string())
+            Spi::connect(|client| {
+                let table = client
+                    .select(
+                        "SELECT id, status FROM retl.runs WHERE status IN ('queued', 'delivering') \
+                          ORDER BY status = 'delivering' DESC, id LIMIT 1",
+                        Some(1),
+                        &[],
+                    )
+                    .map_err(|e| e.to_string())?;
+                if table.is_empty() {
+                    return Ok((None, None));
+                }
+                table.first().get_two::<i64, String>().map_err(|e| e.to_string())
+            })
         });
         let (run_id, status) = match next {
             Ok((Some(id), Some(status))) => (id, status),
@@ -113,9 +127,11 @@ fn plan_run(run_id: i64) -> bool {
         Spi::connect_mut(|client| {
             let sync_id: i64 = client
                 .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
-                .and_then(|t| t.first().get_one())
                 .map_err(|e| e.to_string())?
-                .ok_or("run vanished")?;
+                .into_iter()
+                .next()
+                .and_then(|row| row.get::<i64>(1).ok().flatten())
+                .ok_or("the run was deleted (its sync was dropped)")?;
             // Two runs of one sync never overlap.
             client
                 .select("SELECT pg_advisory_xact_lock($1, $2::int4)", None, &[LOCK_NAMESPACE.into(), (sync_id as i32).into()])

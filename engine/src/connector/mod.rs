@@ -76,13 +76,14 @@ pub trait Destination: Send + Sync {
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome;
 }
 
-/// Hex blake3 over the sync, the run and the record ids in order. A retry of the same
-/// records, even by a restarted worker, gets the same key, so the destination can dedupe it.
-pub fn idempotency_key(sync_name: &str, run_id: i64, records: &[OutboxRecord]) -> String {
+/// Hex blake3 over the sync's identity (`scope`), the run and the record ids in order. A retry
+/// of the same records, even by a restarted worker, gets the same key, so the destination can
+/// dedupe it.
+pub fn idempotency_key(scope: &str, run_id: i64, records: &[OutboxRecord]) -> String {
     let mut hasher = blake3::Hasher::new();
     // Length prefix: ("ab", 1) and ("a", ...) must never collide.
-    hasher.update(&(sync_name.len() as u64).to_le_bytes());
-    hasher.update(sync_name.as_bytes());
+    hasher.update(&(scope.len() as u64).to_le_bytes());
+    hasher.update(scope.as_bytes());
     hasher.update(&run_id.to_le_bytes());
     for record in records {
         hasher.update(&record.id.to_le_bytes());

@@ -159,6 +159,7 @@ async fn run(
             limits,
             bucket,
             "crm",
+            "crm-uid",
             9,
             Some(TOKEN),
             batches,
@@ -198,7 +199,7 @@ async fn all_acked_with_documented_request() {
     assert_eq!(first.header("authorization"), Some("Bearer sk_test_123"));
     assert_eq!(first.header("content-type"), Some("application/json"));
     assert_eq!(first.header("user-agent"), Some(crate::USER_AGENT));
-    let key = idempotency_key("crm", 9, &records(1..=2));
+    let key = idempotency_key("crm-uid", 9, &records(1..=2));
     assert_eq!(first.header("idempotency-key"), Some(key.as_str()));
 }
 
@@ -229,7 +230,7 @@ async fn server_errors_are_retried_with_the_same_idempotency_key() {
         .iter()
         .map(|s| s.header("idempotency-key").unwrap().to_string())
         .collect();
-    assert_eq!(keys, vec![idempotency_key("crm", 9, &records(1..=3)); 3]);
+    assert_eq!(keys, vec![idempotency_key("crm-uid", 9, &records(1..=3)); 3]);
 }
 
 #[tokio::test]
@@ -287,7 +288,7 @@ async fn per_record_retry_resends_only_those_records() {
     let seen = seen.lock().unwrap();
     assert_eq!(
         seen[1].header("idempotency-key"),
-        Some(idempotency_key("crm", 9, &records(2..=2)).as_str())
+        Some(idempotency_key("crm-uid", 9, &records(2..=2)).as_str())
     );
 }
 
