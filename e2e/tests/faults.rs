@@ -47,7 +47,7 @@ fn a_rejected_record_lands_in_row_errors_while_the_rest_arrive() {
     let fake = FakeWebhook::start();
     fake.set_rejection_rule(|rec| {
         let email = rec["fields"]["email"].as_str().unwrap_or("");
-        (!email.contains('@')).then(|| (422, "email is invalid".to_string()))
+        (!email.contains('@')).then(|| (400, "email is invalid".to_string()))
     });
     let mut f = Fixture::new(&fake.url(), 5, "upsert", "", None);
     f.exec(&format!("UPDATE {} SET email = 'not-an-email' WHERE id = 3", f.table));
@@ -67,7 +67,7 @@ fn a_rejected_record_lands_in_row_errors_while_the_rest_arrive() {
     assert_eq!(err.get::<_, String>(0), r#"{"id": 3}"#);
     assert_eq!(err.get::<_, String>(1), "upsert");
     assert_eq!(err.get::<_, String>(2), "not-an-email");
-    assert_eq!(err.get::<_, Option<i32>>(3), Some(422));
+    assert_eq!(err.get::<_, Option<i32>>(3), Some(400));
     assert_eq!(err.get::<_, String>(4), "email is invalid");
     assert_eq!(err.get::<_, i32>(5), 1);
 
