@@ -37,7 +37,10 @@ CONF
 start() {
     init
     if as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then return 0; fi
-    as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$RUN_DIR/postgres.log" -w -t 60 start >/dev/null
+    # RETL_E2E_TOKEN: the end-to-end tests check that a user mapping's token_env is read from
+    # the server's environment. It is a test value, not a secret.
+    as_pg env RETL_E2E_TOKEN=token-from-the-server-environment \
+        "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$RUN_DIR/postgres.log" -w -t 60 start >/dev/null
     echo "postgres running on 127.0.0.1:$PORT (log: $RUN_DIR/postgres.log)"
 }
 

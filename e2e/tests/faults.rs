@@ -101,11 +101,44 @@ fn rejected_credentials_fail_the_run_without_leaking_the_token() {
               + (SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%a-wrong-token-XYZ%' AND pid <> pg_backend_pid())",
     );
     assert_eq!(leaks, 0);
+    // Nor in the server log (scripts/cluster.sh writes it next to the data directory).
+    let log: String = f
+        .client
+        .query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[])
+        .unwrap()
+        .get(0);
+    assert!(log.contains("pg_reverse_etl worker started"), "read the right log");
+    assert!(!log.contains("a-wrong-token-XYZ"), "the token is in the server log");
     // Fix the mapping: the next run delivers everything.
     f.exec(&format!("ALTER USER MAPPING FOR CURRENT_USER SERVER {} OPTIONS (SET token 'the-right-token')", f.server));
     let run = f.run();
     assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 2));
     assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn token_env_reads_the_token_from_the_server_environment() {
+    // scripts/cluster.sh starts the server with RETL_E2E_TOKEN set to this value.
+    let fake = FakeWebhook::builder().token("token-from-the-server-environment").start();
+    let mut f = Fixture::new(&fake.url(), 2, "upsert", "", None);
+    f.exec(&format!("CREATE USER MAPPING FOR CURRENT_USER SERVER {} OPTIONS (token_env 'RETL_E2E_TOKEN')", f.server));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 2), "{run:?}");
+    assert_eq!(fake.records(), f.model_state());
+
+    // A variable the server does not have fails the run, naming the variable; nothing is lost.
+    f.exec(&format!("ALTER USER MAPPING FOR CURRENT_USER SERVER {} OPTIONS (SET token_env 'RETL_E2E_UNSET')", f.server));
+    f.exec(&format!("UPDATE {} SET score = 0 WHERE id = 1", f.table));
+    let run = f.run();
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(&*format!(
+            "destination \"{}\" is misconfigured: environment variable \"RETL_E2E_UNSET\" named by token_env is not set in the server's environment",
+            f.server
+        ))
+    );
+    assert_eq!(f.outbox_rows(), 1, "the change stays queued");
 }
 
 #[test]

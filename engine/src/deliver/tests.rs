@@ -447,3 +447,24 @@ fn limits_from_config() {
     assert_eq!(show(Duration::from_secs(30)), "30s");
     assert_eq!(show(Duration::from_millis(1500)), "1500ms");
 }
+
+#[tokio::test]
+async fn concurrency_is_bounded_by_max_concurrency_and_used() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (counter, top) = (in_flight.clone(), peak.clone());
+    let (url, seen) = serve(move |_, _| {
+        let now = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        top.fetch_max(now, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(150));
+        counter.fetch_sub(1, Ordering::SeqCst);
+        reply(200, "")
+    });
+    let batches: Vec<_> = (1..=9).map(|id| records(id..=id)).collect();
+    let limits = DeliveryLimits { max_concurrency: 3, ..limits(0) };
+    let reports = run(&url, &limits, &mut None, batches, &|| false).await;
+    assert_eq!(reports.iter().map(|r| r.acked.len()).sum::<usize>(), 9);
+    assert_eq!(seen.lock().unwrap().len(), 9);
+    assert_eq!(peak.load(Ordering::SeqCst), 3, "three requests in flight at most, and at once");
+}
