@@ -44,7 +44,7 @@ fn null_primary_keys_are_refused_with_nothing_queued() {
     assert_eq!(run.status, "failed");
     let (queued, error) = queued_and_last_error(&mut f);
     assert_eq!(queued, 0);
-    assert_eq!(error, format!("model \"{}\" returned 1 rows with a NULL primary key (id)", f.model));
+    assert_eq!(error, format!("model \"{}\" returned 1 row with a NULL primary key (id)", f.model));
     assert_eq!(fake.request_count(), 0);
     let err = f.client.query("SELECT * FROM retl.preview($1)", &[&f.sync]).unwrap_err();
     assert_eq!(error_text(&err).0, "23502");

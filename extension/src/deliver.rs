@@ -52,13 +52,7 @@ pub fn deliver_run(
 ) -> Delivered {
     let loaded = transaction(|| {
         Spi::connect(|client| {
-            let sync_id: i64 = client
-                .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .next()
-                .and_then(|row| row.get::<i64>(1).ok().flatten())
-                .ok_or("the run was deleted (its sync was dropped)")?;
+            let sync_id = plan::sync_id_of_run(client, run_id)?;
             let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
             let dest = destination::load(client, &sync.destination, sync.owner).map_err(|e| e.to_string())?;
             let batch_no: i32 = client

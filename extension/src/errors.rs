@@ -20,9 +20,9 @@ pub enum RetlError {
     SelectInto,
     #[error("audience filter must be a single boolean expression over the model's columns, got {0:?}")]
     BadFilter(String),
-    #[error("model \"{model}\" returned {count} duplicate primary keys (e.g. {example} appears {times} times)")]
+    #[error("model \"{model}\" returned {count} duplicate primary {} (e.g. {example} appears {times} times)", plural(*.count, "key", "keys"))]
     DuplicateKeys { model: String, count: i64, example: String, times: i64 },
-    #[error("model \"{model}\" returned {count} rows with a NULL primary key ({columns})")]
+    #[error("model \"{model}\" returned {count} {} with a NULL primary key ({columns})", plural(*.count, "row", "rows"))]
     NullKeys { model: String, count: i64, columns: String },
     #[error("mapped column \"{column}\" is not in model \"{model}\" (its columns: {columns})")]
     MissingColumn { column: String, model: String, columns: String },
@@ -34,6 +34,10 @@ pub enum RetlError {
     TooManyWaiters(usize),
     #[error("sync id {0} is not visible to the worker")]
     SyncNotVisible(i64),
+}
+
+fn plural(count: i64, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 { one } else { many }
 }
 
 impl RetlError {

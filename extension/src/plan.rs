@@ -100,6 +100,17 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
     })
 }
 
+/// The sync a run belongs to; an error once the run is gone (its sync was dropped).
+pub fn sync_id_of_run(client: &SpiClient, run_id: i64) -> Result<i64, String> {
+    client
+        .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .and_then(|row| row.get::<i64>(1).ok().flatten())
+        .ok_or_else(|| format!("run {run_id} was deleted (its sync was dropped)"))
+}
+
 /// The schema contract: every mapped column must still be in the model.
 fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<(), RetlError> {
     let columns: Vec<String> = client

@@ -125,13 +125,7 @@ fn work(runtime: &tokio::runtime::Runtime, buckets: &mut Buckets) {
 fn plan_run(run_id: i64) -> bool {
     let planned = transaction(|| {
         Spi::connect_mut(|client| {
-            let sync_id: i64 = client
-                .select("SELECT sync_id FROM retl.runs WHERE id = $1", Some(1), &[run_id.into()])
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .next()
-                .and_then(|row| row.get::<i64>(1).ok().flatten())
-                .ok_or("the run was deleted (its sync was dropped)")?;
+            let sync_id = plan::sync_id_of_run(client, run_id)?;
             // Two runs of one sync never overlap.
             client
                 .select("SELECT pg_advisory_xact_lock($1, $2::int4)", None, &[LOCK_NAMESPACE.into(), (sync_id as i32).into()])
