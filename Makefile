@@ -26,9 +26,12 @@ unit:
 
 # Installing replaces the shared library; a running cluster that preloads it must not see
 # the file change under it, so the cluster is stopped first and started again after.
+# Also installs the install scripts of earlier releases (extension/sql/releases), so that
+# CREATE EXTENSION ... VERSION 'old' followed by ALTER EXTENSION ... UPDATE can be tested.
 install:
 	@scripts/cluster.sh stop
 	cd extension && cargo pgrx install --pg-config $(PG_CONFIG)
+	install -m 644 extension/sql/releases/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 cluster:
 	@scripts/cluster.sh start

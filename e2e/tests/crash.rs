@@ -4,9 +4,10 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-fn worker_pid(client: &mut postgres::Client) -> Option<i32> {
+/// The worker delivering `run_id`, as `retl.worker_status()` shows it.
+fn worker_pid(client: &mut postgres::Client, run_id: i64) -> Option<i32> {
     client
-        .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker'", &[])
+        .query_opt("SELECT pid FROM retl.worker_status() WHERE run_id = $1", &[&run_id])
         .ok()
         .flatten()
         .map(|r| r.get(0))
@@ -20,7 +21,7 @@ fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     fake.script((0..40).map(|_| Scripted::Delay(Duration::from_millis(250))).collect());
     let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
     wait_until(SHORT, "a few batches to arrive", || fake.request_count() >= 4);
-    let pid = worker_pid(&mut f.client).expect("worker running");
+    let pid = worker_pid(&mut f.client, run_id).expect("a worker delivering the run");
     let killed = unsafe { libc_kill(pid, 9) };
     assert_eq!(killed, 0, "kill -9 {pid}");
     drop(f.client);
@@ -38,8 +39,14 @@ fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
             .map(|r| r.get::<_, String>(0) == "succeeded")
             .unwrap_or(false)
     });
-    let new_pid = worker_pid(&mut client).expect("worker restarted");
-    assert_ne!(new_pid, pid);
+    let workers: Vec<i32> = client
+        .query("SELECT pid FROM retl.worker_status()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(workers.len(), 2, "both workers restarted");
+    assert!(!workers.contains(&pid) && workers.iter().all(|&p| p != 0), "{workers:?} after killing {pid}");
 
     f.client = client;
     assert_eq!(fake.records(), f.model_state(), "the destination equals the model");

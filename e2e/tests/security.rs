@@ -75,9 +75,18 @@ fn a_sync_cannot_read_what_its_owner_cannot_read() {
     // Her access is revoked: the worker (a superuser) still cannot read the table for her.
     admin.batch_execute(&format!("REVOKE SELECT ON {base}_open FROM {}; UPDATE {base}_open SET email = 'changed'", alice.name)).unwrap();
     fake.clear_journal();
-    let run = as_alice
+    let err = as_alice
         .query_one(&format!("SELECT status, error, delivered FROM retl.run('{base}_s', wait => true)"), &[])
+        .unwrap_err();
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "38000");
+    let run = as_alice
+        .query_one(&format!("SELECT r.status, r.error FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{base}_s' ORDER BY r.id DESC LIMIT 1"), &[])
         .unwrap();
+    assert_eq!(db.message(), format!("run {} of sync \"{base}_s\" failed: permission denied for table {base}_open", {
+        let id: i64 = as_alice.query_one(&format!("SELECT max(r.id) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{base}_s'"), &[]).unwrap().get(0);
+        id
+    }));
     assert_eq!(run.get::<_, String>(0), "failed");
     assert_eq!(run.get::<_, Option<String>>(1).unwrap(), format!("permission denied for table {base}_open"));
     assert_eq!(fake.request_count(), 0);

@@ -7,16 +7,20 @@ use crate::connector::{
     idempotency_key, redact, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
 };
 use crate::options::DestinationConfig;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::RateBudget;
 use crate::record::OutboxRecord;
 use futures_util::stream::{self, StreamExt};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// First retry waits about this long; later ones double it.
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
-/// How often a waiting batch checks whether it should stop.
-const STOP_POLL: Duration = Duration::from_millis(100);
+/// How often a waiting batch, or one with a request in flight, checks whether it should stop:
+/// the worker must be gone within a second of SIGTERM.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// Why a batch stopped when the worker was asked to.
+const SHUTTING_DOWN: &str = "stopped: worker shutting down";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryLimits {
@@ -70,7 +74,7 @@ struct Run<'a> {
     client: &'a reqwest::Client,
     dest: &'a dyn Destination,
     limits: &'a DeliveryLimits,
-    bucket: RefCell<Option<&'a mut TokenBucket>>,
+    budget: Option<&'a dyn RateBudget>,
     sync_name: &'a str,
     key_scope: &'a str,
     run_id: i64,
@@ -97,12 +101,18 @@ impl Deliverer {
     /// per batch, in the same order. `key_scope` identifies this incarnation of the sync in
     /// idempotency keys: a sync dropped and re-created under the same name starts its run and
     /// record ids over, and must not collide with keys the destination still remembers.
+    /// `budget` is the destination's rate limit (`None` = unlimited), possibly shared with
+    /// other workers.
+    ///
+    /// Once `should_stop` returns true, every batch stops within about `STOP_POLL`, abandoning
+    /// a request in flight: its records are reported unresolved and sent again after restart
+    /// under the same idempotency key, so a request that did reach the destination is harmless.
     #[allow(clippy::too_many_arguments)]
     pub async fn deliver(
         &self,
         dest: &dyn Destination,
         limits: &DeliveryLimits,
-        bucket: &mut Option<TokenBucket>,
+        budget: Option<&dyn RateBudget>,
         sync_name: &str,
         key_scope: &str,
         run_id: i64,
@@ -114,7 +124,7 @@ impl Deliverer {
             client: &self.client,
             dest,
             limits,
-            bucket: RefCell::new(bucket.as_mut()),
+            budget,
             sync_name,
             key_scope,
             run_id,
@@ -145,9 +155,11 @@ impl Run<'_> {
             };
             let request = self.dest.build_request(&ctx, &pending, self.token);
             report.api_calls += 1;
-            let outcome = match send(self.client, request, self.limits.timeout).await {
-                Ok(response) => self.dest.classify(&pending, &response),
-                Err(message) => ResponseOutcome::Transient {
+            let sent = self.unless_stopped(send(self.client, request, self.limits.timeout));
+            let outcome = match sent.await {
+                Err(reason) => return self.give_up(report, &pending, reason),
+                Ok(Ok(response)) => self.dest.classify(&pending, &response),
+                Ok(Err(message)) => ResponseOutcome::Transient {
                     status: None,
                     retry_after: None,
                     message,
@@ -241,7 +253,7 @@ impl Run<'_> {
         if self.fatal.get() {
             Some("stopped: another batch failed fatally".into())
         } else if (self.should_stop)() {
-            Some("stopped: worker shutting down".into())
+            Some(SHUTTING_DOWN.into())
         } else {
             None
         }
@@ -262,19 +274,32 @@ impl Run<'_> {
         }
     }
 
-    /// Takes a token from the shared bucket; the borrow never spans an await, so concurrent
-    /// batches interleave safely.
+    /// Runs `work` (a request) unless the worker is told to stop first, in which case `work`
+    /// is dropped, which aborts the request. A fatal answer to another batch does not abort it:
+    /// its outcome is still worth recording.
+    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Result<T, String> {
+        let stop_requested = async {
+            while !(self.should_stop)() {
+                tokio::time::sleep(STOP_POLL).await;
+            }
+        };
+        tokio::select! {
+            // A reply that is already in when the stop comes is kept.
+            biased;
+            done = work => Ok(done),
+            () = stop_requested => Err(SHUTTING_DOWN.into()),
+        }
+    }
+
+    /// Takes one request's worth of the rate budget, waiting as told. `try_acquire` holds
+    /// nothing across the await, so concurrent batches interleave safely.
     async fn take_token(&self) -> Result<(), String> {
-        loop {
-            let attempt = match self.bucket.borrow_mut().as_mut() {
-                None => Ok(()),
-                Some(bucket) => bucket.try_acquire(Instant::now()),
-            };
-            match attempt {
-                Ok(()) => return self.stop_reason().map_or(Ok(()), Err),
-                Err(wait) => self.pause(wait).await?,
+        if let Some(budget) = self.budget {
+            while let Err(wait) = budget.try_acquire() {
+                self.pause(wait).await?;
             }
         }
+        self.stop_reason().map_or(Ok(()), Err)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod connector;
+pub mod cron;
 pub mod deliver;
 pub mod hash;
 pub mod options;

@@ -55,10 +55,37 @@ CREATE TABLE retl.syncs (
     -- Scopes idempotency keys: a sync re-created under the same name restarts its run ids.
     uid         uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    -- Since 0.2.0 (added last, in the order the upgrade script adds them). When the sync runs
+    -- by itself: 'manual', 'on change', a cron expression (in time_zone) or an interval.
+    schedule    text NOT NULL DEFAULT 'manual',
+    time_zone   text NOT NULL DEFAULT 'UTC',
+    next_run_at timestamptz
 );
 COMMENT ON TABLE retl.syncs IS
   'Syncs: a model or audience pushed to a destination (a retl foreign server) in a mode, with field mappings {"destination_field": "model_column"} (NULL: every model column under its own name).';
+
+-- after => [parents]: the sync runs when every parent has succeeded since its own last run.
+CREATE TABLE retl.sync_parents (
+    sync_id   bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    parent_id bigint NOT NULL REFERENCES retl.syncs(id),
+    PRIMARY KEY (sync_id, parent_id),
+    CHECK (sync_id <> parent_id)
+);
+CREATE INDEX sync_parents_parent_idx ON retl.sync_parents (parent_id);
+COMMENT ON TABLE retl.sync_parents IS
+  'Dependencies between syncs (after => ...): a sync with parents runs once all of them have succeeded since its own last run.';
+
+-- The base tables a sync's model reads, from Postgres's own dependency catalog; a commit that
+-- changes one of them wakes the worker for the sync's ''on change'' schedule.
+CREATE TABLE retl.sync_sources (
+    sync_id bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    relid   oid NOT NULL,
+    PRIMARY KEY (sync_id, relid)
+);
+CREATE INDEX sync_sources_relid_idx ON retl.sync_sources (relid);
+COMMENT ON TABLE retl.sync_sources IS
+  'Base tables each sync''s model depends on (through its views), as found in pg_depend; on-change syncs keep a statement trigger on each.';
 
 CREATE TABLE retl.runs (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -77,7 +104,9 @@ CREATE TABLE retl.runs (
     delivered        bigint NOT NULL DEFAULT 0,
     failed           bigint NOT NULL DEFAULT 0,
     api_calls        bigint NOT NULL DEFAULT 0,
-    error            text
+    error            text,
+    -- When a worker last delivered a slice of this run: runs take turns by it (fair share).
+    last_served_at   timestamptz
 );
 CREATE INDEX runs_sync_id_idx ON retl.runs (sync_id, id DESC);
 CREATE INDEX runs_pending_idx ON retl.runs (id) WHERE status IN ('queued', 'delivering');
@@ -142,7 +171,7 @@ CREATE TABLE retl.row_errors (
 COMMENT ON TABLE retl.row_errors IS
   'Rows the destination rejected (permanent per-record errors) and that are still failing: retried on every run, removed once delivered. attempts counts the runs in which the row failed.';
 
-GRANT SELECT ON retl.models, retl.audiences, retl.syncs, retl.runs, retl.batches, retl.row_errors TO PUBLIC;
+GRANT SELECT ON retl.models, retl.audiences, retl.syncs, retl.sync_parents, retl.sync_sources, retl.runs, retl.batches, retl.row_errors TO PUBLIC;
 
 ------------------------------------------------------------------------------------------------
 -- Status
@@ -166,7 +195,11 @@ SELECT s.name                                            AS sync,
        (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id)           AS failing_rows,
        (SELECT count(*) FROM retl.snapshots sn WHERE sn.sync_id = s.id)          AS rows_synced,
        last.delivered                                    AS last_delivered,
-       last.api_calls                                    AS last_api_calls
+       last.api_calls                                    AS last_api_calls,
+       s.schedule,
+       s.next_run_at,
+       (SELECT array_agg(p.name ORDER BY p.name) FROM retl.sync_parents sp JOIN retl.syncs p ON p.id = sp.parent_id
+         WHERE sp.sync_id = s.id)                        AS after
   FROM retl.syncs s
   JOIN retl.models m ON m.id = s.model_id
   LEFT JOIN retl.audiences a ON a.id = s.audience_id
@@ -448,7 +481,10 @@ CREATE FUNCTION retl.create_sync(
     audience    text DEFAULT NULL,
     mode        text DEFAULT 'upsert',
     mappings    jsonb DEFAULT NULL,
-    paused      boolean DEFAULT false
+    paused      boolean DEFAULT false,
+    schedule    text DEFAULT 'manual',
+    after       text[] DEFAULT NULL,
+    time_zone   text DEFAULT 'UTC'
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -489,13 +525,18 @@ BEGIN
                     HINT = format('Its owner can run: GRANT SELECT ON retl_models.%I TO %I;', source_name, caller::text);
     END IF;
     PERFORM retl._check_mappings(name, source_name, mappings);
-    INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused)
-    VALUES (name, m.id, a.id, destination, mode, mappings, caller, paused)
+    schedule := retl._check_schedule(name, schedule, time_zone);
+    INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused,
+                            schedule, time_zone, next_run_at)
+    VALUES (name, m.id, a.id, destination, mode, mappings, caller, paused,
+            schedule, time_zone, retl._next_run_at(schedule, time_zone, now()))
     RETURNING id INTO sync_id;
+    PERFORM retl._set_parents(sync_id, after);
+    PERFORM retl._refresh_sources(sync_id);
     RETURN sync_id;
 END $$;
-COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean) IS
-  'Define a sync from a model (or audience) to a destination. mode: insert, update, upsert (default), mirror (also deletes rows that leave the model), delete (the model lists keys to delete). mappings: {"destination_field": "model_column"}, NULL for every column. Returns the sync id.';
+COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean, text, text[], text) IS
+  'Define a sync from a model (or audience) to a destination. mode: insert, update, upsert (default), mirror (also deletes rows that leave the model), delete (the model lists keys to delete). mappings: {"destination_field": "model_column"}, NULL for every column. schedule: manual (default), on change (runs when a commit changes a table the model reads), a 5-field cron expression evaluated in time_zone (default UTC), or an interval such as 5 minutes. after: syncs that must all have succeeded before this one runs. Returns the sync id.';
 
 CREATE FUNCTION retl._check_mode(mode text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -524,7 +565,10 @@ CREATE FUNCTION retl.alter_sync(
     destination text DEFAULT NULL,
     mode        text DEFAULT NULL,
     mappings    jsonb DEFAULT NULL,
-    reset_mappings boolean DEFAULT false
+    reset_mappings boolean DEFAULT false,
+    schedule    text DEFAULT NULL,
+    after       text[] DEFAULT NULL,
+    time_zone   text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -546,27 +590,49 @@ BEGIN
     IF mappings IS NOT NULL THEN
         PERFORM retl._check_mappings(s.name, source_name, mappings);
     END IF;
+    IF schedule IS NOT NULL OR time_zone IS NOT NULL THEN
+        schedule := retl._check_schedule(s.name, coalesce(schedule, s.schedule), coalesce(time_zone, s.time_zone));
+        time_zone := coalesce(time_zone, s.time_zone);
+    END IF;
     UPDATE retl.syncs
        SET destination = coalesce(alter_sync.destination, syncs.destination),
            mode        = coalesce(alter_sync.mode, syncs.mode),
            mappings    = CASE WHEN reset_mappings THEN NULL ELSE coalesce(alter_sync.mappings, syncs.mappings) END,
+           schedule    = coalesce(alter_sync.schedule, syncs.schedule),
+           time_zone   = coalesce(alter_sync.time_zone, syncs.time_zone),
+           next_run_at = CASE WHEN alter_sync.schedule IS NULL THEN syncs.next_run_at
+                              ELSE retl._next_run_at(alter_sync.schedule, alter_sync.time_zone, now()) END,
            updated_at  = now()
      WHERE id = s.id;
+    IF after IS NOT NULL THEN
+        -- after => '{}' removes every parent.
+        PERFORM retl._set_parents(s.id, after);
+    END IF;
+    PERFORM retl._refresh_sources(s.id);
 END $$;
-COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean) IS
-  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again). A new destination starts from an empty snapshot.';
+COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text) IS
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot.';
 
 CREATE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s retl.syncs;
+    children text;
 BEGIN
     IF if_exists AND NOT EXISTS (SELECT 1 FROM retl.syncs WHERE syncs.name = drop_sync.name) THEN
         RETURN;
     END IF;
     s := retl._sync_for_change(name);
-    -- Runs, batches, snapshot, outbox and row errors go with it (ON DELETE CASCADE).
+    SELECT string_agg(retl._q(c.name), ', ' ORDER BY c.name) INTO children
+      FROM retl.sync_parents p JOIN retl.syncs c ON c.id = p.sync_id WHERE p.parent_id = s.id;
+    IF children IS NOT NULL THEN
+        RAISE EXCEPTION 'sync % is still a parent of %', retl._q(s.name), children
+              USING ERRCODE = 'dependent_objects_still_exist',
+                    HINT = 'Drop those syncs first, or remove the dependency with retl.alter_sync(name => ..., after => ''{}'').';
+    END IF;
+    -- Runs, batches, snapshot, outbox, row errors and sources go with it (ON DELETE CASCADE).
     DELETE FROM retl.syncs WHERE id = s.id;
+    PERFORM retl._refresh_change_triggers();
 END $$;
 COMMENT ON FUNCTION retl.drop_sync(text, boolean) IS
   'Drop a sync with its snapshot, queue, row errors and run history. Nothing is deleted in the destination.';
@@ -586,7 +652,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s retl.syncs := retl._sync_for_change(sync);
 BEGIN
-    UPDATE retl.syncs SET paused = false, updated_at = now() WHERE id = s.id;
+    -- A schedule restarts from now: the slots missed while paused are not made up.
+    UPDATE retl.syncs SET paused = false, updated_at = now(),
+                          next_run_at = retl._next_run_at(s.schedule, s.time_zone, now())
+     WHERE id = s.id;
 END $$;
 COMMENT ON FUNCTION retl.resume(text) IS 'Resume a paused sync.';
 

@@ -1,13 +1,17 @@
 -- retl.run: the one way to start a run by hand (and from dbt post-hooks).
 
-CREATE FUNCTION retl.run(sync text, wait boolean DEFAULT false) RETURNS retl.runs
+CREATE FUNCTION retl.run(sync text, wait boolean DEFAULT false, timeout interval DEFAULT NULL) RETURNS retl.runs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r retl.runs;
     run_id bigint;
+    timeout_ms bigint;
 BEGIN
     PERFORM retl._check_worker_database();
     IF NOT wait THEN
+        IF timeout IS NOT NULL THEN
+            RAISE EXCEPTION 'retl.run: timeout needs wait => true' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
         -- The run row commits with the caller's transaction; the worker is woken at commit.
         r := retl._queue_run(sync, 'manual');
         PERFORM retl._wake_worker_at_commit();
@@ -18,10 +22,29 @@ BEGIN
               USING ERRCODE = 'object_not_in_prerequisite_state',
                     DETAIL = format('This transaction is %s, so it could not see the finished run.', current_setting('transaction_isolation'));
     END IF;
+    IF timeout IS NOT NULL THEN
+        IF timeout <= interval '0' THEN
+            RAISE EXCEPTION 'retl.run: timeout must be positive, got %', timeout USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        timeout_ms := ceil(extract(epoch FROM timeout) * 1000)::bigint;
+    END IF;
     -- The worker creates and commits the run row itself, so it can finish while we wait.
-    run_id := retl._run_and_wait(retl._runnable_sync(sync), 'manual');
+    run_id := retl._await_run(retl._runnable_sync(sync), timeout_ms);
     -- A new statement, so a new snapshot: it sees the run the worker committed meanwhile.
-    RETURN retl._run_summary(run_id);
+    r := retl._run_summary(run_id);
+    -- A failed run fails the caller (a dbt post-hook fails its model); partial runs (some rows
+    -- rejected, listed in retl.row_errors) do not.
+    IF r.status = 'failed' THEN
+        RAISE EXCEPTION 'run % of sync % failed: %', r.id, retl._q(sync), coalesce(r.error, 'no error recorded')
+              USING ERRCODE = 'external_routine_exception',
+                    DETAIL = format('planned %s, delivered %s, rejected %s, %s API calls',
+                                    r.planned_inserts + r.planned_updates + r.planned_deletes, r.delivered, r.failed, r.api_calls),
+                    HINT = 'See SELECT * FROM retl.runs WHERE id = ' || r.id || ' and retl.batches for that run.';
+    ELSIF r.status = 'cancelled' THEN
+        RAISE EXCEPTION 'run % of sync % was cancelled: %', r.id, retl._q(sync), coalesce(r.error, 'no reason recorded')
+              USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN r;
 END $$;
-COMMENT ON FUNCTION retl.run(text, boolean) IS
-  'Run a sync. wait => false (default): queue the run; the worker starts it when this transaction commits; returns the queued run. wait => true: the worker runs it now and this call returns the finished run (the sync itself must be committed).';
+COMMENT ON FUNCTION retl.run(text, boolean, interval) IS
+  'Run a sync. wait => false (default): queue the run; the worker starts it when this transaction commits; returns the queued run. wait => true: the worker runs it now and this call returns the finished run, or raises if it failed (SQLSTATE 38000) or did not finish within timeout (57014; the run goes on). The sync itself must be committed.';

@@ -95,14 +95,72 @@ fn _check_worker_database() {
 /// Wakes the worker when the calling transaction commits (a queued run becomes visible).
 #[pg_extern(volatile)]
 fn _wake_worker_at_commit() {
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_worker);
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_workers);
 }
 
-/// Hands sync `sync_id` to the worker, which creates and commits the run itself, and waits
-/// until that run has finished. Returns the run id.
+/// Released SQL scripts call this (0.1.0's retl.run): its signature is frozen. It only runs
+/// under a 0.1.0 catalog with a newer library, where the workers wait for the update.
 #[pg_extern(volatile)]
-fn _run_and_wait(sync_id: i64, trigger: &str) -> i64 {
-    crate::waiting::run_and_wait(sync_id, trigger == "manual").or_report()
+fn _run_and_wait(_sync_id: i64, _trigger: &str) -> i64 {
+    RetlError::VersionMismatch { library: env!("CARGO_PKG_VERSION"), installed: installed_version() }.report()
+}
+
+/// The version of the extension's SQL objects in this database.
+pub fn installed_version() -> String {
+    Spi::get_one::<String>("SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_reverse_etl'")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Hands sync `sync_id` to the workers, which create and commit the run themselves, and waits
+/// until that run has finished, or `timeout_ms` passed. Returns the run id.
+#[pg_extern(volatile)]
+fn _await_run(sync_id: i64, timeout_ms: Option<i64>) -> i64 {
+    let timeout = timeout_ms.map(|ms| std::time::Duration::from_millis(ms.max(1) as u64));
+    crate::waiting::await_run(sync_id, true, timeout).or_report()
+}
+
+/// Whether a schedule is a cron expression (5 fields or a macro such as @daily).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _is_cron(schedule: &str) -> bool {
+    retl_engine::cron::is_cron(schedule)
+}
+
+/// The first minute strictly after `after` (local wall-clock time) matching `expr`.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _cron_next(expr: &str, after: pgrx::datum::Timestamp) -> Option<pgrx::datum::Timestamp> {
+    let cron = retl_engine::cron::CronSchedule::parse(expr).or_report();
+    if !after.is_finite() {
+        return None;
+    }
+    let (h, m, sec, micros) = after.to_hms_micro();
+    let date = chrono::NaiveDate::from_ymd_opt(after.year(), after.month() as u32, after.day() as u32)?;
+    let local = date.and_hms_micro_opt(h as u32, m as u32, sec as u32, micros % 1_000_000)?;
+    let next = cron.next_after(local)?;
+    use chrono::{Datelike, Timelike};
+    pgrx::datum::Timestamp::new(next.year(), next.month() as u8, next.day() as u8, next.hour() as u8, next.minute() as u8, 0.0).ok()
+}
+
+/// One row per worker slot, for retl.worker_status().
+#[pg_extern(volatile)]
+fn _worker_slots() -> TableIterator<
+    'static,
+    (
+        name!(worker, i32),
+        name!(pid, i32),
+        name!(state, String),
+        name!(sync_id, i64),
+        name!(run_id, i64),
+        name!(since, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let n = settings::workers();
+    let slots: Vec<shared::WorkerSlot> = shared::WORKERS.share().slots[..n].to_vec();
+    TableIterator::new(slots.into_iter().enumerate().map(|(i, w)| {
+        let since = if w.since == 0 { None } else { pgrx::datum::TimestampWithTimeZone::try_from(w.since).ok() };
+        (i as i32 + 1, w.pid, w.state.as_str().to_string(), w.sync_id, w.run_id, since)
+    }))
 }
 
 /// The changes the next run of a sync would send (op, key, payload), sending nothing.
@@ -122,8 +180,9 @@ COMMENT ON FUNCTION retl.preview(text) IS
   'The changes the next run of a sync would send: op (insert, update, upsert, delete), key and payload. Sends nothing and changes nothing.';
 -- Internals that act for another role: only the extension's own SECURITY DEFINER API calls them.
 REVOKE ALL ON FUNCTION retl._run_and_wait(bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION retl._await_run(bigint, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION retl._check_readable(text, oid) FROM PUBLIC;
 "#,
     name = "api_comments",
-    requires = ["run", preview]
+    requires = ["run", preview, _await_run]
 );

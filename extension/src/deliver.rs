@@ -1,121 +1,121 @@
-//! Deliver: send a run's outbox to its destination batch by batch, and record each batch's
-//! outcome in its own short transaction — acknowledged rows advance the snapshot and leave the
-//! outbox, rejected rows move to retl.row_errors, unresolved rows stay for the next attempt.
+//! Deliver: send a run's outbox to its destination one window of batches at a time (a
+//! slice; runs take turns between slices), and record each batch's outcome in its own short
+//! transaction: acknowledged rows advance the snapshot and leave the outbox, rejected rows move
+//! to retl.row_errors, unresolved rows stay for the next run.
 
 use crate::destination;
-use crate::shared;
 use crate::plan::{self, Mode, SyncDef};
+use crate::settings;
+use crate::shared;
 use crate::transaction::{report_activity, transaction};
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use retl_engine::connector;
 use retl_engine::deliver::{BatchReport, DeliveryLimits, Deliverer};
-use retl_engine::options::DestinationConfig;
-use retl_engine::ratelimit::TokenBucket;
+use retl_engine::ratelimit::{LocalBucket, RateBudget, SharedGcra, TokenBucket};
 use retl_engine::record::{Op, OutboxRecord};
 use std::collections::HashMap;
 use std::str::FromStr;
 
-/// Per-destination state that outlives a run: the token bucket is the destination's rate
-/// budget, shared by every sync that delivers to it.
+/// What the worker keeps between slices.
 #[derive(Default)]
-pub struct Buckets {
-    by_destination: HashMap<String, (Option<f64>, Option<TokenBucket>)>,
+pub struct Deliveries {
+    /// Per-process budgets, only for destinations that found no free shared slot.
+    local_budgets: HashMap<u32, (f64, LocalBucket)>,
 }
 
-impl Buckets {
-    fn for_destination(&mut self, name: &str, config: &DestinationConfig) -> &mut Option<TokenBucket> {
-        let entry = self
-            .by_destination
-            .entry(name.to_string())
-            .or_insert_with(|| (None, None));
-        if entry.0 != config.rate_limit || (entry.1.is_none() && config.rate_limit.is_some()) {
-            *entry = (
-                config.rate_limit,
-                config.rate_limit.map(|rate| TokenBucket::new(rate, rate.max(1.0))),
-            );
-        }
-        &mut entry.1
-    }
-}
-
-pub enum Delivered {
+pub enum Slice {
+    /// Rows remain: the run goes back in line.
+    MoreLeft,
     /// Every planned row was acknowledged or rejected, or the run failed: it is over.
     Finished,
     /// The worker is shutting down; the run stays `delivering` and resumes after a restart.
     Interrupted,
 }
 
-pub fn deliver_run(
-    runtime: &tokio::runtime::Runtime,
-    buckets: &mut Buckets,
-    run_id: i64,
-) -> Delivered {
-    let loaded = transaction(|| {
-        Spi::connect(|client| {
-            let sync_id = plan::sync_id_of_run(client, run_id)?;
-            let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
-            let dest = destination::load(client, &sync.destination, sync.owner).map_err(|e| e.to_string())?;
-            let batch_no: i32 = client
-                .select("SELECT coalesce(max(batch_no), 0) FROM retl.batches WHERE run_id = $1", Some(1), &[run_id.into()])
-                .and_then(|t| t.first().get_one())
-                .map_err(|e| e.to_string())?
-                .unwrap_or(0);
-            Ok((sync, dest, batch_no))
-        })
-    });
-    let (sync, dest, mut batch_no) = match loaded {
-        Ok(v) => v,
-        Err(message) => {
-            finish_run(run_id, Some(&message), false);
-            return Delivered::Finished;
-        }
-    };
-    let connector = connector::for_config(&dest.config);
-    let batch_size = dest.config.batch_size.min(connector.max_batch_size()).max(1);
-    let limits = DeliveryLimits::from_config(&dest.config);
-    let deliverer = match Deliverer::new(dest.config.timeout) {
-        Ok(d) => d,
-        Err(message) => {
-            finish_run(run_id, Some(&message), false);
-            return Delivered::Finished;
-        }
-    };
-    let window = (batch_size * limits.max_concurrency) as i64;
-    let mut cursor = 0i64;
-    let mut run_error: Option<String> = None;
-
-    loop {
-        if shared::shutdown_requested() {
-            return Delivered::Interrupted;
-        }
-        let next = transaction(|| Ok(load_window(&sync, run_id, cursor, window)));
+impl Deliveries {
+    /// Deliver one window (batch_size x max_concurrency rows) of run `run_id`.
+    pub fn slice(&mut self, runtime: &tokio::runtime::Runtime, run_id: i64) -> Slice {
+        let loaded = transaction(|| {
+            Spi::connect(|client| {
+                let sync_id = plan::sync_id_of_run(client, run_id)?;
+                let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
+                let dest = destination::load(client, &sync.destination, sync.owner).map_err(|e| e.to_string())?;
+                let batch_no: i32 = client
+                    .select("SELECT coalesce(max(batch_no), 0) FROM retl.batches WHERE run_id = $1", Some(1), &[run_id.into()])
+                    .and_then(|t| t.first().get_one())
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(0);
+                Ok((sync, dest, batch_no))
+            })
+        });
+        let (sync, dest, mut batch_no) = match loaded {
+            Ok(v) => v,
+            Err(message) => {
+                finish_run(run_id, Some(&message), false);
+                return Slice::Finished;
+            }
+        };
+        let connector = connector::for_config(&dest.config);
+        let batch_size = dest.config.batch_size.min(connector.max_batch_size()).max(1);
+        let limits = DeliveryLimits::from_config(&dest.config);
+        let deliverer = match Deliverer::new(dest.config.timeout) {
+            Ok(d) => d,
+            Err(message) => {
+                finish_run(run_id, Some(&message), false);
+                return Slice::Finished;
+            }
+        };
+        let window = (batch_size * limits.max_concurrency) as i64;
+        let next = transaction(|| Ok(load_window(&sync, run_id, window)));
         let (paused, records) = match next {
             Ok(v) => v,
             Err(message) => {
-                run_error = Some(message);
-                break;
+                finish_run(run_id, Some(&message), false);
+                return Slice::Finished;
             }
         };
         if paused {
             finish_run(run_id, Some("sync was paused"), true);
-            return Delivered::Finished;
+            return Slice::Finished;
         }
-        let Some(last) = records.last() else { break };
-        cursor = last.id;
+        if records.is_empty() {
+            finish_run(run_id, None, false);
+            return Slice::Finished;
+        }
         report_activity(&format!(
             "retl: sync {} run {run_id}: delivering {} rows to {}",
             sync.name,
             records.len(),
             sync.destination
         ));
+        let full_window = records.len() as i64 == window;
         let batches: Vec<Vec<OutboxRecord>> = records.chunks(batch_size).map(|c| c.to_vec()).collect();
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        let bucket = buckets.for_destination(&sync.destination, &dest.config);
+        let shared_state = dest.config.rate_limit.and_then(|_| shared::rate_state(dest.server));
+        let shared_budget;
+        let budget: Option<&dyn RateBudget> = match (dest.config.rate_limit, shared_state) {
+            (None, _) => None,
+            (Some(rate), Some(tat)) => {
+                shared_budget = SharedGcra::new(tat, rate, rate.max(1.0));
+                Some(&shared_budget)
+            }
+            (Some(rate), None) => {
+                let entry = self
+                    .local_budgets
+                    .entry(dest.server.to_u32())
+                    .or_insert_with(|| (rate, LocalBucket::new(TokenBucket::per_second(rate))));
+                if entry.0 != rate {
+                    *entry = (rate, LocalBucket::new(TokenBucket::per_second(rate)));
+                }
+                Some(&entry.1)
+            }
+        };
         let should_stop = shared::shutdown_requested;
         let reports = runtime.block_on(deliverer.deliver(
             connector.as_ref(),
             &limits,
-            bucket,
+            budget,
             &sync.name,
             &sync.uid,
             run_id,
@@ -123,33 +123,32 @@ pub fn deliver_run(
             batches,
             &should_stop,
         ));
-        if shared::shutdown_requested() {
-            // Record what was acknowledged; the rest stays queued for the restarted worker.
-            for (report, size) in reports.iter().zip(&sizes) {
-                batch_no += 1;
-                record_batch(&sync, run_id, batch_no, *size, report);
-            }
-            return Delivered::Interrupted;
-        }
+        let mut run_error: Option<String> = None;
         for (report, size) in reports.iter().zip(&sizes) {
             batch_no += 1;
-            record_batch(&sync, run_id, batch_no, *size, report);
-            if run_error.is_none() && (report.fatal || !report.unresolved.is_empty()) {
-                run_error = Some(report.error.clone().unwrap_or_else(|| "delivery failed".into()));
+            if let Err(message) = record_batch(&sync, run_id, batch_no, *size, report) {
+                run_error.get_or_insert(format!("could not record batch {batch_no}: {message}"));
+            }
+            if report.fatal || !report.unresolved.is_empty() {
+                run_error.get_or_insert_with(|| report.error.clone().unwrap_or_else(|| "delivery failed".into()));
             }
         }
-        if run_error.is_some() {
-            break;
+        if shared::shutdown_requested() {
+            // What was acknowledged is recorded; the rest stays queued for the restarted worker.
+            return Slice::Interrupted;
         }
+        if run_error.is_some() || !full_window {
+            finish_run(run_id, run_error.as_deref(), false);
+            return Slice::Finished;
+        }
+        Slice::MoreLeft
     }
-    finish_run(run_id, run_error.as_deref(), false);
-    Delivered::Finished
 }
 
-/// The next rows of the run's outbox after `cursor` (ids ascending), and whether the sync
-/// has been paused meanwhile.
-fn load_window(sync: &SyncDef, run_id: i64, cursor: i64, window: i64) -> (bool, Vec<OutboxRecord>) {
-    Spi::connect(|client| {
+/// The first `window` rows of the run's outbox (acknowledged and rejected rows have left it),
+/// and whether the sync has been paused meanwhile; marks the run as served now (fair share).
+fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRecord>) {
+    Spi::connect_mut(|client| {
         let paused = client
             .select("SELECT paused FROM retl.syncs WHERE id = $1", Some(1), &[sync.id.into()])
             .unwrap_or_else(|e| error!("{e}"))
@@ -158,12 +157,14 @@ fn load_window(sync: &SyncDef, run_id: i64, cursor: i64, window: i64) -> (bool, 
             .map(|row| row.get::<bool>(1).ok().flatten().unwrap_or(false))
             // A dropped sync stops like a paused one.
             .unwrap_or(true);
+        client
+            .update("UPDATE retl.runs SET last_served_at = clock_timestamp() WHERE id = $1", None, &[run_id.into()])
+            .unwrap_or_else(|e| error!("{e}"));
         let table = client
             .select(
-                "SELECT id, op, key::text, payload::text FROM retl.outbox \
-                  WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                "SELECT id, op, key::text, payload::text FROM retl.outbox WHERE run_id = $1 ORDER BY id LIMIT $2",
                 None,
-                &[run_id.into(), cursor.into(), window.into()],
+                &[run_id.into(), window.into()],
             )
             .unwrap_or_else(|e| error!("{e}"));
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
@@ -181,7 +182,7 @@ fn load_window(sync: &SyncDef, run_id: i64, cursor: i64, window: i64) -> (bool, 
 }
 
 /// Apply one batch's outcome in one transaction.
-fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report: &BatchReport) {
+fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report: &BatchReport) -> Result<(), String> {
     let erasing = sync.mode == Mode::Delete;
     let outcome = transaction(|| {
         Spi::connect_mut(|client| {
@@ -265,26 +266,52 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
             Ok(())
         })
     });
-    if let Err(message) = outcome {
-        // The rows stay in the outbox and are sent again: at-least-once.
+    if let Err(message) = &outcome {
+        // The rows stay in the outbox and the run fails: the next run plans them again.
         log!("pg_reverse_etl: could not record batch {batch_no} of run {run_id}: {message}");
     }
+    outcome
 }
 
 /// Close a run: failed with `error`, cancelled, partial (some rows rejected) or succeeded.
 pub fn finish_run(run_id: i64, error: Option<&str>, cancelled: bool) {
     let result = transaction(|| {
-        Spi::run_with_args(
+        Spi::connect_mut(|client| {
+        client.update(
             "UPDATE retl.runs SET \
                status = CASE WHEN $3 THEN 'cancelled' WHEN $2::text IS NOT NULL THEN 'failed' \
                              WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END, \
                error = $2, started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp() \
              WHERE id = $1",
+            None,
             &[run_id.into(), error.into(), cancelled.into()],
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        log_finished_run(client, run_id);
+        Ok(())
+        })
     });
     if let Err(message) = result {
         log!("pg_reverse_etl: could not close run {run_id}: {message}");
+    }
+}
+
+/// With `retl.log_runs` on, one server-log line per finished run.
+pub fn log_finished_run(client: &SpiClient, run_id: i64) {
+    if !settings::LOG_RUNS.get() {
+        return;
+    }
+    let line = client
+        .select(
+            "SELECT format('pg_reverse_etl: run %s of sync %s %s: %s delivered, %s rejected, %s API calls%s', \
+                           r.id, s.name, r.status, r.delivered, r.failed, r.api_calls, ': ' || r.error) \
+               FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE r.id = $1",
+            Some(1),
+            &[run_id.into()],
+        )
+        .ok()
+        .and_then(|t| if t.is_empty() { None } else { t.first().get_one::<String>().ok().flatten() });
+    if let Some(line) = line {
+        log!("{line}");
     }
 }

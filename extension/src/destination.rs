@@ -9,6 +9,8 @@ use pgrx::spi::SpiClient;
 use retl_engine::options::{self, DestinationConfig};
 
 pub struct Destination {
+    /// The foreign server's oid: keys the destination's shared rate budget.
+    pub server: pg_sys::Oid,
     pub config: DestinationConfig,
     pub token: Option<String>,
 }
@@ -16,7 +18,7 @@ pub struct Destination {
 pub fn load(client: &SpiClient, server: &str, owner: pg_sys::Oid) -> Result<Destination, RetlError> {
     let server_options = client
         .select(
-            "SELECT s.srvoptions FROM pg_catalog.pg_foreign_server s \
+            "SELECT s.srvoptions, s.oid FROM pg_catalog.pg_foreign_server s \
                JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid = s.srvfdw \
               WHERE s.srvname = $1 AND w.fdwname = 'retl'",
             Some(1),
@@ -26,7 +28,11 @@ pub fn load(client: &SpiClient, server: &str, owner: pg_sys::Oid) -> Result<Dest
     if server_options.is_empty() {
         return Err(RetlError::DestinationMissing(server.to_string()));
     }
-    let raw: Vec<Option<String>> = server_options.first().get_one().unwrap_or_default().unwrap_or_default();
+    let (raw, server_oid) = server_options
+        .first()
+        .get_two::<Vec<Option<String>>, pg_sys::Oid>()
+        .unwrap_or((None, None));
+    let (raw, server_oid) = (raw.unwrap_or_default(), server_oid.unwrap_or(pg_sys::InvalidOid));
     let misconfigured = |source| RetlError::DestinationOptions { name: server.to_string(), source };
     let config = options::parse_server_options(&option_pairs(raw)?).map_err(misconfigured)?;
 
@@ -47,5 +53,5 @@ pub fn load(client: &SpiClient, server: &str, owner: pg_sys::Oid) -> Result<Dest
     let token = credentials
         .resolve(|name| std::env::var(name).ok())
         .map_err(misconfigured)?;
-    Ok(Destination { config, token })
+    Ok(Destination { server: server_oid, config, token })
 }

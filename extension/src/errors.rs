@@ -8,6 +8,8 @@ use retl_engine::options::OptionsError;
 pub enum RetlError {
     #[error("{0}")]
     Options(#[from] OptionsError),
+    #[error("{0}")]
+    Cron(#[from] retl_engine::cron::CronError),
     #[error("destination \"{name}\" is misconfigured: {source}")]
     DestinationOptions { name: String, source: OptionsError },
     #[error("destination \"{0}\" does not exist")]
@@ -34,6 +36,19 @@ pub enum RetlError {
     TooManyWaiters(usize),
     #[error("sync id {0} is not visible to the worker")]
     SyncNotVisible(i64),
+    #[error("the run did not finish within {}; it goes on in the background{}", show_duration(*.waited), run_note(*.run_id))]
+    RunTimedOut { run_id: i64, waited: std::time::Duration },
+    #[error("the pg_reverse_etl library is version {library} but the extension's SQL objects are version {installed}")]
+    VersionMismatch { library: &'static str, installed: String },
+}
+
+fn show_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 { format!("{} s", ms / 1000) } else { format!("{ms} ms") }
+}
+
+fn run_note(run_id: i64) -> String {
+    if run_id == 0 { " (the run was not created yet)".into() } else { format!(" as run {run_id}") }
 }
 
 fn plural(count: i64, one: &'static str, many: &'static str) -> &'static str {
@@ -60,6 +75,9 @@ impl RetlError {
             }
             RetlError::TooManyWaiters(_) => ERRCODE_INSUFFICIENT_RESOURCES,
             RetlError::SyncNotVisible(_) => ERRCODE_UNDEFINED_OBJECT,
+            RetlError::Cron(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            RetlError::RunTimedOut { .. } => ERRCODE_QUERY_CANCELED,
+            RetlError::VersionMismatch { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -84,6 +102,13 @@ impl RetlError {
                 "The worker only sees committed syncs: commit the transaction that created the sync, then run it.".into()
             }
             RetlError::DestinationMissing(_) => "Create it with CREATE SERVER ... FOREIGN DATA WRAPPER retl.".into(),
+            RetlError::Cron(_) => {
+                "Cron fields are minute hour day-of-month month day-of-week, e.g. '*/15 * * * *' or '0 6 * * mon-fri'.".into()
+            }
+            RetlError::RunTimedOut { .. } => "Follow it in retl.runs, or wait longer with a larger timeout.".into(),
+            RetlError::VersionMismatch { library, .. } => {
+                format!("Run ALTER EXTENSION pg_reverse_etl UPDATE TO '{library}'; the workers wait until then.")
+            }
             _ => return None,
         })
     }

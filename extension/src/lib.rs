@@ -5,6 +5,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 mod api;
+mod changes;
 mod destination;
 mod errors;
 mod identity;
@@ -16,6 +17,7 @@ mod transaction;
 mod waiting;
 mod worker;
 mod deliver;
+mod scheduler;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -33,7 +35,17 @@ pgrx::extension_sql_file!(
     ]
 );
 
-pgrx::extension_sql_file!("../sql/run.sql", name = "run", requires = ["catalog", api::_wake_worker_at_commit, api::_run_and_wait, api::_check_worker_database]);
+pgrx::extension_sql_file!(
+    "../sql/automation.sql",
+    name = "automation",
+    requires = ["catalog", api::_is_cron, api::_cron_next, api::_worker_slots, changes::_on_change]
+);
+
+pgrx::extension_sql_file!(
+    "../sql/run.sql",
+    name = "run",
+    requires = ["automation", api::_wake_worker_at_commit, api::_await_run, api::_check_worker_database]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -1,18 +1,41 @@
 //! GUCs, registered from `_PG_init`.
 
+use crate::shared::MAX_WORKERS;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
-/// The database the background worker connects to (the one with the extension installed).
+/// The database the background workers connect to (the one with the extension installed).
 pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// How many background workers plan and deliver runs.
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Log one line per finished run (reloadable).
+pub static LOG_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
     GucRegistry::define_string_guc(
         c"retl.database_name",
-        c"Database in which the pg_reverse_etl worker runs syncs.",
+        c"Database in which the pg_reverse_etl workers run syncs.",
         c"CREATE EXTENSION pg_reverse_etl in this database; runs requested elsewhere are refused.",
         &DATABASE_NAME,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"retl.workers",
+        c"Number of pg_reverse_etl background workers.",
+        c"Each plans and delivers runs; runs of different syncs take turns, so one large sync cannot starve the others.",
+        &WORKERS,
+        1,
+        MAX_WORKERS as i32,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"retl.log_runs",
+        c"Log one line per finished pg_reverse_etl run.",
+        c"The line gives the run id, sync, status, rows delivered and failed, and API calls.",
+        &LOG_RUNS,
+        GucContext::Sighup,
         GucFlags::default(),
     );
 }
@@ -22,4 +45,8 @@ pub fn database_name() -> String {
         .get()
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+pub fn workers() -> usize {
+    WORKERS.get().clamp(1, MAX_WORKERS as i32) as usize
 }

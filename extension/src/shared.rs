@@ -1,11 +1,19 @@
-//! Shared memory between user backends and the worker: the worker's pid (so a commit can wake
-//! it) and the slots through which `retl.run(wait => true)` hands a run over and waits for it.
+//! Shared memory between user backends and the workers: who the workers are and what they do
+//! (so a commit can wake them and `retl.worker_status()` can show them), the tables changed by
+//! recent commits (on-change syncs), each destination's rate budget, and the slots through
+//! which `retl.run(wait => true)` hands a run over and waits for it.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const WAIT_SLOTS: usize = 32;
+/// Upper bound of `retl.workers`.
+pub const MAX_WORKERS: usize = 16;
+/// Distinct tables remembered between two scheduler passes; more means "all of them changed".
+pub const CHANGED_RELATIONS: usize = 128;
+/// Destinations with a rate limit that can be tracked at once.
+pub const RATE_SLOTS: usize = 64;
 
 #[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -14,11 +22,13 @@ pub enum SlotState {
     Free,
     /// A backend asked for a run of `sync_id` and waits.
     Requested,
-    /// The worker created run `run_id` and is working on it.
+    /// A worker took the request and is creating the run.
+    Claimed,
+    /// The run `run_id` exists; the workers are working on it.
     Accepted,
     /// The run finished (or could not be created: `run_id` is 0 and `failure` says why).
     Done,
-    /// The waiting backend gave up (cancelled); the worker frees the slot when it is done.
+    /// The waiting backend gave up (cancelled, timed out); a worker frees the slot later.
     Abandoned,
 }
 
@@ -46,20 +56,111 @@ pub struct WaitSlots {
 }
 unsafe impl PGRXSharedMemory for WaitSlots {}
 
+#[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum WorkerState {
+    #[default]
+    Stopped,
+    Starting,
+    Idle,
+    Scheduling,
+    Planning,
+    Delivering,
+    /// The extension is missing or its SQL objects are another version than the library.
+    Waiting,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Stopped => "stopped",
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Scheduling => "scheduling",
+            WorkerState::Planning => "planning",
+            WorkerState::Delivering => "delivering",
+            WorkerState::Waiting => "waiting for the extension",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Default, Debug)]
+pub struct WorkerSlot {
+    pub pid: i32,
+    pub state: WorkerState,
+    pub sync_id: i64,
+    pub run_id: i64,
+    /// Postgres timestamp (microseconds since 2000-01-01) of the last state change.
+    pub since: i64,
+}
+
+#[derive(Copy, Clone, Default)]
+pub struct Workers {
+    pub slots: [WorkerSlot; MAX_WORKERS],
+}
+unsafe impl PGRXSharedMemory for Workers {}
+
+/// Tables changed by commits since the scheduler last looked.
+#[derive(Copy, Clone)]
+pub struct ChangedRelations {
+    pub count: usize,
+    /// More distinct tables changed than fit: treat every on-change sync as changed.
+    pub overflow: bool,
+    pub relids: [pg_sys::Oid; CHANGED_RELATIONS],
+}
+impl Default for ChangedRelations {
+    fn default() -> Self {
+        ChangedRelations { count: 0, overflow: false, relids: [pg_sys::InvalidOid; CHANGED_RELATIONS] }
+    }
+}
+unsafe impl PGRXSharedMemory for ChangedRelations {}
+
+/// One destination's rate budget: the GCRA state shared by every worker delivering to it.
+#[derive(Default)]
+pub struct RateSlot {
+    /// The foreign server's oid; 0 while the slot is free.
+    pub server: AtomicU32,
+    pub tat: AtomicU64,
+}
+
+pub struct RateBudgets {
+    pub slots: [RateSlot; RATE_SLOTS],
+}
+impl Default for RateBudgets {
+    fn default() -> Self {
+        RateBudgets { slots: std::array::from_fn(|_| RateSlot::default()) }
+    }
+}
+unsafe impl PGRXSharedMemory for RateBudgets {}
+
 pub static WAITS: PgLwLock<WaitSlots> = unsafe { PgLwLock::new(c"retl_wait_slots") };
-pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"retl_worker_pid") };
+pub static WORKERS: PgLwLock<Workers> = unsafe { PgLwLock::new(c"retl_workers") };
+pub static CHANGED: PgLwLock<ChangedRelations> = unsafe { PgLwLock::new(c"retl_changed_relations") };
+pub static RATES: PgAtomic<RateBudgets> = unsafe { PgAtomic::new(c"retl_rate_budgets") };
 
 pub fn init() {
     pg_shmem_init!(WAITS);
-    pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(WORKERS);
+    pg_shmem_init!(CHANGED);
+    pg_shmem_init!(RATES);
 }
 
-pub fn worker_pid() -> i32 {
-    WORKER_PID.get().load(Ordering::Acquire)
+fn now_timestamp() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-pub fn set_worker_pid(pid: i32) {
-    WORKER_PID.get().store(pid, Ordering::Release);
+/// Record what worker `n` is doing (also shown by `retl.worker_status()`).
+pub fn set_worker_state(n: usize, state: WorkerState, sync_id: i64, run_id: i64) {
+    let pid = if state == WorkerState::Stopped { 0 } else { unsafe { pg_sys::MyProcPid } };
+    let mut workers = WORKERS.exclusive();
+    let slot = &mut workers.slots[n];
+    if slot.state != state || slot.sync_id != sync_id || slot.run_id != run_id || slot.pid != pid {
+        *slot = WorkerSlot { pid, state, sync_id, run_id, since: now_timestamp() };
+    }
+}
+
+pub fn any_worker_running() -> bool {
+    WORKERS.share().slots.iter().any(|w| w.pid != 0)
 }
 
 /// Set the latch of the backend or worker with this pid, if it is still alive.
@@ -75,8 +176,66 @@ pub fn wake_pid(pid: i32) {
     }
 }
 
-pub fn wake_worker() {
-    wake_pid(worker_pid());
+/// Wake every worker: whichever is free takes the new work.
+pub fn wake_workers() {
+    let pids: Vec<i32> = WORKERS.share().slots.iter().map(|w| w.pid).filter(|&p| p != 0).collect();
+    for pid in pids {
+        wake_pid(pid);
+    }
+}
+
+/// Remember that these tables changed (called at commit), and wake the workers.
+pub fn note_changed(relids: &[pg_sys::Oid]) {
+    {
+        let mut changed = CHANGED.exclusive();
+        for &relid in relids {
+            let count = changed.count;
+            if changed.relids[..count].contains(&relid) {
+                continue;
+            }
+            if count == CHANGED_RELATIONS {
+                changed.overflow = true;
+                break;
+            }
+            changed.relids[count] = relid;
+            changed.count += 1;
+        }
+    }
+    wake_workers();
+}
+
+/// What changed since the last call: `None` when nothing did, `Some(None)` when too much did
+/// to list, else the tables.
+pub fn take_changed() -> Option<Option<Vec<pg_sys::Oid>>> {
+    let mut changed = CHANGED.exclusive();
+    if changed.count == 0 && !changed.overflow {
+        return None;
+    }
+    let taken = if changed.overflow { None } else { Some(changed.relids[..changed.count].to_vec()) };
+    *changed = ChangedRelations::default();
+    Some(taken)
+}
+
+/// The shared GCRA state of destination `server`, claiming a free slot on first use. `None`
+/// when every slot is taken (the worker then falls back to a per-process budget).
+pub fn rate_state(server: pg_sys::Oid) -> Option<&'static AtomicU64> {
+    let key = server.to_u32();
+    let budgets: &'static RateBudgets = RATES.get();
+    for slot in &budgets.slots {
+        let current = slot.server.load(Ordering::Acquire);
+        if current == key {
+            return Some(&slot.tat);
+        }
+        if current == 0
+            && slot
+                .server
+                .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+                .map_or_else(|other| other == key, |_| true)
+        {
+            return Some(&slot.tat);
+        }
+    }
+    None
 }
 
 /// Whether the worker was asked to stop (SIGTERM). Unlike pgrx's `sigterm_received`, this
@@ -92,10 +251,16 @@ pub fn sleep_on_latch(timeout: std::time::Duration) {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
             (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            timeout.as_millis() as _,
+            timeout.as_millis().min(i64::MAX as u128) as _,
             pg_sys::PG_WAIT_EXTENSION,
         );
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     pg_sys::check_for_interrupts!();
+}
+
+/// Treat every on-change sync as changed (after a failed scheduling pass lost the list).
+pub fn note_all_changed() {
+    CHANGED.exclusive().overflow = true;
+    wake_workers();
 }

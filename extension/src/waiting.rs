@@ -1,6 +1,6 @@
-//! The backend side of `retl.run(wait => true)`: hand the sync to the worker through shared
-//! memory (the worker creates and commits the run, which this transaction could not do) and
-//! sleep on our latch until the worker says the run is over.
+//! The backend side of `retl.run(wait => true)`: hand the sync to the workers through shared
+//! memory (a worker creates and commits the run, which this transaction could not do) and
+//! sleep on our latch until a worker says the run is over, or the timeout passes.
 
 use crate::errors::RetlError;
 use crate::shared::{self, SlotFailure, SlotState, WAITS, WAIT_SLOTS};
@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 /// How long to wait for a (re)starting worker before giving up.
 const WORKER_START_GRACE: Duration = Duration::from_secs(15);
 
-pub fn run_and_wait(sync_id: i64, manual: bool) -> Result<i64, RetlError> {
+pub fn await_run(sync_id: i64, manual: bool, timeout: Option<Duration>) -> Result<i64, RetlError> {
     let started = Instant::now();
-    while shared::worker_pid() == 0 {
+    while !shared::any_worker_running() {
         if started.elapsed() > WORKER_START_GRACE {
             return Err(RetlError::WorkerNotRunning);
         }
@@ -33,18 +33,22 @@ pub fn run_and_wait(sync_id: i64, manual: bool) -> Result<i64, RetlError> {
         };
         i
     };
-    shared::wake_worker();
+    shared::wake_workers();
 
-    // If we are cancelled while waiting, leave the slot for the worker to free.
+    // Cancelled while waiting: leave the slot for a worker to free.
     let outcome = PgTryBuilder::new(|| loop {
-        {
-            let waits = WAITS.share();
-            let s = waits.slots[slot];
-            if s.state == SlotState::Done {
-                break (s.run_id, s.failure);
-            }
+        let s = WAITS.share().slots[slot];
+        if s.state == SlotState::Done {
+            break Ok((s.run_id, s.failure));
         }
-        shared::sleep_on_latch(Duration::from_secs(1));
+        let left = match timeout {
+            Some(t) => match t.checked_sub(started.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => break Err(s.run_id),
+            },
+            None => Duration::from_secs(1),
+        };
+        shared::sleep_on_latch(left.min(Duration::from_secs(1)));
     })
     .catch_others(|e| {
         abandon(slot);
@@ -52,10 +56,18 @@ pub fn run_and_wait(sync_id: i64, manual: bool) -> Result<i64, RetlError> {
     })
     .execute();
 
-    WAITS.exclusive().slots[slot] = shared::WaitSlot::default();
     match outcome {
-        (_, SlotFailure::SyncNotFound) => Err(RetlError::SyncNotVisible(sync_id)),
-        (run_id, SlotFailure::None) => Ok(run_id),
+        Ok((run_id, failure)) => {
+            WAITS.exclusive().slots[slot] = shared::WaitSlot::default();
+            match failure {
+                SlotFailure::SyncNotFound => Err(RetlError::SyncNotVisible(sync_id)),
+                SlotFailure::None => Ok(run_id),
+            }
+        }
+        Err(run_id) => {
+            abandon(slot);
+            Err(RetlError::RunTimedOut { run_id, waited: timeout.unwrap_or_default() })
+        }
     }
 }
 

@@ -1,32 +1,38 @@
-//! The background worker: waits on its latch, turns wait-requests into runs, plans queued
-//! runs and delivers them. Only this main thread touches Postgres; the tokio runtime is
-//! driven with `block_on` between transactions and only does HTTP.
+//! The background workers (`retl.workers` of them). Each waits on its latch, turns
+//! wait-requests into runs, makes a scheduling pass, then works on runs one slice at a time:
+//! a queued run is planned, a delivering run gets one window of batches. Runs take turns by
+//! when they were last served, so one huge sync cannot starve the others. Only the main
+//! thread touches Postgres; the tokio runtime is driven with `block_on` between transactions
+//! and only does HTTP.
 
-use crate::deliver::{self, Buckets, Delivered};
-use crate::plan;
+use crate::deliver::{self, Slice};
+use crate::scheduler::{self, LOCK_NAMESPACE};
 use crate::settings;
-use crate::shared::{self, SlotFailure, SlotState, WAITS};
+use crate::shared::{self, SlotFailure, SlotState, WorkerState, WAITS};
 use crate::transaction::{report_activity, report_idle, transaction};
+use crate::{api, plan};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::time::Duration;
 
-/// Safety net only: commits and wait-requests set the latch, so the worker normally reacts
-/// at once; this bounds the delay if a wake-up was ever missed.
+/// Safety net only: commits, schedules and wait-requests set the latch or bound the sleep, so
+/// a worker normally reacts at once; this bounds the delay if a wake-up was ever missed.
 const IDLE_RECHECK: Duration = Duration::from_secs(10);
-
-/// Advisory-lock namespace of per-sync run locks ("RETL").
-const LOCK_NAMESPACE: i32 = 0x5245_544c;
+/// Candidates looked at per pick; enough that busy syncs locked by other workers are skipped.
+const CANDIDATES: i32 = 16;
 
 pub fn register() {
-    BackgroundWorkerBuilder::new("pg_reverse_etl worker")
-        .set_type("pg_reverse_etl worker")
-        .set_function("retl_worker_main")
-        .set_library("pg_reverse_etl")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+    for n in 0..settings::workers() {
+        BackgroundWorkerBuilder::new(&format!("pg_reverse_etl worker {}", n + 1))
+            .set_type("pg_reverse_etl worker")
+            .set_function("retl_worker_main")
+            .set_library("pg_reverse_etl")
+            .set_argument(Some(pg_sys::Datum::from(n)))
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
 }
 
 /// Threads of the HTTP runtime (DNS lookups run on its blocking pool) must never run
@@ -39,9 +45,18 @@ fn block_signals_in_this_thread() {
     }
 }
 
+struct Worker {
+    n: usize,
+    runtime: tokio::runtime::Runtime,
+    deliver: deliver::Deliveries,
+    /// The last catalog problem logged, so it is logged once, not every pass.
+    logged_problem: Option<String>,
+}
+
 #[pg_guard]
 #[no_mangle]
-pub extern "C-unwind" fn retl_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
+    let n = arg.value();
     // Built before the signal handlers are attached, so its threads inherit nothing useful.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -50,75 +65,137 @@ pub extern "C-unwind" fn retl_worker_main(_arg: pg_sys::Datum) {
         .unwrap_or_else(|e| panic!("pg_reverse_etl: cannot start the HTTP runtime: {e}"));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&settings::database_name()), None);
-    shared::set_worker_pid(unsafe { pg_sys::MyProcPid });
-    log!("pg_reverse_etl worker started in database \"{}\"", settings::database_name());
+    shared::set_worker_state(n, WorkerState::Starting, 0, 0);
+    log!("pg_reverse_etl worker {} started in database \"{}\"", n + 1, settings::database_name());
 
-    let mut buckets = Buckets::default();
-    loop {
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    let mut worker = Worker { n, runtime, deliver: deliver::Deliveries::default(), logged_problem: None };
+    while !shared::shutdown_requested() {
+        reload_config_if_asked();
+        let sleep = worker.work();
+        if shared::shutdown_requested() {
+            break;
         }
-        work(&runtime, &mut buckets);
         report_idle();
-        if shared::shutdown_requested() {
-            break;
-        }
-        // Returns at once if the latch was set while we worked (a commit or a wait-request).
-        shared::sleep_on_latch(IDLE_RECHECK);
-        if shared::shutdown_requested() {
-            break;
-        }
+        shared::sleep_on_latch(sleep);
     }
-    shared::set_worker_pid(0);
-    log!("pg_reverse_etl worker stopped");
+    shared::set_worker_state(n, WorkerState::Stopped, 0, 0);
+    log!("pg_reverse_etl worker {} stopped", n + 1);
 }
 
-/// Everything there is to do now: requested runs, queued runs, runs left mid-delivery.
-fn work(runtime: &tokio::runtime::Runtime, buckets: &mut Buckets) {
-    let installed = transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_reverse_etl')")
+fn reload_config_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
+impl Worker {
+    fn state(&self, state: WorkerState, sync_id: i64, run_id: i64) {
+        shared::set_worker_state(self.n, state, sync_id, run_id);
+    }
+
+    /// Everything there is to do now; returns how long to sleep afterwards.
+    fn work(&mut self) -> Duration {
+        if let Some(problem) = catalog_problem() {
+            self.state(WorkerState::Waiting, 0, 0);
+            if self.logged_problem.as_deref() != Some(problem.as_str()) {
+                log!("pg_reverse_etl worker {}: {problem}; waiting", self.n + 1);
+                self.logged_problem = Some(problem);
+            }
+            return IDLE_RECHECK;
+        }
+        self.logged_problem = None;
+        loop {
+            if shared::shutdown_requested() {
+                return Duration::ZERO;
+            }
+            reload_config_if_asked();
+            accept_wait_requests();
+            settle_waiters();
+            self.state(WorkerState::Scheduling, 0, 0);
+            scheduler::schedule();
+            let Some((run_id, sync_id, status)) = pick_run() else { break };
+            let more = self.work_on(run_id, sync_id, &status);
+            unlock_sync(sync_id);
+            if !more {
+                settle_waiters();
+            }
+        }
+        self.state(WorkerState::Idle, 0, 0);
+        scheduler::until_next_schedule().map_or(IDLE_RECHECK, |d| d.min(IDLE_RECHECK))
+    }
+
+    /// One slice of run `run_id` (locked for us). Returns whether the run goes on.
+    fn work_on(&mut self, run_id: i64, sync_id: i64, status: &str) -> bool {
+        if status == "queued" {
+            self.state(WorkerState::Planning, sync_id, run_id);
+            if !plan_run(run_id) {
+                return false;
+            }
+        }
+        self.state(WorkerState::Delivering, sync_id, run_id);
+        match self.deliver.slice(&self.runtime, run_id) {
+            Slice::MoreLeft => true,
+            Slice::Finished | Slice::Interrupted => false,
+        }
+    }
+}
+
+/// Why the workers cannot work in this database now, if they cannot.
+fn catalog_problem() -> Option<String> {
+    let installed = transaction(|| Ok(api::installed_version())).unwrap_or_default();
+    if installed.is_empty() {
+        return Some("the extension is not installed in this database (CREATE EXTENSION pg_reverse_etl)".into());
+    }
+    let library = env!("CARGO_PKG_VERSION");
+    (installed != library).then(|| {
+        format!(
+            "the library is version {library} but the extension's SQL objects are version {installed} \
+             (run ALTER EXTENSION pg_reverse_etl UPDATE)"
+        )
+    })
+}
+
+/// The run to work on next, with its sync locked for this worker (session advisory lock):
+/// the one waiting longest among those no other worker holds.
+fn pick_run() -> Option<(i64, i64, String)> {
+    transaction(|| {
+        Spi::connect(|client| {
+            let candidates: Vec<(i64, i64, String)> = client
+                .select("SELECT run_id, sync_id, status FROM retl._runnable_runs($1)", None, &[CANDIDATES.into()])
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter_map(|row| {
+                    Some((row.get::<i64>(1).ok()??, row.get::<i64>(2).ok()??, row.get::<String>(3).ok()??))
+                })
+                .collect();
+            for (run_id, sync_id, status) in candidates {
+                let locked = client
+                    .select(
+                        "SELECT pg_try_advisory_lock($1, $2::int4)",
+                        Some(1),
+                        &[LOCK_NAMESPACE.into(), (sync_id as i32).into()],
+                    )
+                    .and_then(|t| t.first().get_one::<bool>())
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(false);
+                if locked {
+                    return Ok(Some((run_id, sync_id, status)));
+                }
+            }
+            Ok(None)
+        })
+    })
+    .unwrap_or_else(|message| {
+        log!("pg_reverse_etl: cannot read the run queue: {message}");
+        None
+    })
+}
+
+fn unlock_sync(sync_id: i64) {
+    let _ = transaction(|| {
+        Spi::run_with_args("SELECT pg_advisory_unlock($1, $2::int4)", &[LOCK_NAMESPACE.into(), (sync_id as i32).into()])
             .map_err(|e| e.to_string())
     });
-    if installed != Ok(Some(true)) {
-        return; // no extension in this database (yet): nothing to do, quietly
-    }
-    loop {
-        accept_wait_requests();
-        settle_waiters();
-        if shared::shutdown_requested() {
-            return;
-        }
-        let next = transaction(|| {
-            Spi::connect(|client| {
-                let table = client
-                    .select(
-                        "SELECT id, status FROM retl.runs WHERE status IN ('queued', 'delivering') \
-                          ORDER BY status = 'delivering' DESC, id LIMIT 1",
-                        Some(1),
-                        &[],
-                    )
-                    .map_err(|e| e.to_string())?;
-                if table.is_empty() {
-                    return Ok((None, None));
-                }
-                table.first().get_two::<i64, String>().map_err(|e| e.to_string())
-            })
-        });
-        let (run_id, status) = match next {
-            Ok((Some(id), Some(status))) => (id, status),
-            Ok(_) => return,
-            Err(message) => {
-                log!("pg_reverse_etl: cannot read the run queue: {message}");
-                return;
-            }
-        };
-        let delivering = status == "delivering" || plan_run(run_id);
-        if delivering {
-            if let Delivered::Interrupted = deliver::deliver_run(runtime, buckets, run_id) {
-                return;
-            }
-        }
-    }
 }
 
 /// Plan a queued run in one transaction. Returns whether there is anything to deliver.
@@ -126,18 +203,22 @@ fn plan_run(run_id: i64) -> bool {
     let planned = transaction(|| {
         Spi::connect_mut(|client| {
             let sync_id = plan::sync_id_of_run(client, run_id)?;
-            // Two runs of one sync never overlap.
-            client
-                .select("SELECT pg_advisory_xact_lock($1, $2::int4)", None, &[LOCK_NAMESPACE.into(), (sync_id as i32).into()])
-                .map_err(|e| e.to_string())?;
             let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
+            // Another worker may have planned it between our pick and our lock.
+            let still_queued = client
+                .update(
+                    "UPDATE retl.runs SET started_at = clock_timestamp() WHERE id = $1 AND status = 'queued' RETURNING 1",
+                    None,
+                    &[run_id.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            if still_queued.is_empty() {
+                return Ok(Some(false));
+            }
             if sync.paused {
                 return Ok(None);
             }
             report_activity(&format!("retl: sync {} run {run_id}: planning", sync.name));
-            client
-                .update("UPDATE retl.runs SET started_at = clock_timestamp() WHERE id = $1", None, &[run_id.into()])
-                .map_err(|e| e.to_string())?;
             let summary = plan::plan_run(client, &sync, run_id).map_err(|e| e.to_string())?;
             let total = summary.total();
             client
@@ -158,6 +239,9 @@ fn plan_run(run_id: i64) -> bool {
                     ],
                 )
                 .map_err(|e| e.to_string())?;
+            if total == 0 {
+                deliver::log_finished_run(client, run_id);
+            }
             Ok(Some(total > 0))
         })
     });
@@ -175,40 +259,47 @@ fn plan_run(run_id: i64) -> bool {
     }
 }
 
-/// Turn `retl.run(wait => true)` requests into committed runs.
+/// Turn `retl.run(wait => true)` requests into committed runs. A request is claimed under
+/// the lock first, so two workers never create two runs for it.
 fn accept_wait_requests() {
-    let requested: Vec<(usize, i64, bool)> = {
-        let waits = WAITS.share();
-        waits
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.state == SlotState::Requested || (s.state == SlotState::Abandoned && s.run_id == 0))
-            .map(|(i, s)| (i, s.sync_id, s.trigger_manual))
-            .collect()
-    };
-    for (slot, sync_id, manual) in requested {
-        if WAITS.share().slots[slot].state == SlotState::Abandoned {
-            WAITS.exclusive().slots[slot] = shared::WaitSlot::default();
-            continue;
-        }
-        let trigger = if manual { "manual" } else { "scheduled" };
+    loop {
+        let claimed = {
+            let mut waits = WAITS.exclusive();
+            let mut claimed = None;
+            for (i, s) in waits.slots.iter_mut().enumerate() {
+                if s.state == SlotState::Abandoned && s.run_id == 0 {
+                    *s = shared::WaitSlot::default();
+                } else if s.state == SlotState::Requested && claimed.is_none() {
+                    s.state = SlotState::Claimed;
+                    claimed = Some((i, s.sync_id, s.trigger_manual));
+                }
+            }
+            claimed
+        };
+        let Some((slot, sync_id, manual)) = claimed else { return };
+        let trigger = if manual { "manual" } else { "schedule" };
         let created = transaction(|| {
-            Spi::get_one_with_args::<i64>(
-                "INSERT INTO retl.runs (sync_id, trigger) SELECT id, $2 FROM retl.syncs WHERE id = $1 RETURNING id",
-                &[sync_id.into(), trigger.into()],
-            )
-            .map_err(|e| e.to_string())
+            Spi::connect_mut(|client| {
+                let table = client
+                    .update(
+                        "INSERT INTO retl.runs (sync_id, trigger) SELECT id, $2 FROM retl.syncs WHERE id = $1 RETURNING id",
+                        None,
+                        &[sync_id.into(), trigger.into()],
+                    )
+                    .map_err(|e| e.to_string())?;
+                Ok(table.into_iter().next().and_then(|row| row.get::<i64>(1).ok().flatten()))
+            })
         });
         let mut waits = WAITS.exclusive();
         let s = &mut waits.slots[slot];
         match (created, s.state) {
-            (Ok(Some(run_id)), SlotState::Requested) => {
+            (Ok(Some(run_id)), SlotState::Claimed) => {
                 s.state = SlotState::Accepted;
                 s.run_id = run_id;
             }
-            (Ok(Some(_)), _) => *s = shared::WaitSlot::default(), // abandoned meanwhile; the run goes on
-            (_, SlotState::Requested) => {
+            // Abandoned meanwhile: the run goes on; settle_waiters frees the slot when it ends.
+            (Ok(Some(run_id)), _) => s.run_id = run_id,
+            (_, SlotState::Claimed) => {
                 s.state = SlotState::Done;
                 s.failure = SlotFailure::SyncNotFound;
                 shared::wake_pid(s.requester_pid);

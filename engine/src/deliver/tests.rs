@@ -4,6 +4,7 @@
 use super::*;
 use crate::connector::{for_config, idempotency_key};
 use crate::options::parse_server_options;
+use crate::ratelimit::{LocalBucket, SharedGcra, TokenBucket};
 use crate::record::Op;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -148,7 +149,7 @@ fn webhook(url: &str) -> Box<dyn Destination> {
 async fn run(
     url: &str,
     limits: &DeliveryLimits,
-    bucket: &mut Option<TokenBucket>,
+    budget: Option<&dyn RateBudget>,
     batches: Vec<Vec<OutboxRecord>>,
     should_stop: &dyn Fn() -> bool,
 ) -> Vec<BatchReport> {
@@ -157,7 +158,7 @@ async fn run(
         .deliver(
             webhook(url).as_ref(),
             limits,
-            bucket,
+            budget,
             "crm",
             "crm-uid",
             9,
@@ -179,14 +180,7 @@ fn acked(ids: &[i64], api_calls: u32) -> BatchReport {
 #[tokio::test]
 async fn all_acked_with_documented_request() {
     let (url, seen) = serve(|_, _| reply(200, ""));
-    let reports = run(
-        &url,
-        &limits(5),
-        &mut None,
-        vec![records(1..=2), records(3..=3)],
-        &|| false,
-    )
-    .await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=2), records(3..=3)], &|| false).await;
     assert_eq!(reports, vec![acked(&[1, 2], 1), acked(&[3], 1)]);
     let seen = seen.lock().unwrap();
     let first = seen.iter().find(|s| s.ids() == [1, 2]).unwrap();
@@ -213,7 +207,7 @@ async fn retry_after_is_honoured() {
         _ => reply(200, ""),
     });
     let start = Instant::now();
-    let reports = run(&url, &limits(5), &mut None, vec![records(1..=2)], &|| false).await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=2)], &|| false).await;
     assert!(start.elapsed() >= Duration::from_secs(1), "{:?}", start.elapsed());
     assert_eq!(reports, vec![acked(&[1, 2], 2)]);
     assert_eq!(seen.lock().unwrap().len(), 2);
@@ -222,7 +216,7 @@ async fn retry_after_is_honoured() {
 #[tokio::test]
 async fn server_errors_are_retried_with_the_same_idempotency_key() {
     let (url, seen) = serve(|n, _| if n < 2 { reply(500, "oops") } else { reply(200, "") });
-    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=3)], &|| false).await;
     assert_eq!(reports, vec![acked(&[1, 2, 3], 3)]);
     let keys: Vec<String> = seen
         .lock()
@@ -241,7 +235,7 @@ async fn per_record_rejection() {
             r#"{"results": [{"status": 200}, {"status": 422, "error": "email is invalid"}, {"status": 200}]}"#,
         )
     });
-    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=3)], &|| false).await;
     assert_eq!(
         reports,
         vec![BatchReport {
@@ -270,7 +264,7 @@ async fn per_record_retry_resends_only_those_records() {
             reply(200, r#"{"results": [{"status": 201}]}"#)
         }
     });
-    let reports = run(&url, &limits(5), &mut None, vec![records(1..=3)], &|| false).await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=3)], &|| false).await;
     assert_eq!(
         reports,
         vec![BatchReport {
@@ -299,10 +293,7 @@ async fn unauthorized_is_fatal_and_stops_other_batches() {
         max_concurrency: 1,
         ..limits(5)
     };
-    let reports = run(&url, &limits, &mut None, vec![records(1..=2), records(3..=3)], &|| {
-        false
-    })
-    .await;
+    let reports = run(&url, &limits, None, vec![records(1..=2), records(3..=3)], &|| false).await;
     let message = "destination rejected the credentials (HTTP 401): check the token in the user mapping";
     assert_eq!(
         reports,
@@ -328,7 +319,7 @@ async fn unauthorized_is_fatal_and_stops_other_batches() {
 async fn retries_exhausted_leave_records_unresolved() {
     // The body echoes the token: it must come out redacted.
     let (url, seen) = serve(|_, _| reply(503, &format!("busy, token {TOKEN}")));
-    let reports = run(&url, &limits(2), &mut None, vec![records(1..=2)], &|| false).await;
+    let reports = run(&url, &limits(2), None, vec![records(1..=2)], &|| false).await;
     assert_eq!(
         reports,
         vec![BatchReport {
@@ -348,7 +339,7 @@ async fn retry_after_beyond_max_backoff_gives_up_at_once() {
         ..reply(429, "")
     });
     let start = Instant::now();
-    let reports = run(&url, &limits(5), &mut None, vec![records(1..=1)], &|| false).await;
+    let reports = run(&url, &limits(5), None, vec![records(1..=1)], &|| false).await;
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(
         reports[0].error.as_deref(),
@@ -366,7 +357,7 @@ async fn stop_request_interrupts_a_backoff() {
     };
     let start = Instant::now();
     let stop = || start.elapsed() > Duration::from_millis(300);
-    let reports = run(&url, &limits, &mut None, vec![records(1..=1)], &stop).await;
+    let reports = run(&url, &limits, None, vec![records(1..=1)], &stop).await;
     assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
     assert_eq!(
         reports,
@@ -383,10 +374,10 @@ async fn stop_request_interrupts_a_backoff() {
 async fn rate_limit_holds_across_concurrent_batches() {
     let (url, seen) = serve(|_, _| reply(200, ""));
     // Burst 1: ten requests at 5/s need nine 200 ms refills.
-    let mut bucket = Some(TokenBucket::new(5.0, 1.0));
+    let bucket = LocalBucket::new(TokenBucket::new(5.0, 1.0));
     let batches: Vec<_> = (1..=10).map(|id| records(id..=id)).collect();
     let start = Instant::now();
-    let reports = run(&url, &limits(5), &mut bucket, batches, &|| false).await;
+    let reports = run(&url, &limits(5), Some(&bucket), batches, &|| false).await;
     let elapsed = start.elapsed();
     assert!(
         elapsed >= Duration::from_millis(1790) && elapsed < Duration::from_secs(4),
@@ -400,6 +391,55 @@ async fn rate_limit_holds_across_concurrent_batches() {
 }
 
 #[tokio::test]
+async fn shared_budget_holds_across_concurrent_deliveries() {
+    // Two workers' deliveries to one destination, each with its own view of one shared
+    // budget: ten requests at 5/s, burst 1, between them.
+    let (url, seen) = serve(|_, _| reply(200, ""));
+    let tat = std::sync::atomic::AtomicU64::new(0);
+    let (first, second) = (SharedGcra::new(&tat, 5.0, 1.0), SharedGcra::new(&tat, 5.0, 1.0));
+    let batches = |from: i64| (from..from + 5).map(|id| records(id..=id)).collect::<Vec<_>>();
+    let (limits, never) = (limits(5), || false);
+    let start = Instant::now();
+    let (a, b) = tokio::join!(
+        run(&url, &limits, Some(&first), batches(1), &never),
+        run(&url, &limits, Some(&second), batches(6), &never),
+    );
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1790) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    let acked: Vec<i64> = a.iter().chain(&b).flat_map(|r| r.acked.clone()).collect();
+    assert_eq!(acked, (1..=10).collect::<Vec<_>>());
+    assert_eq!(seen.lock().unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn stop_request_abandons_a_request_in_flight() {
+    let (url, seen) = serve(|_, _| Reply {
+        delay: Duration::from_secs(5),
+        ..reply(200, "")
+    });
+    let limits = DeliveryLimits {
+        timeout: Duration::from_secs(30),
+        ..limits(5)
+    };
+    let start = Instant::now();
+    let stop = || start.elapsed() > Duration::from_millis(200);
+    let reports = run(&url, &limits, None, vec![records(1..=2), records(3..=3)], &stop).await;
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    let stopped = |ids: &[i64]| BatchReport {
+        unresolved: ids.to_vec(),
+        api_calls: 1,
+        error: Some("stopped: worker shutting down".into()),
+        ..Default::default()
+    };
+    assert_eq!(reports, vec![stopped(&[1, 2]), stopped(&[3])]);
+    assert_eq!(seen.lock().unwrap().len(), 2, "both requests were in flight");
+}
+
+#[tokio::test]
 async fn timeouts_are_reported_without_the_token() {
     let (url, _) = serve(|_, _| Reply {
         delay: Duration::from_secs(2),
@@ -409,7 +449,7 @@ async fn timeouts_are_reported_without_the_token() {
         timeout: Duration::from_millis(300),
         ..limits(0)
     };
-    let reports = run(&url, &limits, &mut None, vec![records(1..=1)], &|| false).await;
+    let reports = run(&url, &limits, None, vec![records(1..=1)], &|| false).await;
     assert_eq!(
         reports[0].error.as_deref(),
         Some("gave up after 1 attempt: request failed: timed out after 300ms")
@@ -421,7 +461,7 @@ async fn timeouts_are_reported_without_the_token() {
 async fn connection_refused_is_transient() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/hook?key={TOKEN}");
-    let reports = run(&url, &limits(1), &mut None, vec![records(1..=1)], &|| false).await;
+    let reports = run(&url, &limits(1), None, vec![records(1..=1)], &|| false).await;
     let error = reports[0].error.clone().unwrap();
     assert!(
         error.starts_with("gave up after 2 attempts: request failed: "),
@@ -463,7 +503,7 @@ async fn concurrency_is_bounded_by_max_concurrency_and_used() {
     });
     let batches: Vec<_> = (1..=9).map(|id| records(id..=id)).collect();
     let limits = DeliveryLimits { max_concurrency: 3, ..limits(0) };
-    let reports = run(&url, &limits, &mut None, batches, &|| false).await;
+    let reports = run(&url, &limits, None, batches, &|| false).await;
     assert_eq!(reports.iter().map(|r| r.acked.len()).sum::<usize>(), 9);
     assert_eq!(seen.lock().unwrap().len(), 9);
     assert_eq!(peak.load(Ordering::SeqCst), 3, "three requests in flight at most, and at once");

@@ -1,0 +1,249 @@
+-- Syncs that run by themselves: schedules (cron, intervals), dependencies between syncs
+-- (after => ...), and on-change runs woken by the commits that change a model's base tables.
+-- The worker calls retl._schedule_due() and retl._queue_changed(); users never do.
+
+-- 'manual', 'on change', a 5-field cron expression or an interval; returns it normalised.
+CREATE FUNCTION retl._check_schedule(sync_name text, schedule text, time_zone text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    norm text := lower(btrim(regexp_replace(coalesce(schedule, ''), '\s+', ' ', 'g')));
+    every interval;
+BEGIN
+    BEGIN
+        IF time_zone IS NULL THEN
+            RAISE invalid_parameter_value;
+        END IF;
+        PERFORM now() AT TIME ZONE time_zone;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'time zone % of sync % is not recognized', coalesce(retl._q(time_zone), 'NULL'), retl._q(sync_name)
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Use a name from pg_timezone_names, e.g. ''UTC'' or ''Europe/Paris''.';
+    END;
+    IF norm IN ('manual', 'on change') THEN
+        RETURN norm;
+    END IF;
+    IF retl._is_cron(norm) THEN
+        PERFORM retl._cron_next(norm, localtimestamp);  -- raises a precise error if malformed
+        RETURN norm;
+    END IF;
+    BEGIN
+        every := norm::interval;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        every := NULL;
+    END;
+    IF every IS NULL OR norm = '' THEN
+        RAISE EXCEPTION 'schedule % of sync % is not valid', coalesce(retl._q(schedule), 'NULL'), retl._q(sync_name)
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Use ''manual'', ''on change'', a cron expression such as ''*/15 * * * *'' (minute hour day-of-month month day-of-week), or an interval such as ''5 minutes''.';
+    END IF;
+    IF now() + every < now() + interval '1 second' THEN
+        RAISE EXCEPTION 'schedule % of sync % is shorter than 1 second', retl._q(schedule), retl._q(sync_name)
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'For runs as soon as the data changes, use schedule => ''on change''.';
+    END IF;
+    RETURN norm;
+END $$;
+
+-- When a schedule next fires after `after`; NULL for manual and on-change syncs. Cron
+-- expressions are evaluated in the sync's time zone with Postgres's own tz database.
+CREATE FUNCTION retl._next_run_at(schedule text, time_zone text, after timestamptz) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF schedule IN ('manual', 'on change') THEN
+        RETURN NULL;
+    END IF;
+    IF retl._is_cron(schedule) THEN
+        RETURN retl._cron_next(schedule, after AT TIME ZONE time_zone) AT TIME ZONE time_zone;
+    END IF;
+    RETURN after + schedule::interval;
+END $$;
+
+-- Replace a sync's parents; refuses unknown syncs and cycles.
+CREATE FUNCTION retl._set_parents(child bigint, after text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    child_name text := (SELECT name FROM retl.syncs WHERE id = child);
+    missing text;
+    cycle text;
+BEGIN
+    IF after IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT string_agg(retl._q(p), ', ') INTO missing
+      FROM unnest(after) p WHERE NOT EXISTS (SELECT 1 FROM retl.syncs s WHERE s.name = p);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'sync % cannot run after %: no such sync', retl._q(child_name), missing
+              USING ERRCODE = 'undefined_object';
+    END IF;
+    IF child_name = ANY (after) THEN
+        RAISE EXCEPTION 'sync % cannot run after itself', retl._q(child_name) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM retl.sync_parents WHERE sync_id = child;
+    INSERT INTO retl.sync_parents (sync_id, parent_id)
+    SELECT DISTINCT child, s.id FROM retl.syncs s WHERE s.name = ANY (after);
+    -- A cycle: the child is among its own ancestors.
+    WITH RECURSIVE ancestors(id, path) AS (
+        SELECT parent_id, ARRAY[child, parent_id] FROM retl.sync_parents WHERE sync_id = child
+        UNION ALL
+        SELECT p.parent_id, a.path || p.parent_id
+          FROM ancestors a JOIN retl.sync_parents p ON p.sync_id = a.id
+         WHERE NOT p.parent_id = ANY (a.path[2:])
+    )
+    SELECT string_agg(retl._q(s.name), ' -> ' ORDER BY o) INTO cycle
+      FROM (SELECT path FROM ancestors WHERE id = child LIMIT 1) c,
+           unnest(c.path) WITH ORDINALITY AS u(sid, o) JOIN retl.syncs s ON s.id = u.sid;
+    IF cycle IS NOT NULL THEN
+        RAISE EXCEPTION 'sync dependencies would form a cycle: %', cycle
+              USING ERRCODE = 'invalid_parameter_value', HINT = 'A sync cannot (indirectly) run after itself.';
+    END IF;
+END $$;
+
+-- Every table a model or audience view reads, through views of views, from pg_depend; with
+-- the partitions and inheritance children of those tables (statements on them fire their
+-- own triggers, not the parent's).
+CREATE FUNCTION retl._base_tables(view_name text) RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE deps(relid) AS (
+        SELECT format('retl_models.%I', view_name)::regclass::oid
+        UNION
+        SELECT x.relid
+          FROM deps CROSS JOIN LATERAL (
+                SELECT d.refobjid AS relid
+                  FROM pg_rewrite r
+                  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                                  AND d.refclassid = 'pg_class'::regclass
+                 WHERE r.ev_class = deps.relid AND d.refobjid <> deps.relid
+                UNION ALL
+                SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = deps.relid
+          ) x
+    )
+    SELECT coalesce(array_agg(c.oid ORDER BY c.oid), '{}')
+      FROM deps JOIN pg_class c ON c.oid = deps.relid
+     WHERE c.relkind IN ('r', 'p')
+$$;
+
+-- Record the base tables of a sync's model and keep the change triggers in line.
+CREATE FUNCTION retl._refresh_sources(sync_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    source_name text;
+BEGIN
+    SELECT coalesce(a.name, m.name) INTO source_name
+      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
+     WHERE s.id = _refresh_sources.sync_id;
+    DELETE FROM retl.sync_sources src WHERE src.sync_id = _refresh_sources.sync_id;
+    INSERT INTO retl.sync_sources (sync_id, relid)
+    SELECT _refresh_sources.sync_id, t FROM unnest(retl._base_tables(source_name)) t;
+    PERFORM retl._refresh_change_triggers();
+END $$;
+
+-- Exactly the base tables of on-change syncs carry the statement trigger retl_on_change.
+CREATE FUNCTION retl._refresh_change_triggers() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t oid;
+BEGIN
+    FOR t IN SELECT DISTINCT src.relid
+               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+              WHERE s.schedule = 'on change'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_on_change')
+    LOOP
+        EXECUTE format('CREATE TRIGGER retl_on_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._on_change()', t::regclass);
+    END LOOP;
+    FOR t IN SELECT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname = 'retl_on_change' AND g.tgfoid = 'retl._on_change()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.relid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER retl_on_change ON %s', t::regclass);
+    END LOOP;
+END $$;
+
+-- Worker: queue the runs whose time has come. A sync with a run still queued or delivering
+-- is not started twice; a schedule missed during downtime runs once (next_run_at moves to the
+-- next slot after now, not the next missed one).
+CREATE FUNCTION retl._schedule_due() RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+    queued int := 0;
+    n int;
+BEGIN
+    FOR s IN SELECT id, schedule, time_zone FROM retl.syncs
+              WHERE NOT paused AND next_run_at <= now() FOR UPDATE SKIP LOCKED
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM retl.runs r WHERE r.sync_id = s.id AND r.status IN ('queued', 'delivering')) THEN
+            INSERT INTO retl.runs (sync_id, trigger) VALUES (s.id, 'schedule');
+            queued := queued + 1;
+        END IF;
+        UPDATE retl.syncs SET next_run_at = retl._next_run_at(s.schedule, s.time_zone, now()) WHERE id = s.id;
+    END LOOP;
+    -- after => [parents]: every parent succeeded since the child's last run (or creation).
+    WITH ready AS (
+        SELECT c.id FROM retl.syncs c
+         WHERE NOT c.paused
+           AND EXISTS (SELECT 1 FROM retl.sync_parents p WHERE p.sync_id = c.id)
+           AND NOT EXISTS (SELECT 1 FROM retl.runs r WHERE r.sync_id = c.id AND r.status IN ('queued', 'delivering'))
+           AND NOT EXISTS (
+               SELECT 1 FROM retl.sync_parents p
+                WHERE p.sync_id = c.id
+                  AND NOT EXISTS (
+                      SELECT 1 FROM retl.runs pr
+                       WHERE pr.sync_id = p.parent_id AND pr.status IN ('succeeded', 'partial')
+                         AND pr.finished_at > coalesce((SELECT max(cr.queued_at) FROM retl.runs cr WHERE cr.sync_id = c.id),
+                                                       c.created_at)))
+           FOR UPDATE OF c SKIP LOCKED
+    )
+    INSERT INTO retl.runs (sync_id, trigger) SELECT id, 'after' FROM ready;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN queued + n;
+END $$;
+
+-- Worker: queue a run of every on-change sync reading one of `relids` (NULL: of every
+-- on-change sync). Changes close together coalesce: a sync with a run already queued gets no
+-- second one; a sync that is delivering gets one follow-up run.
+CREATE FUNCTION retl._queue_changed(relids oid[]) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
+    INSERT INTO retl.runs (sync_id, trigger)
+    SELECT s.id, 'change' FROM retl.syncs s
+     WHERE s.schedule = 'on change' AND NOT s.paused
+       AND (relids IS NULL OR EXISTS (SELECT 1 FROM retl.sync_sources src
+                                       WHERE src.sync_id = s.id AND src.relid = ANY (relids)))
+       AND NOT EXISTS (SELECT 1 FROM retl.runs r WHERE r.sync_id = s.id AND r.status = 'queued');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Worker: the runs that may be worked on now, the one waiting longest first: per sync only
+-- its oldest active run (a sync's runs never overlap), ordered by when each was last served.
+CREATE FUNCTION retl._runnable_runs(max_runs int) RETURNS TABLE (run_id bigint, sync_id bigint, status text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT id, sync_id, status FROM (
+        SELECT DISTINCT ON (r.sync_id) r.id, r.sync_id, r.status, coalesce(r.last_served_at, r.queued_at) AS turn
+          FROM retl.runs r
+         WHERE r.status IN ('queued', 'delivering')
+         ORDER BY r.sync_id, r.id
+    ) oldest
+    ORDER BY turn, id
+    LIMIT max_runs
+$$;
+
+-- When the earliest schedule fires, so an idle worker sleeps exactly until then.
+CREATE FUNCTION retl._next_schedule_at() RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT min(next_run_at) FROM retl.syncs WHERE NOT paused
+$$;
+
+CREATE FUNCTION retl.worker_status()
+RETURNS TABLE (worker int, pid int, state text, sync text, run_id bigint, since timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT w.worker, w.pid, w.state, s.name, nullif(w.run_id, 0), w.since
+      FROM retl._worker_slots() w LEFT JOIN retl.syncs s ON s.id = w.sync_id
+     ORDER BY w.worker
+$$;
+COMMENT ON FUNCTION retl.worker_status() IS
+  'One row per background worker: its pid, what it is doing (starting, idle, scheduling, planning, delivering, stopped), the sync and run it works on, and since when.';
