@@ -36,6 +36,13 @@ pub fn connect() -> Client {
     )
 }
 
+/// Like [`connect`], to another database of the same cluster.
+pub fn connect_db(dbname: &str) -> Client {
+    let mut cfg = config(&env_or("PGUSER", "postgres"), &env_or("PGPASSWORD", "retl-dev"));
+    cfg.dbname(dbname);
+    cfg.connect(NoTls).unwrap_or_else(|e| panic!("cannot connect to database {dbname}: {e}"))
+}
+
 /// Like [`connect`], but `None` while the server is not accepting connections (e.g. during
 /// crash recovery).
 pub fn try_connect() -> Option<Client> {

@@ -101,7 +101,9 @@ fn _wake_worker_at_commit() {
 /// Released SQL scripts call this (0.1.0's retl.run): its signature is frozen. It only runs
 /// under a 0.1.0 catalog with a newer library, where the workers wait for the update.
 #[pg_extern(volatile)]
-fn _run_and_wait(_sync_id: i64, _trigger: &str) -> i64 {
+fn _run_and_wait(sync_id: i64, trigger: &str) -> i64 {
+    // The argument names are part of the frozen signature.
+    let _ = (sync_id, trigger);
     RetlError::VersionMismatch { library: env!("CARGO_PKG_VERSION"), installed: installed_version() }.report()
 }
 

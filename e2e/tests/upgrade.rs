@@ -1,0 +1,178 @@
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0: syncs defined under 0.1.0 and their state
+//! (run history, snapshot, row errors) survive, the next run sends exactly what the snapshot
+//! says is missing, and an upgraded catalog equals a freshly installed one.
+//!
+//! These tests drop and re-create the extension in the workers' database: `make e2e` runs test
+//! files one after the other, and every other file creates the extension when it is missing.
+mod common;
+use common::*;
+use retl_e2e::cluster::connect_db;
+use serde_json::json;
+
+const PREVIOUS: &str = "0.1.0";
+const CURRENT: &str = env!("CARGO_PKG_VERSION");
+
+#[test]
+fn syncs_and_their_state_survive_the_upgrade_from_0_1_0() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.1.0 API.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'upsert');",
+        url = fake.url()
+    ))
+    .unwrap();
+
+    // Until the update the workers wait, and 0.1.0's run(wait) says what to do.
+    let err = c.query_one(&format!("SELECT * FROM retl.run('{sync}', wait => true)"), &[]).unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "55000");
+    assert_eq!(
+        db.message(),
+        format!("the pg_reverse_etl library is version {CURRENT} but the extension's SQL objects are version {PREVIOUS}")
+    );
+    assert_eq!(db.hint(), Some(&*format!("Run ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'; the workers wait until then.")));
+
+    // The state a 0.1.0 worker leaves: a finished run, rows 1-4 acknowledged (in the snapshot,
+    // and held by the destination), row 5 rejected by the destination.
+    c.batch_execute(&format!(
+        "INSERT INTO retl.runs (sync_id, status, rows_in_model, planned_inserts, delivered, failed, api_calls, started_at, planned_at, finished_at)
+         SELECT id, 'partial', 5, 5, 4, 1, 1, now(), now(), now() FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id), retl._row_hash(to_jsonb(m.*)::text)
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;
+         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, http_status, response)
+         SELECT s.id, '{{\"id\": 5}}', r.id, 'upsert', to_jsonb(m.*), 422, 'score too low'
+           FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id, retl_models.{model} m WHERE s.name = '{sync}' AND m.id = 5;"
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+    c.batch_execute(&format!("UPDATE {table} SET score = 99 WHERE id = 2")).unwrap();
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    let version: String = c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_reverse_etl'", &[]).unwrap().get(0);
+    assert_eq!(version, CURRENT);
+    let kept = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM retl.runs r WHERE r.sync_id = s.id),
+                        (SELECT count(*) FROM retl.snapshots n WHERE n.sync_id = s.id),
+                        (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id),
+                        s.schedule, s.next_run_at IS NULL,
+                        (SELECT array_agg(relid::regclass::text) FROM retl.sync_sources src WHERE src.sync_id = s.id)
+                   FROM retl.syncs s WHERE s.name = '{sync}'"
+            ),
+            &[],
+        )
+        .unwrap();
+    assert_eq!((kept.get::<_, i64>(0), kept.get::<_, i64>(1), kept.get::<_, i64>(2)), (1, 4, 1));
+    assert_eq!((kept.get::<_, String>(3), kept.get::<_, bool>(4)), ("manual".to_string(), true));
+    assert_eq!(kept.get::<_, Vec<String>>(5), vec![table.clone()]);
+
+    // The next run sends exactly row 2 (changed) and row 5 (never acknowledged).
+    let run = c
+        .query_one(
+            &format!("SELECT status, planned_inserts, planned_updates, delivered, api_calls FROM retl.run('{sync}', wait => true)"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(run.get::<_, String>(0), "succeeded");
+    assert_eq!(
+        (run.get::<_, i64>(1), run.get::<_, i64>(2), run.get::<_, i64>(3), run.get::<_, i64>(4)),
+        (1, 1, 2, 1)
+    );
+    let sent: std::collections::BTreeSet<String> = fake.requests()[0].body.as_ref().unwrap()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].to_string())
+        .collect();
+    assert_eq!(sent, [key(2), key(5)].into_iter().collect());
+    assert_eq!(fake.records().len(), 5);
+    assert_eq!(fake.records()[&key(2)]["score"], json!(99));
+    let errors: i64 = c.query_one("SELECT count(*) FROM retl.row_errors", &[]).unwrap().get(0);
+    assert_eq!(errors, 0, "row 5 was delivered: its error is cleared");
+
+    // 0.2.0 features work on the upgraded sync.
+    c.batch_execute(&format!("SELECT retl.alter_sync(name => '{sync}', schedule => 'on change')")).unwrap();
+    c.batch_execute(&format!("UPDATE {table} SET score = 7 WHERE id = 3")).unwrap();
+    wait_until(SHORT, "the change to arrive", || fake.records()[&key(3)]["score"] == json!(7));
+}
+
+/// Every object of the extension, described in a way that differs when anything users or the
+/// workers see differs: columns, defaults, constraints, indexes, view and function
+/// definitions, privileges, comments.
+fn describe_catalog(c: &mut postgres::Client) -> Vec<String> {
+    let sql = r#"
+        SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
+          FROM pg_depend
+         WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+           AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_reverse_etl')
+        UNION ALL
+        SELECT format('column %s.%s %s %s notnull=%s default=%s', c.relname, a.attname, a.attnum,
+                      format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+          FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+          LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+         WHERE c.relnamespace = 'retl'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT format('constraint %s %s', conrelid::regclass, pg_get_constraintdef(oid))
+          FROM pg_constraint WHERE connamespace = 'retl'::regnamespace
+        UNION ALL
+        SELECT format('index %s', regexp_replace(pg_get_indexdef(indexrelid), '\S+_idx\d* ', 'IDX '))
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'retl'::regnamespace
+        UNION ALL
+        SELECT format('relation %s kind=%s acl=%s comment=%s def=%s', c.relname, c.relkind, c.relacl,
+                      obj_description(c.oid, 'pg_class'),
+                      CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END)
+          FROM pg_class c WHERE c.relnamespace = 'retl'::regnamespace AND c.relkind IN ('r', 'v')
+        UNION ALL
+        SELECT format('function %s acl=%s comment=%s def=%s', p.oid::regprocedure, p.proacl,
+                      obj_description(p.oid, 'pg_proc'), pg_get_functiondef(p.oid))
+          FROM pg_proc p WHERE p.pronamespace = 'retl'::regnamespace
+        ORDER BY 1"#;
+    c.query(sql, &[]).unwrap().iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
+#[test]
+fn an_upgraded_catalog_equals_a_fresh_install() {
+    let mut admin = connect();
+    let (upgraded_db, fresh_db) = (unique("upgraded"), unique("fresh"));
+    for db in [&upgraded_db, &fresh_db] {
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    let (upgraded, fresh) = {
+        let mut up = connect_db(&upgraded_db);
+        up.batch_execute(&format!(
+            "CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'; ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'"
+        ))
+        .unwrap();
+        let mut fr = connect_db(&fresh_db);
+        fr.batch_execute("CREATE EXTENSION pg_reverse_etl").unwrap();
+        (describe_catalog(&mut up), describe_catalog(&mut fr))
+    };
+    for db in [&upgraded_db, &fresh_db] {
+        admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+    }
+    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !fresh.contains(l)).collect();
+    let only_fresh: Vec<&String> = fresh.iter().filter(|l| !upgraded.contains(l)).collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "only after the upgrade:\n{}\n\nonly in a fresh install:\n{}",
+        only_upgraded.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+        only_fresh.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
+}
