@@ -65,6 +65,7 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
         .unwrap_or_else(|e| panic!("pg_reverse_etl: cannot start the HTTP runtime: {e}"));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&settings::database_name()), None);
+    name_in_pg_stat_activity(n);
     shared::set_worker_state(n, WorkerState::Starting, 0, 0);
     log!("pg_reverse_etl worker {} started in database \"{}\"", n + 1, settings::database_name());
 
@@ -80,6 +81,23 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
     }
     shared::set_worker_state(n, WorkerState::Stopped, 0, 0);
     log!("pg_reverse_etl worker {} stopped", n + 1);
+    // Exit code 1: the postmaster starts the worker again after retl's restart interval if it
+    // was stopped on its own (pg_terminate_backend); at server shutdown it is not restarted.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// application_name "pg_reverse_etl worker N", so each worker is told apart in pg_stat_activity.
+fn name_in_pg_stat_activity(n: usize) {
+    let name = std::ffi::CString::new(format!("pg_reverse_etl worker {}", n + 1)).unwrap_or_default();
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            name.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+        pg_sys::pgstat_report_appname(name.as_ptr());
+    }
 }
 
 fn reload_config_if_asked() {

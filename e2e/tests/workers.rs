@@ -1,0 +1,121 @@
+//! Several workers (retl.workers = 2 on the test cluster): runs take turns slice by slice so a
+//! large sync cannot starve a small one, a destination's rate limit is one budget shared by
+//! every worker, and retl.worker_status() / pg_stat_activity show who does what.
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn slow(n: usize, each: Duration) -> Vec<Scripted> {
+    (0..n).map(|_| Scripted::Delay(each)).collect()
+}
+
+fn status_of(c: &mut postgres::Client, run_id: i64) -> String {
+    c.query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id]).unwrap().get(0)
+}
+
+#[test]
+fn a_small_sync_is_not_starved_by_two_large_ones() {
+    // Two large syncs, each about 3 s of slow requests, keep both workers busy.
+    let (fake_a, fake_b, fake_c) = (FakeWebhook::start(), FakeWebhook::start(), FakeWebhook::start());
+    fake_a.script(slow(100, Duration::from_millis(50)));
+    fake_b.script(slow(100, Duration::from_millis(50)));
+    let options = "batch_size '10', max_concurrency '1'";
+    let mut a = Fixture::new(&fake_a.url(), 600, "upsert", options, None);
+    let mut b = Fixture::new(&fake_b.url(), 600, "upsert", options, None);
+    let mut small = Fixture::new(&fake_c.url(), 5, "upsert", "", None);
+    let run_a: i64 = a.client.query_one("SELECT id FROM retl.run($1)", &[&a.sync]).unwrap().get(0);
+    let run_b: i64 = b.client.query_one("SELECT id FROM retl.run($1)", &[&b.sync]).unwrap().get(0);
+    wait_until(SHORT, "both large syncs to be delivering", || fake_a.request_count() >= 2 && fake_b.request_count() >= 2);
+
+    let started = Instant::now();
+    let run = small.run();
+    let took = started.elapsed();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 5));
+    assert!(took < Duration::from_millis(1500), "the small sync waited {took:?}");
+    assert_eq!(status_of(&mut a.client, run_a), "delivering", "the large syncs were still going");
+    assert_eq!(status_of(&mut b.client, run_b), "delivering");
+    wait_until(Duration::from_secs(60), "the large syncs to finish", || {
+        status_of(&mut a.client, run_a) == "succeeded" && status_of(&mut b.client, run_b) == "succeeded"
+    });
+    assert_eq!(fake_a.records(), a.model_state());
+    assert_eq!(fake_b.records(), b.model_state());
+}
+
+#[test]
+fn a_destinations_rate_limit_is_shared_by_all_workers() {
+    let fake = FakeWebhook::start();
+    // 20 requests/s (burst 20) for the destination, whichever worker sends.
+    let mut one = Fixture::new(&fake.url(), 40, "upsert", "batch_size '1', rate_limit '20'", None);
+    let two_sync = format!("{}_two", one.sync);
+    one.exec(&format!(
+        "SELECT retl.create_sync(name => '{two_sync}', model => '{}', destination => '{}')",
+        one.model, one.server
+    ));
+    let mut tx = one.client.transaction().unwrap();
+    let first: i64 = tx.query_one("SELECT id FROM retl.run($1)", &[&one.sync]).unwrap().get(0);
+    let second: i64 = tx.query_one("SELECT id FROM retl.run($1)", &[&two_sync]).unwrap().get(0);
+    tx.commit().unwrap();
+    let mut observer = connect();
+    let mut most_delivering = 0i64;
+    wait_until(Duration::from_secs(30), "both runs to finish", || {
+        let n: i64 = observer
+            .query_one("SELECT count(*) FROM retl.worker_status() WHERE state = 'delivering'", &[])
+            .unwrap()
+            .get(0);
+        most_delivering = most_delivering.max(n);
+        status_of(&mut observer, first) == "succeeded" && status_of(&mut observer, second) == "succeeded"
+    });
+    assert_eq!(most_delivering, 2, "both workers delivered at once");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 80);
+    // 80 requests at 20/s with a burst of 20 need at least 3 s, shared; 1.5 s if each worker
+    // had its own budget.
+    let span = requests.last().unwrap().at - requests[0].at;
+    assert!(span >= Duration::from_millis(2800), "80 requests in {span:?}");
+    for window_start in requests.iter().map(|r| r.at) {
+        let in_window = requests.iter().filter(|r| r.at >= window_start && r.at < window_start + Duration::from_secs(1)).count();
+        assert!(in_window <= 40, "{in_window} requests within one second (rate 20, burst 20)");
+    }
+}
+
+#[test]
+fn worker_status_and_pg_stat_activity_show_what_each_worker_does() {
+    let fake = FakeWebhook::start();
+    fake.script(slow(3, Duration::from_millis(700)));
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "batch_size '1', max_concurrency '1'", None);
+    let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
+    wait_until(SHORT, "a request in flight", || fake.request_count() >= 1);
+    let rows = f
+        .client
+        .query("SELECT worker, pid, state, sync, run_id, since <= now() FROM retl.worker_status()", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 2, "retl.workers = 2");
+    let busy: Vec<_> = rows.iter().filter(|r| r.get::<_, Option<i64>>(4) == Some(run_id)).collect();
+    assert_eq!(busy.len(), 1, "one worker on the run");
+    assert_eq!(busy[0].get::<_, String>(2), "delivering");
+    assert_eq!(busy[0].get::<_, Option<String>>(3).as_deref(), Some(f.sync.as_str()));
+    assert_eq!(busy[0].get::<_, Option<i64>>(4), Some(run_id));
+    assert!(busy[0].get::<_, bool>(5));
+    let pid: i32 = busy[0].get(1);
+    let activity = f
+        .client
+        .query_one(
+            "SELECT backend_type, application_name, query FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .unwrap();
+    assert_eq!(activity.get::<_, String>(0), "pg_reverse_etl worker");
+    let worker_no: i32 = busy[0].get(0);
+    assert_eq!(activity.get::<_, String>(1), format!("pg_reverse_etl worker {worker_no}"));
+    assert_eq!(
+        activity.get::<_, String>(2),
+        format!("retl: sync {} run {run_id}: delivering 1 rows to {}", f.sync, f.server)
+    );
+    wait_until(SHORT, "the run to finish", || status_of(&mut f.client, run_id) == "succeeded");
+    let on_it: i64 = f
+        .client
+        .query_one("SELECT count(*) FROM retl.worker_status() WHERE run_id = $1", &[&run_id])
+        .unwrap()
+        .get(0);
+    assert_eq!(on_it, 0, "no worker holds the finished run");
+}
