@@ -113,19 +113,21 @@ impl Worker {
 
     /// Everything there is to do now; returns how long to sleep afterwards.
     fn work(&mut self) -> Duration {
-        if let Some(problem) = catalog_problem() {
-            self.state(WorkerState::Waiting, 0, 0);
-            if self.logged_problem.as_deref() != Some(problem.as_str()) {
-                log!("pg_reverse_etl worker {}: {problem}; waiting", self.n + 1);
-                self.logged_problem = Some(problem);
-            }
-            return IDLE_RECHECK;
-        }
-        self.logged_problem = None;
         loop {
             if shared::shutdown_requested() {
                 return Duration::ZERO;
             }
+            // Checked before every slice: DROP EXTENSION or ALTER EXTENSION ... UPDATE may run
+            // while we work; then we wait quietly (one log line) instead of failing every pass.
+            if let Some(problem) = catalog_problem() {
+                self.state(WorkerState::Waiting, 0, 0);
+                if self.logged_problem.as_deref() != Some(problem.as_str()) {
+                    log!("pg_reverse_etl worker {}: {problem}; waiting", self.n + 1);
+                    self.logged_problem = Some(problem);
+                }
+                return IDLE_RECHECK;
+            }
+            self.logged_problem = None;
             reload_config_if_asked();
             accept_wait_requests();
             settle_waiters();

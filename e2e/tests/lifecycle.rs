@@ -1,0 +1,149 @@
+//! Worker lifecycle: SIGTERM stops a worker within a second without losing in-flight work,
+//! SIGHUP reloads settings, and DROP EXTENSION / ALTER EXTENSION ... UPDATE while the workers
+//! run crash nothing (they wait quietly until the catalog fits their library again).
+//!
+//! The last test drops the extension in the workers' database: `make e2e` runs test files one
+//! after another, and every other file creates the extension when it is missing.
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// The server log after `offset` (scripts/cluster.sh writes it next to the data directory).
+struct ServerLog {
+    offset: i64,
+}
+
+impl ServerLog {
+    const PATH: &'static str = "current_setting('data_directory') || '/../postgres.log'";
+
+    fn from_now(c: &mut postgres::Client) -> ServerLog {
+        let offset: i64 = c.query_one(&format!("SELECT (pg_stat_file({})).size", Self::PATH), &[]).unwrap().get(0);
+        ServerLog { offset }
+    }
+
+    fn text(&self, c: &mut postgres::Client) -> String {
+        let size: i64 = c.query_one(&format!("SELECT (pg_stat_file({})).size", Self::PATH), &[]).unwrap().get(0);
+        c.query_one(&format!("SELECT pg_read_file({}, $1, $2)", Self::PATH), &[&self.offset, &(size - self.offset)])
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn worker_pids(c: &mut postgres::Client) -> Vec<i32> {
+    c.query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' ORDER BY pid", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn a_sigterm_stops_a_worker_within_a_second_and_its_run_resumes() {
+    let fake = FakeWebhook::start();
+    // The first request hangs for 5 s: the worker is stopped while it is in flight.
+    fake.script(vec![Scripted::Delay(Duration::from_secs(5))]);
+    let mut f = Fixture::new(&fake.url(), 4, "upsert", "batch_size '2', max_concurrency '1'", None);
+    let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
+    let mut pid = 0;
+    wait_until(SHORT, "a worker delivering the run", || {
+        match f.client.query_opt("SELECT pid FROM retl.worker_status() WHERE run_id = $1 AND state = 'delivering'", &[&run_id]) {
+            Ok(Some(row)) => {
+                pid = row.get(0);
+                true
+            }
+            _ => false,
+        }
+    });
+    // Its first request is now in flight (the fake answers it after 5 s).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.request_count(), 0, "the request is still unanswered");
+
+    let asked = Instant::now();
+    f.exec(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_until(Duration::from_secs(5), "the worker to exit", || {
+        f.count(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")) == 0
+    });
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "the worker took {took:?} to stop");
+
+    // The postmaster starts it again; the run resumes and nothing is lost or created twice.
+    wait_until(Duration::from_secs(30), "the run to finish", || {
+        f.client
+            .query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id])
+            .unwrap()
+            .get::<_, String>(0)
+            == "succeeded"
+    });
+    assert_eq!(fake.records(), f.model_state());
+    for id in 1..=4 {
+        assert_eq!(fake.create_count(&key(id)), 1, "record {id} created once");
+    }
+}
+
+/// Resets retl.log_runs whatever happens to the test.
+struct LogRunsOff<'a>(&'a mut postgres::Client);
+impl Drop for LogRunsOff<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.batch_execute("ALTER SYSTEM RESET retl.log_runs; SELECT pg_reload_conf()");
+    }
+}
+
+#[test]
+fn a_sighup_reloads_settings_in_the_workers() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+    let mut admin = connect();
+    let log = ServerLog::from_now(&mut admin);
+    let guard = LogRunsOff(&mut admin);
+    guard.0.batch_execute("ALTER SYSTEM SET retl.log_runs = on").unwrap();
+    guard.0.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = f.run();
+    let line = format!("pg_reverse_etl: run {} of sync {} succeeded: 3 delivered, 0 rejected, 1 API calls", logged.id, f.sync);
+    wait_until(SHORT, "the run's log line", || log.text(&mut f.client).contains(&line));
+
+    guard.0.batch_execute("ALTER SYSTEM RESET retl.log_runs").unwrap();
+    guard.0.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    f.exec(&format!("UPDATE {} SET score = 0", f.table));
+    let quiet = f.run();
+    assert_eq!(quiet.delivered, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!log.text(&mut f.client).contains(&format!("run {} of sync", quiet.id)), "logged after the reset");
+    drop(guard);
+}
+
+#[test]
+fn drop_extension_and_update_while_the_workers_run() {
+    let fake = FakeWebhook::start();
+    fake.script((0..5).map(|_| Scripted::Delay(Duration::from_millis(300))).collect());
+    let mut f = Fixture::new(&fake.url(), 10, "upsert", "batch_size '1', max_concurrency '1'", None);
+    let log = ServerLog::from_now(&mut f.client);
+    let before = worker_pids(&mut f.client);
+    assert_eq!(before.len(), 2);
+    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
+    wait_until(SHORT, "a request in flight", || fake.request_count() >= 1);
+
+    f.exec("DROP EXTENSION pg_reverse_etl CASCADE");
+    wait_until(SHORT, "the delivering worker to notice", || {
+        log.text(&mut f.client).contains("the extension is not installed in this database (CREATE EXTENSION pg_reverse_etl); waiting")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting_lines = log.text(&mut f.client).matches("the extension is not installed in this database").count();
+    assert!(waiting_lines <= 2, "each worker says it once, then waits quietly ({waiting_lines} lines)");
+    // The library is newer than these SQL objects: the workers wait for the update.
+    f.exec("CREATE EXTENSION pg_reverse_etl VERSION '0.1.0'");
+    f.exec("SELECT pg_reload_conf()"); // wakes nobody by itself; the workers recheck on their own
+    f.exec(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{}'", env!("CARGO_PKG_VERSION")));
+    assert_eq!(worker_pids(&mut f.client), before, "no worker crashed or restarted");
+    let text = log.text(&mut f.client);
+    assert!(!text.contains("terminated by signal"), "{text}");
+    assert!(!text.contains("PANIC"), "{text}");
+
+    // The workers work again at once.
+    let fake2 = FakeWebhook::start();
+    let mut g = Fixture::new(&fake2.url(), 3, "upsert", "", None);
+    let run = g.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 3));
+    assert_eq!(worker_pids(&mut g.client), before);
+}
