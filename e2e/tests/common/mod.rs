@@ -1,6 +1,6 @@
 //! Shared set-up for the end-to-end tests: each test makes its own table, model, destination
 //! (pointing at its own fake) and sync, so tests never see each other's rows.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub use retl_e2e::cluster::{connect, error_text, unique, wait_until};
 pub use retl_e2e::fake_webhook::{FakeWebhook, Scripted};
@@ -162,3 +162,31 @@ pub fn key(id: i64) -> String {
 }
 
 pub const SHORT: Duration = Duration::from_secs(30);
+
+/// Pauses, then drops, the named syncs (in the order given: children before parents) when it
+/// goes out of scope, even when the test panicked, so a scheduled sync never keeps running on
+/// the shared cluster after its test.
+pub struct DropSyncs(pub Vec<String>);
+
+impl Drop for DropSyncs {
+    fn drop(&mut self) {
+        let Some(mut client) = retl_e2e::cluster::try_connect() else { return };
+        for sync in &self.0 {
+            let _ = client.execute("SELECT retl.pause($1)", &[sync]);
+        }
+        for sync in &self.0 {
+            let _ = client.execute("SELECT retl.drop_sync($1, if_exists => true)", &[sync]);
+        }
+    }
+}
+
+/// (SQLSTATE, message, detail, hint) of a server error; panics on client-side errors.
+pub fn db_error(e: &postgres::Error) -> (String, String, Option<String>, Option<String>) {
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
+    (
+        db.code().code().to_string(),
+        db.message().to_string(),
+        db.detail().map(str::to_string),
+        db.hint().map(str::to_string),
+    )
+}
