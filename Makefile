@@ -8,7 +8,7 @@ export PGUSER     ?= postgres
 export PGPASSWORD ?= retl-dev
 export PGDATABASE ?= postgres
 
-.PHONY: run test deps install cluster stop unit e2e demo clean
+.PHONY: run test deps install cluster stop unit e2e demo clean bench
 
 ## make run: install what is missing, build and install the extension, start a local cluster
 ## with it preloaded, and run the demo sync to a local webhook receiver.
@@ -50,3 +50,14 @@ demo:
 clean: stop
 	rm -rf .run
 	cargo clean
+
+## make bench: the on-change latency benchmark (docs/BENCHMARKS.md) against a release build of
+## the extension, freshly created: 100 single-row updates/s for 30 s on a 10,000-row model.
+## Results: printed, and as one JSON line in .run/bench.json. Reinstalls the extension.
+bench: deps
+	@scripts/cluster.sh stop
+	cd extension && cargo pgrx install --release --pg-config $(PG_CONFIG)
+	install -m 644 extension/sql/releases/*.sql $$($(PG_CONFIG) --sharedir)/extension/
+	@scripts/cluster.sh start
+	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
+	cargo run --release -p retl-e2e --bin retl-bench -- --seconds 30 --json .run/bench.json

@@ -201,8 +201,9 @@ BEGIN
 END $$;
 
 -- Worker: queue a run of every on-change sync reading one of `relids` (NULL: of every
--- on-change sync). Changes close together coalesce: a sync with a run already queued gets no
--- second one; a sync that is delivering gets one follow-up run.
+-- on-change sync). Changes close together coalesce: a sync with a run queued and not yet
+-- started gets no second one; a sync whose run is being planned or delivered (its plan may
+-- not see this change) gets one follow-up run.
 CREATE FUNCTION retl._queue_changed(relids oid[]) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -213,7 +214,8 @@ BEGIN
      WHERE s.schedule = 'on change' AND NOT s.paused
        AND (relids IS NULL OR EXISTS (SELECT 1 FROM retl.sync_sources src
                                        WHERE src.sync_id = s.id AND src.relid = ANY (relids)))
-       AND NOT EXISTS (SELECT 1 FROM retl.runs r WHERE r.sync_id = s.id AND r.status = 'queued');
+       AND NOT EXISTS (SELECT 1 FROM retl.runs r
+                        WHERE r.sync_id = s.id AND r.status = 'queued' AND r.started_at IS NULL);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;

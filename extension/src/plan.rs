@@ -166,10 +166,13 @@ fn materialize_sql(sync: &SyncDef) -> String {
         (_, None) => "to_jsonb(m.*)".to_string(),
         (_, Some(pairs)) => build_object(pairs),
     };
+    // The hash covers what the destination holds: the payload, or in delete mode the key.
+    let hashed = if sync.mode == Mode::Delete { "key" } else { "payload" };
     format!(
         "CREATE TEMP TABLE retl_plan ON COMMIT DROP AS \
-         SELECT {key} AS key, ({key_null}) AS key_is_null, {payload} AS payload \
-           FROM retl_models.{source} m",
+         SELECT key, key_is_null, payload, retl._row_hash({hashed}::text) AS hash \
+           FROM (SELECT {key} AS key, ({key_null}) AS key_is_null, {payload} AS payload \
+                   FROM retl_models.{source} m) p",
         key = build_object(&key_pairs),
         source = quote_identifier(&sync.source),
     )
@@ -179,9 +182,8 @@ fn materialize_sql(sync: &SyncDef) -> String {
 /// mode sends: (change, op, key, payload, hash).
 fn diff_sql(sync: &SyncDef) -> String {
     let (filter, op) = sync.mode.op_sql();
-    let hashed = if sync.mode == Mode::Delete { "key" } else { "payload" };
     format!(
-        "WITH m AS (SELECT key, payload, retl._row_hash({hashed}::text) AS hash FROM pg_temp.retl_plan), \
+        "WITH m AS (SELECT key, payload, hash FROM pg_temp.retl_plan), \
               s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
               d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
                            coalesce(m.key, s.key) AS key, m.payload, coalesce(m.hash, s.hash) AS hash \
@@ -215,11 +217,20 @@ fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError>
     })
     .unwrap_or_else(|e| error!("{e}"));
 
-    let (rows, null_keys) = client
-        .select("SELECT count(*), count(*) FILTER (WHERE key_is_null) FROM pg_temp.retl_plan", Some(1), &[])
-        .and_then(|t| t.first().get_two::<i64, i64>())
+    // One pass: rows, NULL keys, and duplicate keys (how many, the worst, how often).
+    let stats = client
+        .select(
+            "SELECT sum(n)::bigint, (sum(n) FILTER (WHERE key_is_null))::bigint, count(*) FILTER (WHERE n > 1), \
+                    (array_agg(key::text ORDER BY n DESC, key) FILTER (WHERE n > 1))[1], max(n) \
+               FROM (SELECT key, bool_or(key_is_null) AS key_is_null, count(*) AS n \
+                       FROM pg_temp.retl_plan GROUP BY key) k",
+            Some(1),
+            &[],
+        )
         .unwrap_or_else(|e| error!("{e}"));
-    let (rows, null_keys) = (rows.unwrap_or(0), null_keys.unwrap_or(0));
+    let row = stats.first();
+    let rows = row.get::<i64>(1).unwrap_or_else(|e| error!("{e}")).unwrap_or(0);
+    let null_keys = row.get::<i64>(2).unwrap_or_else(|e| error!("{e}")).unwrap_or(0);
     if null_keys > 0 {
         return Err(RetlError::NullKeys {
             model: sync.source.clone(),
@@ -227,19 +238,14 @@ fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError>
             columns: sync.primary_key.join(", "),
         });
     }
-    let dup = client
-        .select(
-            "SELECT count(*), (array_agg(key::text ORDER BY n DESC, key))[1], max(n) \
-               FROM (SELECT key, count(*) AS n FROM pg_temp.retl_plan GROUP BY key HAVING count(*) > 1) d",
-            Some(1),
-            &[],
-        )
-        .and_then(|t| t.first().get_three::<i64, String, i64>())
-        .unwrap_or_else(|e| error!("{e}"));
-    if let (Some(count), Some(example), Some(times)) = dup {
-        if count > 0 {
-            return Err(RetlError::DuplicateKeys { model: sync.source.clone(), count, example, times });
-        }
+    let duplicates = row.get::<i64>(3).unwrap_or_else(|e| error!("{e}")).unwrap_or(0);
+    if duplicates > 0 {
+        return Err(RetlError::DuplicateKeys {
+            model: sync.source.clone(),
+            count: duplicates,
+            example: row.get::<String>(4).unwrap_or_else(|e| error!("{e}")).unwrap_or_default(),
+            times: row.get::<i64>(5).unwrap_or_else(|e| error!("{e}")).unwrap_or(0),
+        });
     }
     Ok(rows)
 }

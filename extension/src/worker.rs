@@ -220,17 +220,31 @@ fn unlock_sync(sync_id: i64) {
 
 /// Plan a queued run in one transaction. Returns whether there is anything to deliver.
 fn plan_run(run_id: i64) -> bool {
+    // Committed before the plan's snapshot is taken: from now on a change to the model's
+    // tables queues a follow-up run instead of counting on this plan, which may not see it.
+    let started = transaction(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE retl.runs SET started_at = clock_timestamp() WHERE id = $1 AND status = 'queued'",
+                    None,
+                    &[run_id.into()],
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    if let Err(message) = started {
+        log!("pg_reverse_etl: cannot start run {run_id}: {message}");
+        return false;
+    }
     let planned = transaction(|| {
         Spi::connect_mut(|client| {
             let sync_id = plan::sync_id_of_run(client, run_id)?;
             let sync = plan::load_sync_by_id(client, sync_id).ok_or("sync vanished")?;
             // Another worker may have planned it between our pick and our lock.
             let still_queued = client
-                .update(
-                    "UPDATE retl.runs SET started_at = clock_timestamp() WHERE id = $1 AND status = 'queued' RETURNING 1",
-                    None,
-                    &[run_id.into()],
-                )
+                .select("SELECT 1 FROM retl.runs WHERE id = $1 AND status = 'queued'", None, &[run_id.into()])
                 .map_err(|e| e.to_string())?;
             if still_queued.is_empty() {
                 return Ok(Some(false));
