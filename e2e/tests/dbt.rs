@@ -252,7 +252,6 @@ fn a_wait_cancelled_by_statement_timeout_leaves_the_run_going_and_the_session_us
 }
 
 #[test]
-#[ignore = "BUG: when the sync is dropped while retl.run(wait => true) waits, the call returns a row of NULLs (id, status... all NULL) instead of raising"]
 fn a_sync_dropped_during_the_wait_raises_instead_of_returning_nulls() {
     let fake = FakeWebhook::start();
     fake.script(vec![Scripted::Delay(Duration::from_millis(1500))]);
@@ -272,13 +271,16 @@ fn a_sync_dropped_during_the_wait_raises_instead_of_returning_nulls() {
             "SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{sync}' AND r.status = 'delivering'"
         )) == 1
     });
+    let run_id = f.count(&format!(
+        "SELECT max(r.id) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{sync}'"
+    ));
     f.exec(&format!("SELECT retl.drop_sync('{sync}')"));
     match waiter.join().unwrap() {
         Ok(row) => panic!("retl.run(wait => true) returned {row:?} for a run whose sync was dropped meanwhile"),
         Err(e) => {
             let (code, message) = error_text(&e);
-            assert!(!code.is_empty(), "{e}");
-            assert!(message.contains(&sync), "{message}");
+            assert_eq!(code, "42704", "{e}");
+            assert_eq!(message, format!("run {run_id} of sync \"{sync}\" is gone: the sync was dropped while it ran"));
         }
     }
 }

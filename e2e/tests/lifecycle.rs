@@ -84,7 +84,8 @@ fn a_sigterm_stops_a_worker_within_a_second_and_its_run_resumes() {
 struct LogRunsOff<'a>(&'a mut postgres::Client);
 impl Drop for LogRunsOff<'_> {
     fn drop(&mut self) {
-        let _ = self.0.batch_execute("ALTER SYSTEM RESET retl.log_runs; SELECT pg_reload_conf()");
+        let _ = self.0.batch_execute("ALTER SYSTEM RESET retl.log_runs");
+        let _ = self.0.batch_execute("SELECT pg_reload_conf()");
     }
 }
 

@@ -44,7 +44,11 @@ fn postmaster_death_ends_the_workers_and_a_restart_brings_them_back() {
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(2), "the workers outlived the postmaster by {took:?}");
 
-    // Start the cluster again (the other backends may take a moment to notice and exit).
+    // Start the cluster again once the dead postmaster is reaped (until then pg_ctl takes its
+    // zombie for a running server) and every other backend has noticed and exited.
+    wait_until(Duration::from_secs(60), "the postmaster to be reaped", || {
+        !std::path::Path::new(&format!("/proc/{postmaster}")).exists()
+    });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cluster.sh");
     wait_until(Duration::from_secs(60), "the cluster to start again", || {
         std::process::Command::new(script).arg("start").status().map(|s| s.success()).unwrap_or(false)

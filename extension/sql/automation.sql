@@ -22,8 +22,13 @@ BEGIN
     IF norm IN ('manual', 'on change') THEN
         RETURN norm;
     END IF;
-    IF retl._is_cron(norm) THEN
-        PERFORM retl._cron_next(norm, localtimestamp);  -- raises a precise error if malformed
+    -- Unknown macros (@fortnightly) go to the cron parser too, for its precise error.
+    IF retl._is_cron(norm) OR left(norm, 1) = '@' THEN
+        IF retl._cron_next(norm, localtimestamp) IS NULL THEN  -- raises first if malformed
+            RAISE EXCEPTION 'cron schedule % of sync % never fires', retl._q(schedule), retl._q(sync_name)
+                  USING ERRCODE = 'invalid_parameter_value',
+                        HINT = 'Check the day of month against the month, e.g. February has no 30th.';
+        END IF;
         RETURN norm;
     END IF;
     BEGIN
@@ -45,17 +50,51 @@ BEGIN
 END $$;
 
 -- When a schedule next fires after `after`; NULL for manual and on-change syncs. Cron
--- expressions are evaluated in the sync's time zone with Postgres's own tz database.
+-- expressions are evaluated in the sync's time zone with Postgres's own tz database: the
+-- result is the first instant after `after` whose local wall-clock time matches. When clocks
+-- go back, the repeated local hour matches twice (a run more is harmless: it sends the diff),
+-- so both readings of the local time are tried; when they go forward, the skipped local times
+-- never occur.
 CREATE FUNCTION retl._next_run_at(schedule text, time_zone text, after timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    local_next timestamp;
+    best timestamptz;
+    candidate timestamptz;
+    shift interval;
+    offset_now interval;
+    offset_later interval;
 BEGIN
     IF schedule IN ('manual', 'on change') THEN
         RETURN NULL;
     END IF;
-    IF retl._is_cron(schedule) THEN
-        RETURN retl._cron_next(schedule, after AT TIME ZONE time_zone) AT TIME ZONE time_zone;
+    IF NOT retl._is_cron(schedule) THEN
+        RETURN after + schedule::interval;
     END IF;
-    RETURN after + schedule::interval;
+    local_next := retl._cron_next(schedule, after AT TIME ZONE time_zone);
+    IF local_next IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- AT TIME ZONE reads a repeated local time as the later instant: try the earlier first.
+    best := local_next AT TIME ZONE time_zone;
+    FOREACH shift IN ARRAY ARRAY[interval '1 hour', interval '30 minutes'] LOOP
+        candidate := best - shift;
+        IF candidate > after AND candidate AT TIME ZONE time_zone = local_next THEN
+            best := candidate;
+            EXIT;
+        END IF;
+    END LOOP;
+    -- Clocks going back within 3 hours: local time will run again from an earlier reading.
+    offset_now := (after AT TIME ZONE time_zone) - (after AT TIME ZONE 'UTC');
+    offset_later := ((after + interval '3 hours') AT TIME ZONE time_zone) - ((after + interval '3 hours') AT TIME ZONE 'UTC');
+    IF offset_later < offset_now THEN
+        local_next := retl._cron_next(schedule, (after AT TIME ZONE 'UTC') + offset_later);
+        candidate := (local_next - offset_later) AT TIME ZONE 'UTC';
+        IF candidate > after AND candidate < best AND candidate AT TIME ZONE time_zone = local_next THEN
+            best := candidate;
+        END IF;
+    END IF;
+    RETURN best;
 END $$;
 
 -- Replace a sync's parents; refuses unknown syncs and cycles.
@@ -77,6 +116,15 @@ BEGIN
     END IF;
     IF child_name = ANY (after) THEN
         RAISE EXCEPTION 'sync % cannot run after itself', retl._q(child_name) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A dependency keeps its parent from being dropped: only its owner may create one.
+    SELECT string_agg(retl._q(p.name), ', ') INTO missing
+      FROM retl.syncs p, retl.syncs c
+     WHERE c.id = child AND p.name = ANY (after) AND NOT pg_has_role(c.owner, p.owner, 'MEMBER');
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'sync % cannot run after % of another owner', retl._q(child_name), missing
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'A sync can only depend on syncs its owner owns (or is a member of the owning role).';
     END IF;
     DELETE FROM retl.sync_parents WHERE sync_id = child;
     INSERT INTO retl.sync_parents (sync_id, parent_id)

@@ -533,6 +533,8 @@ BEGIN
     RETURNING id INTO sync_id;
     PERFORM retl._set_parents(sync_id, after);
     PERFORM retl._refresh_sources(sync_id);
+    -- An idle worker sleeps until the earliest schedule it knew of: tell it about this one.
+    PERFORM retl._wake_worker_at_commit();
     RETURN sync_id;
 END $$;
 COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean, text, text[], text) IS
@@ -609,6 +611,7 @@ BEGIN
         PERFORM retl._set_parents(s.id, after);
     END IF;
     PERFORM retl._refresh_sources(s.id);
+    PERFORM retl._wake_worker_at_commit();
 END $$;
 COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text) IS
   'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot.';
@@ -656,6 +659,7 @@ BEGIN
     UPDATE retl.syncs SET paused = false, updated_at = now(),
                           next_run_at = retl._next_run_at(s.schedule, s.time_zone, now())
      WHERE id = s.id;
+    PERFORM retl._wake_worker_at_commit();
 END $$;
 COMMENT ON FUNCTION retl.resume(text) IS 'Resume a paused sync.';
 

@@ -32,6 +32,10 @@ BEGIN
     run_id := retl._await_run(retl._runnable_sync(sync), timeout_ms);
     -- A new statement, so a new snapshot: it sees the run the worker committed meanwhile.
     r := retl._run_summary(run_id);
+    IF r.id IS NULL THEN
+        RAISE EXCEPTION 'run % of sync % is gone: the sync was dropped while it ran', run_id, retl._q(sync)
+              USING ERRCODE = 'undefined_object';
+    END IF;
     -- A failed run fails the caller (a dbt post-hook fails its model); partial runs (some rows
     -- rejected, listed in retl.row_errors) do not.
     IF r.status = 'failed' THEN

@@ -58,7 +58,7 @@ pub fn schedule() -> i64 {
 /// How long until the earliest schedule is due, if any sync has one.
 pub fn until_next_schedule() -> Option<std::time::Duration> {
     let micros = transaction(|| {
-        Spi::get_one::<f64>("SELECT extract(epoch FROM retl._next_schedule_at() - now()) * 1e6")
+        Spi::get_one::<f64>("SELECT (extract(epoch FROM retl._next_schedule_at() - now()) * 1e6)::float8")
             .map_err(|e| e.to_string())
     })
     .ok()

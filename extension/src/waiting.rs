@@ -71,12 +71,15 @@ pub fn await_run(sync_id: i64, manual: bool, timeout: Option<Duration>) -> Resul
     }
 }
 
+/// Nobody waits for this slot any more. Who frees it depends on who holds it: nobody yet
+/// (free it now), a worker creating the run (it frees it: requester 0), or a run in progress
+/// (settle_waiters frees it when the run is over).
 fn abandon(slot: usize) {
     let mut waits = WAITS.exclusive();
     let s = &mut waits.slots[slot];
-    *s = if s.state == SlotState::Done {
-        shared::WaitSlot::default()
-    } else {
-        shared::WaitSlot { state: SlotState::Abandoned, ..*s }
-    };
+    match s.state {
+        SlotState::Requested | SlotState::Done => *s = shared::WaitSlot::default(),
+        SlotState::Claimed => s.requester_pid = 0,
+        _ => s.state = SlotState::Abandoned,
+    }
 }

@@ -301,11 +301,10 @@ fn accept_wait_requests() {
             let mut waits = WAITS.exclusive();
             let mut claimed = None;
             for (i, s) in waits.slots.iter_mut().enumerate() {
-                if s.state == SlotState::Abandoned && s.run_id == 0 {
-                    *s = shared::WaitSlot::default();
-                } else if s.state == SlotState::Requested && claimed.is_none() {
+                if s.state == SlotState::Requested {
                     s.state = SlotState::Claimed;
                     claimed = Some((i, s.sync_id, s.trigger_manual));
+                    break;
                 }
             }
             claimed
@@ -324,19 +323,24 @@ fn accept_wait_requests() {
                 Ok(table.into_iter().next().and_then(|row| row.get::<i64>(1).ok().flatten()))
             })
         });
+        // The slot stayed ours (Claimed) meanwhile; requester 0 means the waiter gave up.
         let mut waits = WAITS.exclusive();
         let s = &mut waits.slots[slot];
-        match (created, s.state) {
-            (Ok(Some(run_id)), SlotState::Claimed) => {
+        let waiter = s.requester_pid;
+        match created {
+            Ok(Some(run_id)) if waiter != 0 => {
                 s.state = SlotState::Accepted;
                 s.run_id = run_id;
             }
-            // Abandoned meanwhile: the run goes on; settle_waiters frees the slot when it ends.
-            (Ok(Some(run_id)), _) => s.run_id = run_id,
-            (_, SlotState::Claimed) => {
+            // The run goes on; settle_waiters frees the slot when it is over.
+            Ok(Some(run_id)) => {
+                s.state = SlotState::Abandoned;
+                s.run_id = run_id;
+            }
+            _ if waiter != 0 => {
                 s.state = SlotState::Done;
                 s.failure = SlotFailure::SyncNotFound;
-                shared::wake_pid(s.requester_pid);
+                shared::wake_pid(waiter);
             }
             _ => *s = shared::WaitSlot::default(),
         }
