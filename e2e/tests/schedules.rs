@@ -336,6 +336,8 @@ fn invalid_schedules_and_time_zones_are_refused_and_nothing_is_created() {
             Some("UTC"),
             "cron expression \"0 9 * * mon-fry\": \"fry\" is not a number or name in the day-of-week field; use a number 0-7 (0 and 7 are Sunday) or a name sun-sat".into(),
         ),
+        (Some("0 0 30 2 *"), Some("UTC"), format!("cron schedule \"0 0 30 2 *\" of sync {q} never fires")),
+        (Some("@fortnightly"), Some("UTC"), "cron expression \"@fortnightly\": unknown macro \"@fortnightly\"; use @yearly, @annually, @monthly, @weekly, @daily, @midnight or @hourly".into()),
         (Some("5 minutes"), Some("Mars/Olympus"), format!("time zone \"Mars/Olympus\" of sync {q} is not recognized")),
         (Some("0 9 * * *"), None, format!("time zone NULL of sync {q} is not recognized")),
     ];
@@ -635,4 +637,41 @@ fn a_cron_schedule_keeps_firing_through_daylight_saving_changes() {
         fire_times(&mut client, "*/15 * * * *", "America/New_York", "2026-11-01 04:50+00", 12),
         quarter_hours("05:00", 12)
     );
+}
+
+#[test]
+fn a_sync_can_only_run_after_syncs_its_owner_owns() {
+    // A dependency keeps its parent from being dropped, so another role must not be able to
+    // pin someone else's sync by depending on it.
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 1, "upsert", "", None);
+    let role = unique("bob");
+    f.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}';
+         GRANT USAGE ON FOREIGN SERVER {server} TO {role};
+         GRANT SELECT ON retl_models.{model} TO {role};",
+        server = f.server,
+        model = f.model
+    ));
+    let mut bob = retl_e2e::cluster::connect_as(&role, &format!("pw-{role}"));
+    let child = format!("{}_bob", f.sync);
+    let err = bob
+        .execute(
+            "SELECT retl.create_sync(name => $1, model => $2, destination => $3, after => ARRAY[$4])",
+            &[&child, &f.model, &f.server, &f.sync],
+        )
+        .unwrap_err();
+    assert_eq!(
+        error_text(&err),
+        ("42501".to_string(), format!("sync \"{child}\" cannot run after \"{}\" of another owner", f.sync))
+    );
+    let created = f.count(&format!("SELECT count(*) FROM retl.syncs WHERE name = '{child}'"));
+    assert_eq!(created, 0);
+    drop(bob);
+    f.exec(&format!("SELECT retl.drop_sync('{}')", f.sync));
+    f.exec(&format!(
+        "REVOKE ALL ON retl_models.{model} FROM {role}; REVOKE USAGE ON FOREIGN SERVER {server} FROM {role}; DROP ROLE {role}",
+        server = f.server,
+        model = f.model
+    ));
 }
