@@ -164,3 +164,19 @@ fn audience_sync_sends_only_matching_rows_and_mirror_removes_leavers() {
     assert!(!fake.records().contains_key(&key(9)));
     assert_eq!(fake.records().len(), 2);
 }
+
+#[test]
+fn changing_the_mappings_resends_every_row_under_the_new_field_names() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', mappings => '{{\"mail\": \"email\"}}')", f.sync));
+    assert_eq!(f.run().delivered, 3);
+    assert_eq!(fake.records()[&key(2)], json!({"mail": "user2@example.com"}));
+    fake.clear_journal();
+    assert_eq!(f.run().api_calls, 0, "nothing changed");
+    // Same column, new destination field: the destination holds other fields now.
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', mappings => '{{\"email_address\": \"email\"}}')", f.sync));
+    let run = f.run();
+    assert_eq!((run.updates, run.delivered), (3, 3));
+    assert_eq!(fake.records()[&key(2)], json!({"email_address": "user2@example.com"}));
+}

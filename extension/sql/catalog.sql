@@ -60,7 +60,10 @@ CREATE TABLE retl.syncs (
     -- by itself: 'manual', 'on change', a cron expression (in time_zone) or an interval.
     schedule    text NOT NULL DEFAULT 'manual',
     time_zone   text NOT NULL DEFAULT 'UTC',
-    next_run_at timestamptz
+    next_run_at timestamptz,
+    -- How the planner hashes rows: 2 (row text, since 0.2.0) or 1 (jsonb text; syncs created
+    -- before 0.2.0 keep it, their snapshots hold such hashes).
+    hash_version smallint NOT NULL DEFAULT 2 CHECK (hash_version IN (1, 2))
 );
 COMMENT ON TABLE retl.syncs IS
   'Syncs: a model or audience pushed to a destination (a retl foreign server) in a mode, with field mappings {"destination_field": "model_column"} (NULL: every model column under its own name).';

@@ -9,7 +9,10 @@
 ALTER TABLE retl.syncs
     ADD COLUMN schedule    text NOT NULL DEFAULT 'manual',
     ADD COLUMN time_zone   text NOT NULL DEFAULT 'UTC',
-    ADD COLUMN next_run_at timestamptz;
+    ADD COLUMN next_run_at timestamptz,
+    -- Existing syncs keep hashing rows as 0.1.0 did: their snapshots hold such hashes.
+    ADD COLUMN hash_version smallint NOT NULL DEFAULT 1 CHECK (hash_version IN (1, 2));
+ALTER TABLE retl.syncs ALTER COLUMN hash_version SET DEFAULT 2;
 ALTER TABLE retl.runs ADD COLUMN last_served_at timestamptz;
 
 -- after => [parents]: the sync runs when every parent has succeeded since its own last run.

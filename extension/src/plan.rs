@@ -58,10 +58,13 @@ pub struct SyncDef {
     pub paused: bool,
     /// This incarnation of the sync (idempotency keys are scoped by it).
     pub uid: String,
+    /// How row hashes are computed (see `materialize_sql`); kept per sync because its snapshot
+    /// holds hashes of that kind.
+    pub hash_version: i16,
 }
 
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
-     s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text \
+     s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version \
      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
      LEFT JOIN retl.audiences a ON a.id = s.audience_id";
 
@@ -97,6 +100,7 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
         destination: get_text(8),
         paused: row.get::<bool>(9).ok().flatten().unwrap_or(false),
         uid: get_text(10),
+        hash_version: row.get::<i16>(11).ok().flatten().unwrap_or(1),
     })
 }
 
@@ -111,8 +115,9 @@ pub fn sync_id_of_run(client: &SpiClient, run_id: i64) -> Result<i64, String> {
         .ok_or_else(|| format!("run {run_id} was deleted (its sync was dropped)"))
 }
 
-/// The schema contract: every mapped column must still be in the model.
-fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<(), RetlError> {
+/// The schema contract: every mapped column must still be in the model. Returns the model's
+/// columns.
+fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<Vec<String>, RetlError> {
     let columns: Vec<String> = client
         .select("SELECT retl._model_columns($1)", Some(1), &[sync.source.as_str().into()])
         .and_then(|t| t.first().get_one::<Vec<String>>())
@@ -131,10 +136,11 @@ fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<(), RetlError> {
             });
         }
     }
-    Ok(())
+    Ok(columns)
 }
 
-fn build_object(pairs: &[(String, String)]) -> String {
+/// `jsonb_build_object('field', <prefix>column, ...)` (chunked).
+fn build_object_from(pairs: &[(String, String)], prefix: &str) -> String {
     if pairs.is_empty() {
         return "'{}'::jsonb".into();
     }
@@ -143,7 +149,7 @@ fn build_object(pairs: &[(String, String)]) -> String {
         .map(|chunk| {
             let args: Vec<String> = chunk
                 .iter()
-                .map(|(field, col)| format!("{}, m.{}", quote_literal(field), quote_identifier(col)))
+                .map(|(field, col)| format!("{}, {prefix}{}", quote_literal(field), quote_identifier(col)))
                 .collect();
             format!("jsonb_build_object({})", args.join(", "))
         })
@@ -151,8 +157,56 @@ fn build_object(pairs: &[(String, String)]) -> String {
         .join(" || ")
 }
 
-/// SQL that materialises the model as (key, key_is_null, payload) into pg_temp.retl_plan.
-fn materialize_sql(sync: &SyncDef) -> String {
+fn build_object(pairs: &[(String, String)]) -> String {
+    build_object_from(pairs, "m.")
+}
+
+/// Hashes of version 2 hash the mapped values' row text, prefixed by the field names (so a
+/// renamed destination field or model column changes them): cheaper than building every row's
+/// jsonb payload, which is then built for changed rows only. Version 1 (syncs created before
+/// 0.2.0) hashes the jsonb payload's text. Delete mode hashes the key in both.
+fn hashes_row_text(sync: &SyncDef) -> bool {
+    sync.hash_version >= 2 && sync.mode != Mode::Delete
+}
+
+/// SQL that materialises the model into pg_temp.retl_plan: (key, key_is_null, payload, hash,
+/// r), where version 2 keeps the model row `r` and leaves `payload` to the diff.
+fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
+    if hashes_row_text(sync) {
+        let key_pairs: Vec<(String, String)> = sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
+        let key_null = sync
+            .primary_key
+            .iter()
+            .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let (signature, row) = match &sync.mappings {
+            None => (format!("v2:{}|", columns.join(",")), "m".to_string()),
+            Some(pairs) => (
+                format!(
+                    "v2:{}|",
+                    pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")
+                ),
+                format!(
+                    "ROW({})",
+                    pairs.iter().map(|(_, col)| format!("m.{}", quote_identifier(col))).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+        };
+        return format!(
+            "CREATE TEMP TABLE retl_plan ON COMMIT DROP AS \
+             SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, \
+                    retl._row_hash({signature} || ({row})::text) AS hash, m AS r \
+               FROM retl_models.{source} m",
+            key = build_object(&key_pairs),
+            signature = quote_literal(&signature),
+            source = quote_identifier(&sync.source),
+        );
+    }
+    materialize_v1_sql(sync)
+}
+
+fn materialize_v1_sql(sync: &SyncDef) -> String {
     let key_pairs: Vec<(String, String)> =
         sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
     let key_null = sync
@@ -182,6 +236,23 @@ fn materialize_sql(sync: &SyncDef) -> String {
 /// mode sends: (change, op, key, payload, hash).
 fn diff_sql(sync: &SyncDef) -> String {
     let (filter, op) = sync.mode.op_sql();
+    if hashes_row_text(sync) {
+        // Payloads are built here, for the changed rows only.
+        let payload = match &sync.mappings {
+            None => "to_jsonb(d.r)".to_string(),
+            Some(pairs) => build_object_from(pairs, "(d.r)."),
+        };
+        return format!(
+            "WITH m AS (SELECT key, r, hash FROM pg_temp.retl_plan), \
+                  s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
+                  d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
+                               coalesce(m.key, s.key) AS key, m.r, coalesce(m.hash, s.hash) AS hash \
+                          FROM m FULL JOIN s ON m.key = s.key \
+                         WHERE m.key IS NULL OR s.key IS NULL OR m.hash <> s.hash) \
+             SELECT change, {op} AS op, key, CASE WHEN change = 'gone' THEN NULL ELSE {payload} END AS payload, hash \
+               FROM d WHERE {filter}"
+        );
+    }
     format!(
         "WITH m AS (SELECT key, payload, hash FROM pg_temp.retl_plan), \
               s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
@@ -209,8 +280,8 @@ fn drop_plan_table(client: &mut SpiClient) -> Result<(), pgrx::spi::SpiError> {
 
 /// Materialise the model as the sync owner and refuse NULL or duplicate keys.
 fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError> {
-    check_columns(client, sync)?;
-    let sql = materialize_sql(sync);
+    let columns = check_columns(client, sync)?;
+    let sql = materialize_sql(sync, &columns);
     identity::as_role(sync.owner, || {
         drop_plan_table(client)?;
         client.update(sql.as_str(), None, &[])
