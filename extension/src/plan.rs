@@ -169,17 +169,24 @@ fn hashes_row_text(sync: &SyncDef) -> bool {
     sync.hash_version >= 2 && sync.mode != Mode::Delete
 }
 
+/// The record key (`{"col": value, ...}` over the primary key) and "some key column is NULL",
+/// as SQL over the model row `m`.
+fn key_sql(sync: &SyncDef) -> (String, String) {
+    let pairs: Vec<(String, String)> = sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
+    let null = sync
+        .primary_key
+        .iter()
+        .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    (build_object(&pairs), null)
+}
+
 /// SQL that materialises the model into pg_temp.retl_plan: (key, key_is_null, payload, hash,
 /// r), where version 2 keeps the model row `r` and leaves `payload` to the diff.
 fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
     if hashes_row_text(sync) {
-        let key_pairs: Vec<(String, String)> = sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
-        let key_null = sync
-            .primary_key
-            .iter()
-            .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        let (key, key_null) = key_sql(sync);
         let (signature, row) = match &sync.mappings {
             None => (format!("v2:{}|", columns.join(",")), "m".to_string()),
             Some(pairs) => (
@@ -198,7 +205,6 @@ fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
              SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, \
                     retl._row_hash({signature} || ({row})::text) AS hash, m AS r \
                FROM retl_models.{source} m",
-            key = build_object(&key_pairs),
             signature = quote_literal(&signature),
             source = quote_identifier(&sync.source),
         );
@@ -207,14 +213,7 @@ fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
 }
 
 fn materialize_v1_sql(sync: &SyncDef) -> String {
-    let key_pairs: Vec<(String, String)> =
-        sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
-    let key_null = sync
-        .primary_key
-        .iter()
-        .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
-        .collect::<Vec<_>>()
-        .join(" OR ");
+    let (key, key_null) = key_sql(sync);
     let payload = match (&sync.mode, &sync.mappings) {
         (Mode::Delete, _) => "NULL::jsonb".to_string(),
         (_, None) => "to_jsonb(m.*)".to_string(),
@@ -227,7 +226,6 @@ fn materialize_v1_sql(sync: &SyncDef) -> String {
          SELECT key, key_is_null, payload, retl._row_hash({hashed}::text) AS hash \
            FROM (SELECT {key} AS key, ({key_null}) AS key_is_null, {payload} AS payload \
                    FROM retl_models.{source} m) p",
-        key = build_object(&key_pairs),
         source = quote_identifier(&sync.source),
     )
 }
