@@ -54,6 +54,17 @@ echo "== 4. nothing changed: zero requests"
 sql -c "SELECT id, status, planned_inserts + planned_updates + planned_deletes AS planned, delivered, api_calls FROM retl.run('customers_to_webhook', wait => true)"
 received
 
+echo "== 5. on change: a commit sends the change by itself, no retl.run needed"
+sql -c "SELECT retl.alter_sync(name => 'customers_to_webhook', schedule => 'on change')"
+sql -c "UPDATE customers SET plan = 'free' WHERE id = 5"
+for _ in $(seq 50); do
+    curl -fs "http://127.0.0.1:$RECEIVER_PORT/_requests" | grep -q '"records_sent":13' && break
+    sleep 0.1
+done
+received
+sql -c "SELECT id, trigger, status, delivered, api_calls, finished_at - queued_at AS took FROM retl.runs ORDER BY id DESC LIMIT 1"
+sql -c "SELECT * FROM retl.worker_status()"
+
 echo "== the receiver's log"
 cat "$RUN_DIR/receiver.log"
 echo "== records held by the receiver"
