@@ -107,7 +107,7 @@ fn rejected_credentials_fail_the_run_without_leaking_the_token() {
         .query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[])
         .unwrap()
         .get(0);
-    assert!(log.contains("pg_reverse_etl worker started"), "read the right log");
+    assert!(log.contains("pg_reverse_etl worker 1 started"), "read the right log");
     assert!(!log.contains("a-wrong-token-XYZ"), "the token is in the server log");
     // Fix the mapping: the next run delivers everything.
     f.exec(&format!("ALTER USER MAPPING FOR CURRENT_USER SERVER {} OPTIONS (SET token 'the-right-token')", f.server));

@@ -132,6 +132,26 @@ fn drop_extension_and_update_while_the_workers_run() {
     std::thread::sleep(Duration::from_millis(500));
     let waiting_lines = log.text(&mut f.client).matches("the extension is not installed in this database").count();
     assert!(waiting_lines <= 2, "each worker says it once, then waits quietly ({waiting_lines} lines)");
+    // A worker (re)started in a database without the extension waits quietly too.
+    let restarted_from = before[0];
+    f.exec(&format!("SELECT pg_terminate_backend({restarted_from})"));
+    let mut now_running = Vec::new();
+    wait_until(Duration::from_secs(20), "the terminated worker to start again", || {
+        now_running = worker_pids(&mut f.client);
+        now_running.len() == 2 && !now_running.contains(&restarted_from)
+    });
+    let restarted = *now_running.iter().find(|p| !before.contains(p)).unwrap();
+    wait_until(SHORT, "the new worker to say why it waits", || {
+        log.text(&mut f.client).contains(&format!(
+            "[{restarted}] pg_reverse_etl worker LOG:  pg_reverse_etl worker"
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let text = log.text(&mut f.client);
+    let said: Vec<&str> = text.lines().filter(|l| l.contains(&format!("[{restarted}]"))).collect();
+    assert!(said.iter().any(|l| l.contains("not installed in this database")), "{said:?}");
+    assert!(said.len() <= 2, "started, then one line saying why it waits: {said:?}");
+    let before = now_running;
     // The library is newer than these SQL objects: the workers wait for the update.
     f.exec("CREATE EXTENSION pg_reverse_etl VERSION '0.1.0'");
     f.exec("SELECT pg_reload_conf()"); // wakes nobody by itself; the workers recheck on their own
