@@ -51,6 +51,17 @@ pub fn try_connect() -> Option<Client> {
         .ok()
 }
 
+/// Waits (up to `timeout`) until the server accepts connections again, e.g. after a crash
+/// restart, and connects.
+pub fn reconnect(timeout: Duration) -> Client {
+    let mut client = None;
+    wait_until(timeout, "the server to accept connections again", || {
+        client = try_connect();
+        client.is_some()
+    });
+    client.expect("connected")
+}
+
 /// Connects as another role, same host, port and database as [`connect`].
 pub fn connect_as(user: &str, password: &str) -> Client {
     let cfg = config(user, password);

@@ -27,12 +27,7 @@ fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     drop(f.client);
 
     // The postmaster reinitialises after a crash; reconnect and wait for the resumed run.
-    let mut client = None;
-    wait_until(Duration::from_secs(60), "the server to accept connections again", || {
-        client = retl_e2e::cluster::try_connect();
-        client.is_some()
-    });
-    let mut client = client.unwrap();
+    let mut client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
     wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
         client
             .query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id])

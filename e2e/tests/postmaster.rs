@@ -53,12 +53,7 @@ fn postmaster_death_ends_the_workers_and_a_restart_brings_them_back() {
     wait_until(Duration::from_secs(60), "the cluster to start again", || {
         std::process::Command::new(script).arg("start").status().map(|s| s.success()).unwrap_or(false)
     });
-    let mut client = None;
-    wait_until(Duration::from_secs(60), "connections", || {
-        client = retl_e2e::cluster::try_connect();
-        client.is_some()
-    });
-    let mut c = client.unwrap();
+    let mut c = retl_e2e::cluster::reconnect(Duration::from_secs(60));
     wait_until(Duration::from_secs(30), "both workers to run again", || {
         c.query_one("SELECT count(*) FROM retl.worker_status() WHERE pid <> 0 AND state <> 'stopped'", &[])
             .map(|r| r.get::<_, i64>(0) == 2)

@@ -38,12 +38,7 @@ fn first_run_sends_everything_then_only_changes_then_nothing() {
     assert_eq!(second.status, "succeeded");
     assert_eq!((second.inserts, second.updates, second.deletes, second.delivered, second.api_calls), (0, 2, 0, 2, 1));
     assert_eq!(fake.records_sent(), 2);
-    let sent: std::collections::BTreeSet<String> = fake.requests()[0].body.as_ref().unwrap()["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["key"].to_string())
-        .collect();
+    let sent = keys_in_request(&fake, 0);
     assert_eq!(sent, [key(4), key(17)].into_iter().collect());
     assert_eq!(fake.records(), f.model_state());
 

@@ -94,12 +94,7 @@ fn syncs_and_their_state_survive_the_upgrade_from_0_1_0() {
         (run.get::<_, i64>(1), run.get::<_, i64>(2), run.get::<_, i64>(3), run.get::<_, i64>(4)),
         (1, 1, 2, 1)
     );
-    let sent: std::collections::BTreeSet<String> = fake.requests()[0].body.as_ref().unwrap()["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["key"].to_string())
-        .collect();
+    let sent = keys_in_request(&fake, 0);
     assert_eq!(sent, [key(2), key(5)].into_iter().collect());
     assert_eq!(fake.records().len(), 5);
     assert_eq!(fake.records()[&key(2)]["score"], json!(99));

@@ -24,18 +24,12 @@ pub struct Deliveries {
     local_budgets: HashMap<u32, (f64, LocalBucket)>,
 }
 
-pub enum Slice {
-    /// Rows remain: the run goes back in line.
-    MoreLeft,
-    /// Every planned row was acknowledged or rejected, or the run failed: it is over.
-    Finished,
-    /// The worker is shutting down; the run stays `delivering` and resumes after a restart.
-    Interrupted,
-}
-
 impl Deliveries {
-    /// Deliver one window (batch_size x max_concurrency rows) of run `run_id`.
-    pub fn slice(&mut self, runtime: &tokio::runtime::Runtime, run_id: i64) -> Slice {
+    /// Deliver one window (batch_size x max_concurrency rows) of run `run_id`, and close the run
+    /// when it is over: every planned row acknowledged or rejected, or the run failed. While
+    /// rows remain it stays `delivering` and goes back in line (also when the worker is
+    /// shutting down: it resumes after a restart).
+    pub fn slice(&mut self, runtime: &tokio::runtime::Runtime, run_id: i64) {
         let loaded = transaction(|| {
             Spi::connect(|client| {
                 let sync_id = plan::sync_id_of_run(client, run_id)?;
@@ -53,7 +47,7 @@ impl Deliveries {
             Ok(v) => v,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);
-                return Slice::Finished;
+                return;
             }
         };
         let connector = connector::for_config(&dest.config);
@@ -63,7 +57,7 @@ impl Deliveries {
             Ok(d) => d,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);
-                return Slice::Finished;
+                return;
             }
         };
         let window = (batch_size * limits.max_concurrency) as i64;
@@ -72,16 +66,16 @@ impl Deliveries {
             Ok(v) => v,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);
-                return Slice::Finished;
+                return;
             }
         };
         if paused {
             finish_run(run_id, Some("sync was paused"), true);
-            return Slice::Finished;
+            return;
         }
         if records.is_empty() {
             finish_run(run_id, None, false);
-            return Slice::Finished;
+            return;
         }
         report_activity(&format!(
             "retl: sync {} run {run_id}: delivering {} rows to {}",
@@ -101,14 +95,13 @@ impl Deliveries {
                 Some(&shared_budget)
             }
             (Some(rate), None) => {
-                let entry = self
-                    .local_budgets
-                    .entry(dest.server.to_u32())
-                    .or_insert_with(|| (rate, LocalBucket::new(TokenBucket::per_second(rate))));
-                if entry.0 != rate {
-                    *entry = (rate, LocalBucket::new(TokenBucket::per_second(rate)));
+                let entry = self.local_budgets.entry(dest.server.to_u32());
+                let budget = entry.or_insert_with(|| (rate, LocalBucket::new(TokenBucket::per_second(rate))));
+                if budget.0 != rate {
+                    // ALTER SERVER changed the rate: start a budget at the new one.
+                    *budget = (rate, LocalBucket::new(TokenBucket::per_second(rate)));
                 }
-                Some(&entry.1)
+                Some(&budget.1)
             }
         };
         let should_stop = shared::shutdown_requested;
@@ -135,13 +128,11 @@ impl Deliveries {
         }
         if shared::shutdown_requested() {
             // What was acknowledged is recorded; the rest stays queued for the restarted worker.
-            return Slice::Interrupted;
+            return;
         }
         if run_error.is_some() || !full_window {
             finish_run(run_id, run_error.as_deref(), false);
-            return Slice::Finished;
         }
-        Slice::MoreLeft
     }
 }
 
@@ -277,18 +268,19 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
 pub fn finish_run(run_id: i64, error: Option<&str>, cancelled: bool) {
     let result = transaction(|| {
         Spi::connect_mut(|client| {
-        client.update(
-            "UPDATE retl.runs SET \
-               status = CASE WHEN $3 THEN 'cancelled' WHEN $2::text IS NOT NULL THEN 'failed' \
-                             WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END, \
-               error = $2, started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp() \
-             WHERE id = $1",
-            None,
-            &[run_id.into(), error.into(), cancelled.into()],
-        )
-        .map_err(|e| e.to_string())?;
-        log_finished_run(client, run_id);
-        Ok(())
+            client
+                .update(
+                    "UPDATE retl.runs SET \
+                       status = CASE WHEN $3 THEN 'cancelled' WHEN $2::text IS NOT NULL THEN 'failed' \
+                                     WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END, \
+                       error = $2, started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp() \
+                     WHERE id = $1",
+                    None,
+                    &[run_id.into(), error.into(), cancelled.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            log_finished_run(client, run_id);
+            Ok(())
         })
     });
     if let Err(message) = result {

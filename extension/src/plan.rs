@@ -234,31 +234,25 @@ fn materialize_v1_sql(sync: &SyncDef) -> String {
 /// mode sends: (change, op, key, payload, hash).
 fn diff_sql(sync: &SyncDef) -> String {
     let (filter, op) = sync.mode.op_sql();
-    if hashes_row_text(sync) {
-        // Payloads are built here, for the changed rows only.
-        let payload = match &sync.mappings {
+    // Version 2 carries the model row and builds payloads here, for the changed rows only;
+    // version 1 carries the payload it built for every row.
+    let (carried, payload) = if hashes_row_text(sync) {
+        let built = match &sync.mappings {
             None => "to_jsonb(d.r)".to_string(),
             Some(pairs) => build_object_from(pairs, "(d.r)."),
         };
-        return format!(
-            "WITH m AS (SELECT key, r, hash FROM pg_temp.retl_plan), \
-                  s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
-                  d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
-                               coalesce(m.key, s.key) AS key, m.r, coalesce(m.hash, s.hash) AS hash \
-                          FROM m FULL JOIN s ON m.key = s.key \
-                         WHERE m.key IS NULL OR s.key IS NULL OR m.hash <> s.hash) \
-             SELECT change, {op} AS op, key, CASE WHEN change = 'gone' THEN NULL ELSE {payload} END AS payload, hash \
-               FROM d WHERE {filter}"
-        );
-    }
+        ("r", format!("CASE WHEN change = 'gone' THEN NULL ELSE {built} END"))
+    } else {
+        ("payload", "d.payload".to_string())
+    };
     format!(
-        "WITH m AS (SELECT key, payload, hash FROM pg_temp.retl_plan), \
+        "WITH m AS (SELECT key, {carried}, hash FROM pg_temp.retl_plan), \
               s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
               d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
-                           coalesce(m.key, s.key) AS key, m.payload, coalesce(m.hash, s.hash) AS hash \
+                           coalesce(m.key, s.key) AS key, m.{carried}, coalesce(m.hash, s.hash) AS hash \
                       FROM m FULL JOIN s ON m.key = s.key \
                      WHERE m.key IS NULL OR s.key IS NULL OR m.hash <> s.hash) \
-         SELECT change, {op} AS op, key, payload, hash FROM d WHERE {filter}"
+         SELECT change, {op} AS op, key, {payload} AS payload, hash FROM d WHERE {filter}"
     )
 }
 

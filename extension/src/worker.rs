@@ -5,7 +5,7 @@
 //! thread touches Postgres; the tokio runtime is driven with `block_on` between transactions
 //! and only does HTTP.
 
-use crate::deliver::{self, Slice};
+use crate::deliver;
 use crate::scheduler::{self, LOCK_NAMESPACE};
 use crate::settings;
 use crate::shared::{self, SlotFailure, SlotState, WorkerState, WAITS};
@@ -71,7 +71,6 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
 
     let mut worker = Worker { n, runtime, deliver: deliver::Deliveries::default(), logged_problem: None };
     while !shared::shutdown_requested() {
-        reload_config_if_asked();
         let sleep = worker.work();
         if shared::shutdown_requested() {
             break;
@@ -117,6 +116,7 @@ impl Worker {
             if shared::shutdown_requested() {
                 return Duration::ZERO;
             }
+            reload_config_if_asked();
             // Checked before every slice: DROP EXTENSION or ALTER EXTENSION ... UPDATE may run
             // while we work; then we wait quietly (one log line) instead of failing every pass.
             if let Some(problem) = catalog_problem() {
@@ -128,35 +128,29 @@ impl Worker {
                 return IDLE_RECHECK;
             }
             self.logged_problem = None;
-            reload_config_if_asked();
             accept_wait_requests();
             settle_waiters();
             self.state(WorkerState::Scheduling, 0, 0);
             scheduler::schedule();
             let Some((run_id, sync_id, status)) = pick_run() else { break };
-            let more = self.work_on(run_id, sync_id, &status);
+            // A run that ended is settled with its waiter at the top of the next pass.
+            self.work_on(run_id, sync_id, &status);
             unlock_sync(sync_id);
-            if !more {
-                settle_waiters();
-            }
         }
         self.state(WorkerState::Idle, 0, 0);
         scheduler::until_next_schedule().map_or(IDLE_RECHECK, |d| d.min(IDLE_RECHECK))
     }
 
-    /// One slice of run `run_id` (locked for us). Returns whether the run goes on.
-    fn work_on(&mut self, run_id: i64, sync_id: i64, status: &str) -> bool {
+    /// One slice of run `run_id` (locked for us): plan it if it is queued, then deliver a window.
+    fn work_on(&mut self, run_id: i64, sync_id: i64, status: &str) {
         if status == "queued" {
             self.state(WorkerState::Planning, sync_id, run_id);
             if !plan_run(run_id) {
-                return false;
+                return;
             }
         }
         self.state(WorkerState::Delivering, sync_id, run_id);
-        match self.deliver.slice(&self.runtime, run_id) {
-            Slice::MoreLeft => true,
-            Slice::Finished | Slice::Interrupted => false,
-        }
+        self.deliver.slice(&self.runtime, run_id);
     }
 }
 

@@ -157,6 +157,16 @@ impl Fixture {
     }
 }
 
+/// The record keys of the fake's `n`-th request, as JSON text.
+pub fn keys_in_request(fake: &FakeWebhook, n: usize) -> std::collections::BTreeSet<String> {
+    fake.requests()[n].body.as_ref().expect("a JSON body")["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["key"].to_string())
+        .collect()
+}
+
 pub fn key(id: i64) -> String {
     json!({"id": id}).to_string()
 }
