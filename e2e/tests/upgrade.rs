@@ -1,6 +1,7 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0: syncs defined under 0.1.0 and their state
-//! (run history, snapshot, row errors) survive, the next run sends exactly what the snapshot
-//! says is missing, and an upgraded catalog equals a freshly installed one.
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0 and from 0.2.0: syncs defined under an
+//! earlier version and their state (run history, snapshot, row errors) survive, the next run
+//! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
+//! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
 //!
 //! These tests drop and re-create the extension in the workers' database: `make e2e` runs test
 //! files one after the other, and every other file creates the extension when it is missing.
@@ -9,7 +10,8 @@ use common::*;
 use retl_e2e::cluster::connect_db;
 use serde_json::json;
 
-const PREVIOUS: &str = "0.1.0";
+const FIRST: &str = "0.1.0";
+const PREVIOUS: &str = "0.2.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -17,7 +19,7 @@ fn syncs_and_their_state_survive_the_upgrade_from_0_1_0() {
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{FIRST}'"
     ))
     .unwrap();
     let base = unique("up");
@@ -39,7 +41,7 @@ fn syncs_and_their_state_survive_the_upgrade_from_0_1_0() {
     assert_eq!(db.code().code(), "55000");
     assert_eq!(
         db.message(),
-        format!("the pg_reverse_etl library is version {CURRENT} but the extension's SQL objects are version {PREVIOUS}")
+        format!("the pg_reverse_etl library is version {CURRENT} but the extension's SQL objects are version {FIRST}")
     );
     assert_eq!(db.hint(), Some(&*format!("Run ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'; the workers wait until then.")));
 
@@ -101,10 +103,88 @@ fn syncs_and_their_state_survive_the_upgrade_from_0_1_0() {
     let errors: i64 = c.query_one("SELECT count(*) FROM retl.row_errors", &[]).unwrap().get(0);
     assert_eq!(errors, 0, "row 5 was delivered: its error is cleared");
 
-    // 0.2.0 features work on the upgraded sync.
+    // On-change syncs (0.2.0) work on the upgraded sync.
     c.batch_execute(&format!("SELECT retl.alter_sync(name => '{sync}', schedule => 'on change')")).unwrap();
     c.batch_execute(&format!("UPDATE {table} SET score = 7 WHERE id = 3")).unwrap();
     wait_until(SHORT, "the change to arrive", || fake.records()[&key(3)]["score"] == json!(7));
+}
+
+#[test]
+fn a_live_on_change_sync_survives_the_upgrade_from_0_2_0_and_then_plans_only_changed_keys() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up2");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.2.0 API: an on-change sync.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'upsert', schedule => 'on change');",
+        url = fake.url()
+    ))
+    .unwrap();
+    // The state a 0.2.0 worker leaves: a finished run, rows 1-4 acknowledged (hash version 2).
+    c.batch_execute(&format!(
+        "INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls, started_at, planned_at, finished_at)
+         SELECT id, 'change', 'succeeded', 4, 4, 4, 1, now(), now(), now() FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id), retl._row_hash('v2:id,email,score|' || (m)::text)
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;"
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    let kept = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM retl.runs r WHERE r.sync_id = s.id),
+                        (SELECT string_agg(r.plan_scope, ',') FROM retl.runs r WHERE r.sync_id = s.id),
+                        (SELECT count(*) FROM retl.snapshots n WHERE n.sync_id = s.id),
+                        (SELECT src.key_attnums FROM retl.sync_sources src WHERE src.sync_id = s.id),
+                        (SELECT count(*) FROM retl.changed_keys k WHERE k.sync_id = s.id AND k.key IS NULL),
+                        (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = '{table}'::regclass AND g.tgname LIKE 'retl%'),
+                        s.schedule, s.hash_version
+                   FROM retl.syncs s WHERE s.name = '{sync}'"
+            ),
+            &[],
+        )
+        .unwrap();
+    assert_eq!((kept.get::<_, i64>(0), kept.get::<_, String>(1), kept.get::<_, i64>(2)), (1, "model".to_string(), 4));
+    assert_eq!(kept.get::<_, Vec<i16>>(3), vec![1], "the model's key is traced to the table");
+    assert_eq!(kept.get::<_, i64>(4), 1, "the first run after the upgrade plans the whole model");
+    assert_eq!(kept.get::<_, i64>(5), 5, "retl_on_change and the four retl_changed_keys triggers");
+    assert_eq!((kept.get::<_, String>(6), kept.get::<_, i16>(7)), ("on change".to_string(), 2));
+
+    // A change: the whole model is planned once, and exactly rows 3 (changed) and 5 (never
+    // acknowledged) are sent.
+    c.batch_execute(&format!("UPDATE {table} SET score = 33 WHERE id = 3")).unwrap();
+    wait_until(SHORT, "rows 3 and 5 to arrive", || fake.records().len() == 5 && fake.records()[&key(3)]["score"] == json!(33));
+    assert_eq!(keys_in_request(&fake, 0), [key(3), key(5)].into_iter().collect());
+    // The next change plans only its key.
+    c.batch_execute(&format!("UPDATE {table} SET score = 44 WHERE id = 4")).unwrap();
+    wait_until(SHORT, "row 4 to arrive", || fake.records()[&key(4)]["score"] == json!(44));
+    assert_eq!(keys_in_request(&fake, 1), [key(4)].into_iter().collect());
+    let scopes: Vec<Option<String>> = c
+        .query(
+            &format!("SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{sync}' ORDER BY r.id"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(scopes, [Some("model".to_string()), Some("model".to_string()), Some("changed keys".to_string())]);
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
 }
 
 /// Every object of the extension, described in a way that differs when anything users or the
@@ -144,30 +224,34 @@ fn describe_catalog(c: &mut postgres::Client) -> Vec<String> {
 #[test]
 fn an_upgraded_catalog_equals_a_fresh_install() {
     let mut admin = connect();
-    let (upgraded_db, fresh_db) = (unique("upgraded"), unique("fresh"));
-    for db in [&upgraded_db, &fresh_db] {
-        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
-    }
-    let (upgraded, fresh) = {
-        let mut up = connect_db(&upgraded_db);
-        up.batch_execute(&format!(
-            "CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'; ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'"
-        ))
-        .unwrap();
+    let fresh_db = unique("fresh");
+    admin.batch_execute(&format!("CREATE DATABASE {fresh_db}")).unwrap();
+    let fresh = {
         let mut fr = connect_db(&fresh_db);
         fr.batch_execute("CREATE EXTENSION pg_reverse_etl").unwrap();
-        (describe_catalog(&mut up), describe_catalog(&mut fr))
+        describe_catalog(&mut fr)
     };
-    for db in [&upgraded_db, &fresh_db] {
-        admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
-    }
-    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !fresh.contains(l)).collect();
-    let only_fresh: Vec<&String> = fresh.iter().filter(|l| !upgraded.contains(l)).collect();
-    assert!(
-        only_upgraded.is_empty() && only_fresh.is_empty(),
-        "only after the upgrade:\n{}\n\nonly in a fresh install:\n{}",
-        only_upgraded.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
-        only_fresh.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
-    );
+    admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
+    for from in [FIRST, PREVIOUS] {
+        let upgraded_db = unique("upgraded");
+        admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
+        let upgraded = {
+            let mut up = connect_db(&upgraded_db);
+            up.batch_execute(&format!(
+                "CREATE EXTENSION pg_reverse_etl VERSION '{from}'; ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'"
+            ))
+            .unwrap();
+            describe_catalog(&mut up)
+        };
+        admin.batch_execute(&format!("DROP DATABASE {upgraded_db}")).unwrap();
+        let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !fresh.contains(l)).collect();
+        let only_fresh: Vec<&String> = fresh.iter().filter(|l| !upgraded.contains(l)).collect();
+        assert!(
+            only_upgraded.is_empty() && only_fresh.is_empty(),
+            "from {from}: only after the upgrade:\n{}\n\nonly in a fresh install:\n{}",
+            only_upgraded.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+            only_fresh.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        );
+    }
 }

@@ -170,22 +170,34 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE c.relkind IN ('r', 'p')
 $$;
 
--- Record the base tables of a sync's model and keep the change triggers in line.
+-- Record the base tables of a sync's model and keep the change triggers in line. When the
+-- model is a plain projection of its one table (retl._key_source), also which of the table's
+-- columns carry the model key. The sync's change log restarts with "plan the whole model":
+-- the sync, its model or its mappings may be new.
 CREATE FUNCTION retl._refresh_sources(sync_id bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     source_name text;
+    key_columns text[];
+    tables oid[];
 BEGIN
-    SELECT coalesce(a.name, m.name) INTO source_name
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
       FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
      WHERE s.id = _refresh_sources.sync_id;
+    tables := retl._base_tables(source_name);
     DELETE FROM retl.sync_sources src WHERE src.sync_id = _refresh_sources.sync_id;
-    INSERT INTO retl.sync_sources (sync_id, relid)
-    SELECT _refresh_sources.sync_id, t FROM unnest(retl._base_tables(source_name)) t;
+    INSERT INTO retl.sync_sources (sync_id, relid, key_attnums)
+    SELECT _refresh_sources.sync_id, t, CASE WHEN cardinality(tables) = 1 THEN k.attnums END
+      FROM unnest(tables) t
+      LEFT JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k ON k.relid = t;
+    DELETE FROM retl.changed_keys c WHERE c.sync_id = _refresh_sources.sync_id;
+    INSERT INTO retl.changed_keys (sync_id, key) VALUES (_refresh_sources.sync_id, NULL);
     PERFORM retl._refresh_change_triggers();
 END $$;
 
--- Exactly the base tables of on-change syncs carry the statement trigger retl_on_change.
+-- Exactly the base tables of on-change syncs carry the statement trigger retl_on_change, and
+-- exactly those whose columns carry such a sync's model key also carry the retl_changed_keys
+-- triggers (one per event: Postgres allows transition tables on single-event triggers only).
 CREATE FUNCTION retl._refresh_change_triggers() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -206,6 +218,116 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER retl_on_change ON %s', t::regclass);
     END LOOP;
+
+    FOR t IN SELECT DISTINCT src.relid
+               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+              WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_changed_keys_insert')
+    LOOP
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+    END LOOP;
+    FOR t IN SELECT DISTINCT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname LIKE 'retl\_changed\_keys\_%' AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL AND src.relid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER retl_changed_keys_insert ON %1$s; DROP TRIGGER retl_changed_keys_update ON %1$s; '
+                       'DROP TRIGGER retl_changed_keys_delete ON %1$s; DROP TRIGGER retl_changed_keys_truncate ON %1$s',
+                       t::regclass);
+    END LOOP;
+END $$;
+
+-- A statement changed a table whose columns carry the key of on-change syncs' models: log the
+-- keys it touched (old and new values), for the next run to plan only those. Runs in the
+-- user's transaction, so the log commits or rolls back with the change itself. "Plan the whole
+-- model" (a NULL key) instead after a TRUNCATE, for a paused sync (it may stay paused long),
+-- when a key value is NULL (the planner then refuses the model), and for statements touching
+-- more than retl._changed_keys_limit() rows (one whole-model plan is cheaper than that many keys).
+CREATE FUNCTION retl._log_changed_keys() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+    touched text := CASE TG_OP WHEN 'INSERT' THEN 'new_rows' WHEN 'DELETE' THEN 'old_rows'
+                               WHEN 'UPDATE' THEN '(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows)' END;
+    n bigint;
+BEGIN
+    IF touched IS NOT NULL THEN
+        EXECUTE format('SELECT count(*) FROM %s r', touched) INTO n;
+    END IF;
+    FOR s IN
+        SELECT sy.id, sy.paused,
+               string_agg(format('%L, r.%I', k.name, a.attname), ', ' ORDER BY k.ord) AS key_object,
+               string_agg(format('r.%I IS NULL', a.attname), ' OR ') AS key_is_null
+          FROM retl.sync_sources src
+          JOIN retl.syncs sy ON sy.id = src.sync_id
+          JOIN retl.models m ON m.id = sy.model_id
+          CROSS JOIN LATERAL unnest(m.primary_key, src.key_attnums) WITH ORDINALITY AS k(name, attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = src.relid AND a.attnum = k.attnum
+         WHERE src.relid = TG_RELID AND src.key_attnums IS NOT NULL AND sy.schedule = 'on change'
+         GROUP BY sy.id, sy.paused
+    LOOP
+        IF touched IS NULL OR s.paused OR n > retl._changed_keys_limit() THEN
+            INSERT INTO retl.changed_keys (sync_id, key)
+            SELECT s.id, NULL WHERE NOT EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.id AND c.key IS NULL);
+        ELSIF n > 0 THEN
+            EXECUTE format('INSERT INTO retl.changed_keys (sync_id, key) '
+                           'SELECT DISTINCT $1, CASE WHEN %s THEN NULL ELSE jsonb_build_object(%s) END FROM %s r',
+                           s.key_is_null, s.key_object, touched)
+              USING s.id;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+-- Beyond this many keys (touched by one statement, or waiting for one plan) a run plans the
+-- whole model instead.
+CREATE FUNCTION retl._changed_keys_limit() RETURNS int
+LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
+
+-- Worker, at the start of every plan: take the sync's change log. Returns the keys to plan
+-- (those logged, with those still in the outbox or rejected, which a key-only plan must plan
+-- again) as a jsonb array, or NULL when the whole model must be planned: the run was not
+-- caused by a change, the log says so, there are too many keys, or the model is no longer the
+-- projection of the table whose triggers logged them.
+CREATE FUNCTION retl._take_changed_keys(sync_id bigint, changed_keys_only boolean) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    source_name text;
+    key_columns text[];
+    traced boolean;
+    whole boolean;
+    n bigint;
+    keys jsonb;
+BEGIN
+    IF NOT changed_keys_only THEN
+        DELETE FROM retl.changed_keys c WHERE c.sync_id = _take_changed_keys.sync_id;
+        RETURN NULL;
+    END IF;
+    WITH taken AS (DELETE FROM retl.changed_keys c WHERE c.sync_id = _take_changed_keys.sync_id RETURNING c.key),
+         wanted AS (SELECT key FROM taken
+                    UNION ALL SELECT o.key FROM retl.outbox o WHERE o.sync_id = _take_changed_keys.sync_id
+                    UNION ALL SELECT e.key FROM retl.row_errors e WHERE e.sync_id = _take_changed_keys.sync_id)
+    SELECT coalesce(bool_or(key IS NULL), false), count(DISTINCT key), coalesce(jsonb_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL), '[]')
+      INTO whole, n, keys FROM wanted;
+    IF whole OR n > retl._changed_keys_limit() THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
+      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
+     WHERE s.id = _take_changed_keys.sync_id;
+    SELECT EXISTS (SELECT 1 FROM retl.sync_sources src
+                     JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k
+                       ON k.relid = src.relid AND k.attnums = src.key_attnums
+                    WHERE src.sync_id = _take_changed_keys.sync_id)
+      INTO traced;
+    RETURN CASE WHEN traced THEN keys END;
 END $$;
 
 -- Worker: queue the runs whose time has come. A sync with a run still queued or delivering

@@ -84,11 +84,29 @@ COMMENT ON TABLE retl.sync_parents IS
 CREATE TABLE retl.sync_sources (
     sync_id bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
     relid   oid NOT NULL,
-    PRIMARY KEY (sync_id, relid)
+    PRIMARY KEY (sync_id, relid),
+    -- When the model is a plain projection of this one table: the table's columns (attribute
+    -- numbers, which survive renames) that carry the model key, in key order. An on-change
+    -- sync then logs the keys each commit touches and plans only those (retl.changed_keys).
+    key_attnums int2[]
 );
 CREATE INDEX sync_sources_relid_idx ON retl.sync_sources (relid);
 COMMENT ON TABLE retl.sync_sources IS
-  'Base tables each sync''s model depends on (through its views), as found in pg_depend; on-change syncs keep a statement trigger on each.';
+  'Base tables each sync''s model depends on (through its views), as found in pg_depend; on-change syncs keep a statement trigger on each. key_attnums: the table columns carrying the model key when the model is a plain projection of this table (its on-change runs then plan only the changed keys).';
+
+-- The keys of an on-change sync's model that commits have touched since its last plan, logged
+-- by the statement trigger retl_changed_keys on the model's table (only for models that are a
+-- plain projection of one table). A NULL key means "plan the whole model" (a TRUNCATE, a
+-- statement touching very many rows, a NULL key value, a new or altered sync). No unique index
+-- and no foreign key on purpose: concurrent writers of the same key must not wait for each
+-- other, and a user's statement must not lock the sync row. drop_sync clears a sync's rows.
+CREATE TABLE retl.changed_keys (
+    sync_id bigint NOT NULL,
+    key     jsonb
+);
+CREATE INDEX changed_keys_sync_idx ON retl.changed_keys (sync_id);
+COMMENT ON TABLE retl.changed_keys IS
+  'Keys of on-change syncs touched by commits and not yet planned (key NULL: plan the whole model). Written by the retl_changed_keys triggers, consumed by the next run''s plan.';
 
 CREATE TABLE retl.runs (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -109,12 +127,15 @@ CREATE TABLE retl.runs (
     api_calls        bigint NOT NULL DEFAULT 0,
     error            text,
     -- When a worker last delivered a slice of this run: runs take turns by it (fair share).
-    last_served_at   timestamptz
+    last_served_at   timestamptz,
+    -- What the plan diffed: the whole model, or only the keys commits touched (on-change runs
+    -- of a model that is a plain projection of one table; rows_in_model is then NULL).
+    plan_scope       text CHECK (plan_scope IN ('model', 'changed keys'))
 );
 CREATE INDEX runs_sync_id_idx ON retl.runs (sync_id, id DESC);
 CREATE INDEX runs_pending_idx ON retl.runs (id) WHERE status IN ('queued', 'delivering');
 COMMENT ON TABLE retl.runs IS
-  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned and what was delivered.';
+  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned (plan_scope: the whole model, or only the changed keys) and what was delivered.';
 
 CREATE TABLE retl.batches (
     run_id      bigint NOT NULL REFERENCES retl.runs(id) ON DELETE CASCADE,
@@ -206,7 +227,8 @@ SELECT s.name                                            AS sync,
   FROM retl.syncs s
   JOIN retl.models m ON m.id = s.model_id
   LEFT JOIN retl.audiences a ON a.id = s.audience_id
-  LEFT JOIN LATERAL (SELECT * FROM retl.runs r WHERE r.sync_id = s.id ORDER BY r.id DESC LIMIT 1) last ON true
+  LEFT JOIN LATERAL (SELECT r.id, r.status, r.finished_at, r.error, r.delivered, r.api_calls
+                      FROM retl.runs r WHERE r.sync_id = s.id ORDER BY r.id DESC LIMIT 1) last ON true
   LEFT JOIN LATERAL (SELECT r.finished_at FROM retl.runs r
                       WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial')
                       ORDER BY r.id DESC LIMIT 1) ok ON true
@@ -638,6 +660,7 @@ BEGIN
     END IF;
     -- Runs, batches, snapshot, outbox, row errors and sources go with it (ON DELETE CASCADE).
     DELETE FROM retl.syncs WHERE id = s.id;
+    DELETE FROM retl.changed_keys WHERE sync_id = s.id;
     PERFORM retl._refresh_change_triggers();
 END $$;
 COMMENT ON FUNCTION retl.drop_sync(text, boolean) IS

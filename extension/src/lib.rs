@@ -9,6 +9,7 @@ mod changes;
 mod destination;
 mod errors;
 mod identity;
+mod key_source;
 mod parse;
 mod plan;
 mod settings;
@@ -38,7 +39,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/automation.sql",
     name = "automation",
-    requires = ["catalog", api::_is_cron, api::_cron_next, api::_worker_slots, changes::_on_change]
+    requires = ["catalog", api::_is_cron, api::_cron_next, api::_worker_slots, changes::_on_change, key_source::_key_source]
 );
 
 pgrx::extension_sql_file!(

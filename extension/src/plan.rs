@@ -58,7 +58,7 @@ pub struct SyncDef {
     pub paused: bool,
     /// This incarnation of the sync (idempotency keys are scoped by it).
     pub uid: String,
-    /// How row hashes are computed (see `materialize_sql`); kept per sync because its snapshot
+    /// How row hashes are computed (see `materialize_select`); kept per sync because its snapshot
     /// holds hashes of that kind.
     pub hash_version: i16,
 }
@@ -182,9 +182,44 @@ fn key_sql(sync: &SyncDef) -> (String, String) {
     (build_object(&pairs), null)
 }
 
-/// SQL that materialises the model into pg_temp.retl_plan: (key, key_is_null, payload, hash,
-/// r), where version 2 keeps the model row `r` and leaves `payload` to the diff.
-fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
+/// Which model rows a plan diffs against the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole model.
+    Model,
+    /// Only these keys (a jsonb array of key objects): the keys commits touched since the
+    /// last plan, for a model that is a plain projection of one table (see key_source.rs).
+    Keys(String),
+}
+
+impl Scope {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scope::Model => "model",
+            Scope::Keys(_) => "changed keys",
+        }
+    }
+}
+
+/// `WHERE`: the model row's key is in the jsonb array $1. The comparison is on the key columns
+/// typed as the model has them, so the table's index on those columns finds the rows.
+fn keys_filter(sync: &SyncDef) -> String {
+    let columns = |prefix: &str| {
+        sync.primary_key.iter().map(|k| format!("{prefix}{}", quote_identifier(k))).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        " WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::jsonb) e, \
+                          jsonb_populate_record(NULL::retl_models.{}, e.value) p)",
+        columns("m."),
+        columns("p."),
+        quote_identifier(&sync.source)
+    )
+}
+
+/// The SELECT that materialises the model rows passing `filter` (SQL after `FROM ... m`):
+/// (key, key_is_null, payload, hash, r), where version 2 keeps the model row `r` and leaves
+/// `payload` to the diff.
+fn materialize_select(sync: &SyncDef, columns: &[String], filter: &str) -> String {
     if hashes_row_text(sync) {
         let (key, key_null) = key_sql(sync);
         let (signature, row) = match &sync.mappings {
@@ -201,18 +236,17 @@ fn materialize_sql(sync: &SyncDef, columns: &[String]) -> String {
             ),
         };
         return format!(
-            "CREATE TEMP TABLE retl_plan ON COMMIT DROP AS \
-             SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, \
+            "SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, \
                     retl._row_hash({signature} || ({row})::text) AS hash, m AS r \
-               FROM retl_models.{source} m",
+               FROM retl_models.{source} m{filter}",
             signature = quote_literal(&signature),
             source = quote_identifier(&sync.source),
         );
     }
-    materialize_v1_sql(sync)
+    materialize_v1_select(sync, filter)
 }
 
-fn materialize_v1_sql(sync: &SyncDef) -> String {
+fn materialize_v1_select(sync: &SyncDef, filter: &str) -> String {
     let (key, key_null) = key_sql(sync);
     let payload = match (&sync.mode, &sync.mappings) {
         (Mode::Delete, _) => "NULL::jsonb".to_string(),
@@ -222,18 +256,26 @@ fn materialize_v1_sql(sync: &SyncDef) -> String {
     // The hash covers what the destination holds: the payload, or in delete mode the key.
     let hashed = if sync.mode == Mode::Delete { "key" } else { "payload" };
     format!(
-        "CREATE TEMP TABLE retl_plan ON COMMIT DROP AS \
-         SELECT key, key_is_null, payload, retl._row_hash({hashed}::text) AS hash \
+        "SELECT key, key_is_null, payload, retl._row_hash({hashed}::text) AS hash \
            FROM (SELECT {key} AS key, ({key_null}) AS key_is_null, {payload} AS payload \
-                   FROM retl_models.{source} m) p",
+                   FROM retl_models.{source} m{filter}) p",
         source = quote_identifier(&sync.source),
     )
 }
 
 /// The diff of pg_temp.retl_plan against the snapshot of sync $1, restricted to what the
 /// mode sends: (change, op, key, payload, hash).
-fn diff_sql(sync: &SyncDef) -> String {
+///
+/// With `Scope::Keys` ($3) only the snapshot rows of those keys and of the materialised rows
+/// take part: a key absent from both the model and the snapshot is no change.
+fn diff_sql(sync: &SyncDef, scope: &Scope) -> String {
     let (filter, op) = sync.mode.op_sql();
+    let snapshot_filter = match scope {
+        Scope::Model => "",
+        Scope::Keys(_) => {
+            " AND key IN (SELECT e.value FROM jsonb_array_elements($3::jsonb) e UNION SELECT key FROM pg_temp.retl_plan)"
+        }
+    };
     // Version 2 carries the model row and builds payloads here, for the changed rows only;
     // version 1 carries the payload it built for every row.
     let (carried, payload) = if hashes_row_text(sync) {
@@ -247,7 +289,7 @@ fn diff_sql(sync: &SyncDef) -> String {
     };
     format!(
         "WITH m AS (SELECT key, {carried}, hash FROM pg_temp.retl_plan), \
-              s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1), \
+              s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1{snapshot_filter}), \
               d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
                            coalesce(m.key, s.key) AS key, m.{carried}, coalesce(m.hash, s.hash) AS hash \
                       FROM m FULL JOIN s ON m.key = s.key \
@@ -270,13 +312,28 @@ fn drop_plan_table(client: &mut SpiClient) -> Result<(), pgrx::spi::SpiError> {
     Ok(())
 }
 
-/// Materialise the model as the sync owner and refuse NULL or duplicate keys.
-fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError> {
+/// Materialise the model (the rows in `scope`) as the sync owner and refuse NULL or duplicate
+/// keys. Restricted to some keys, the check still sees every row carrying one of them.
+fn materialize(client: &mut SpiClient, sync: &SyncDef, scope: &Scope) -> Result<i64, RetlError> {
     let columns = check_columns(client, sync)?;
-    let sql = materialize_sql(sync, &columns);
     identity::as_role(sync.owner, || {
         drop_plan_table(client)?;
-        client.update(sql.as_str(), None, &[])
+        match scope {
+            Scope::Model => {
+                let select = materialize_select(sync, &columns, "");
+                client.update(&format!("CREATE TEMP TABLE retl_plan ON COMMIT DROP AS {select}"), None, &[])
+            }
+            Scope::Keys(keys) => {
+                // CREATE TABLE AS takes no parameters: create it empty, then fill it.
+                let select = materialize_select(sync, &columns, &keys_filter(sync));
+                client.update(
+                    &format!("CREATE TEMP TABLE retl_plan ON COMMIT DROP AS {} WITH NO DATA", materialize_select(sync, &columns, "")),
+                    None,
+                    &[],
+                )?;
+                client.update(&format!("INSERT INTO pg_temp.retl_plan {select}"), None, &[keys.as_str().into()])
+            }
+        }
     })
     .unwrap_or_else(|e| error!("{e}"));
 
@@ -314,7 +371,9 @@ fn materialize(client: &mut SpiClient, sync: &SyncDef) -> Result<i64, RetlError>
 }
 
 pub struct PlanSummary {
-    pub rows_in_model: i64,
+    /// None when only changed keys were planned.
+    pub rows_in_model: Option<i64>,
+    pub scope: &'static str,
     pub inserts: i64,
     pub updates: i64,
     pub deletes: i64,
@@ -328,7 +387,9 @@ impl PlanSummary {
 
 /// Plan run `run_id` of `sync` into the outbox (inside the caller's transaction).
 pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, RetlError> {
-    let rows_in_model = materialize(client, sync)?;
+    let scope = take_changed_keys(client, sync.id, run_id);
+    let rows = materialize(client, sync, &scope)?;
+    let rows_in_model = (scope == Scope::Model).then_some(rows);
     // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
     client
         .update("DELETE FROM retl.outbox WHERE sync_id = $1", None, &[sync.id.into()])
@@ -341,21 +402,39 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
                 count(*) FILTER (WHERE change = 'changed'), \
                 count(*) FILTER (WHERE change = 'gone') \
            FROM diff",
-        diff = diff_sql(sync)
+        diff = diff_sql(sync, &scope)
     );
+    let keys = match &scope {
+        Scope::Model => None,
+        Scope::Keys(keys) => Some(keys.as_str()),
+    };
     let (new, changed, gone) = client
-        .update(sql.as_str(), None, &[sync.id.into(), run_id.into()])
+        .update(sql.as_str(), None, &[sync.id.into(), run_id.into(), keys.into()])
         .and_then(|t| t.first().get_three::<i64, i64, i64>())
         .unwrap_or_else(|e| error!("{e}"));
     let (new, changed, gone) = (new.unwrap_or(0), changed.unwrap_or(0), gone.unwrap_or(0));
     // In delete mode every planned row is a deletion.
     let summary = if sync.mode == Mode::Delete {
-        PlanSummary { rows_in_model, inserts: 0, updates: 0, deletes: new }
+        PlanSummary { rows_in_model, scope: scope.name(), inserts: 0, updates: 0, deletes: new }
     } else {
-        PlanSummary { rows_in_model, inserts: new, updates: changed, deletes: gone }
+        PlanSummary { rows_in_model, scope: scope.name(), inserts: new, updates: changed, deletes: gone }
     };
     identity::as_role(sync.owner, || drop_plan_table(client)).unwrap_or_else(|e| error!("{e}"));
     Ok(summary)
+}
+
+/// The scope of run `run_id`'s plan. Every plan takes the sync's change log; a run caused by a
+/// change plans only the logged keys when the log allows it (retl._take_changed_keys).
+fn take_changed_keys(client: &mut SpiClient, sync_id: i64, run_id: i64) -> Scope {
+    let keys = client
+        .update(
+            "SELECT retl._take_changed_keys($1, r.trigger = 'change')::text FROM retl.runs r WHERE r.id = $2",
+            Some(1),
+            &[sync_id.into(), run_id.into()],
+        )
+        .and_then(|t| t.first().get_one::<String>())
+        .unwrap_or_else(|e| error!("{e}"));
+    keys.map_or(Scope::Model, Scope::Keys)
 }
 
 /// What the next run would queue, for `retl.preview`. Only the sync's owner may look.
@@ -373,8 +452,8 @@ pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option
         client
             .select("SELECT retl._check_owner('sync', $1, $2::regrole)", None, &[sync.name.as_str().into(), sync.owner.into()])
             .unwrap_or_else(|e| error!("{e}"));
-        materialize(client, &sync)?;
-        let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync));
+        materialize(client, &sync, &Scope::Model)?;
+        let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync, &Scope::Model));
         // The snapshot is not readable by users: diff with the extension owner's rights.
         let owner = identity::extension_owner(client);
         let table = identity::as_role(owner, || client.select(sql.as_str(), None, &[sync.id.into()]))

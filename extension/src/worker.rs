@@ -254,7 +254,8 @@ fn plan_run(run_id: i64) -> bool {
                     "UPDATE retl.runs SET status = CASE WHEN $6 > 0 THEN 'delivering' ELSE 'succeeded' END, \
                             planned_at = clock_timestamp(), \
                             finished_at = CASE WHEN $6 > 0 THEN NULL ELSE clock_timestamp() END, \
-                            rows_in_model = $2, planned_inserts = $3, planned_updates = $4, planned_deletes = $5 \
+                            rows_in_model = $2, planned_inserts = $3, planned_updates = $4, planned_deletes = $5, \
+                            plan_scope = $7 \
                       WHERE id = $1",
                     None,
                     &[
@@ -264,6 +265,7 @@ fn plan_run(run_id: i64) -> bool {
                         summary.updates.into(),
                         summary.deletes.into(),
                         total.into(),
+                        summary.scope.into(),
                     ],
                 )
                 .map_err(|e| e.to_string())?;

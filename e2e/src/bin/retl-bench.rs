@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const USAGE: &str = "usage: retl-bench [--seconds 30] [--rate 100] [--rows 10000] [--grace 5] [--seed N] [--json FILE]
+const USAGE: &str = "usage: retl-bench [--seconds 30] [--rate 100] [--rows 10000] [--grace 5] [--seed N] [--untraced] [--json FILE]
 
 Measures the latency from the commit of a source-row UPDATE to the arrival of the changed
 record at a webhook destination, for an 'on change' sync (see docs/BENCHMARKS.md).
@@ -37,6 +37,8 @@ Connects with PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE (default 127.0.0.1:2881
   --rows N      rows in the table and model (default 10000)
   --grace N     seconds to wait after the last update for stragglers (default 5)
   --seed N      seed of the row-id generator (default: from the clock)
+  --untraced    define the model so that its key cannot be traced to the table (OFFSET 0, like
+                any join or aggregate): every run then plans the whole model
   --json FILE   also write the results as one JSON line to FILE (overwritten)";
 
 /// The targets of the issue, in milliseconds.
@@ -49,6 +51,7 @@ struct Args {
     rows: i64,
     grace: u64,
     seed: u64,
+    untraced: bool,
     json: Option<PathBuf>,
 }
 
@@ -66,6 +69,7 @@ fn parse_args() -> Args {
         seed: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64),
+        untraced: false,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -81,6 +85,7 @@ fn parse_args() -> Args {
             "--rows" => a.rows = number("--rows") as i64,
             "--grace" => a.grace = number("--grace"),
             "--seed" => a.seed = number("--seed"),
+            "--untraced" => a.untraced = true,
             "--json" => match it.next() {
                 Some(p) => a.json = Some(PathBuf::from(p)),
                 None => usage_error("--json needs a file name"),
@@ -389,7 +394,7 @@ fn run(args: &Args) -> R<bool> {
         fake.url()
     );
     let setup_started = Instant::now();
-    let (sync_id, initial_run) = set_up(&mut client, &names, &fake, args.rows)?;
+    let (sync_id, initial_run) = set_up(&mut client, &names, &fake, args.rows, args.untraced)?;
     println!(
         "set-up: table {}, sync {} (id {sync_id}); initial run {} delivered {} rows in {} API calls ({:.1} s)",
         names.table,
@@ -534,8 +539,9 @@ fn run(args: &Args) -> R<bool> {
         env.server_version, env.extension_version, env.workers, env.cpus, env.os
     );
     println!(
-        "model             {} rows; upsert sync, schedule 'on change'; default destination options",
-        args.rows
+        "model             {} rows{}; upsert sync, schedule 'on change'; default destination options",
+        args.rows,
+        if args.untraced { " (untraced: OFFSET 0)" } else { "" }
     );
     println!(
         "updates           {} in {:.1} s ({achieved:.1}/s, target {}/s; worst lag behind schedule {:.1} ms)",
@@ -573,9 +579,10 @@ fn run(args: &Args) -> R<bool> {
         println!("UPDATE+COMMIT rtt {}", d.line());
     }
     println!(
-        "runs              {} ({}), {} with changes; {:.1} planned rows/run, {:.2} updates/run",
+        "runs              {} ({}; plan scope: {}), {} with changes; {:.1} planned rows/run, {:.2} updates/run",
         runs.runs,
         runs.by_status,
+        runs.by_scope,
         runs.runs - runs.empty,
         runs.planned as f64 / runs.runs.max(1) as f64,
         updates.len() as f64 / runs.runs.max(1) as f64
@@ -615,7 +622,7 @@ fn run(args: &Args) -> R<bool> {
             },
             "config": {
                 "rows": args.rows, "rate": args.rate, "seconds": args.seconds,
-                "grace_s": args.grace, "seed": args.seed,
+                "grace_s": args.grace, "seed": args.seed, "untraced": args.untraced,
             },
             "updates": updates.len(),
             "achieved_rate": r1(achieved),
@@ -631,6 +638,7 @@ fn run(args: &Args) -> R<bool> {
             "update_round_trip_ms": Dist::json(&rtt),
             "runs": runs.runs,
             "runs_by_status": runs.by_status,
+            "runs_by_plan_scope": runs.by_scope,
             "runs_with_changes": runs.runs - runs.empty,
             "planned_rows": runs.planned,
             "delivered_rows": runs.delivered,
@@ -700,6 +708,7 @@ fn set_up(
     n: &Names,
     fake: &FakeWebhook,
     rows: i64,
+    untraced: bool,
 ) -> R<(i64, (i64, i64, i64))> {
     pg(
         "create the table",
@@ -716,7 +725,7 @@ fn set_up(
             "SELECT retl.create_model(name => $1, query => $2, primary_key => '{id}')",
             &[
                 &n.model,
-                &format!("SELECT id, val, email, name FROM {}", n.table),
+                &format!("SELECT id, val, email, name FROM {}{}", n.table, if untraced { " OFFSET 0" } else { "" }),
             ],
         ),
     )?;
@@ -794,6 +803,7 @@ fn stale_rows(
 struct RunStats {
     runs: i64,
     by_status: String,
+    by_scope: String,
     empty: i64,
     planned: i64,
     delivered: i64,
@@ -813,9 +823,12 @@ fn run_stats(client: &mut Client, sync_id: i64, after_run: i64) -> R<RunStats> {
         client.query_one(
             "WITH r AS (SELECT * FROM retl.runs WHERE sync_id = $1 AND id > $2),
                   s AS (SELECT string_agg(status || ' ' || n, ', ' ORDER BY status) AS by_status
-                          FROM (SELECT status, count(*) AS n FROM r GROUP BY status) x)
+                          FROM (SELECT status, count(*) AS n FROM r GROUP BY status) x),
+                  p AS (SELECT string_agg(coalesce(plan_scope, 'unplanned') || ' ' || n, ', ' ORDER BY plan_scope) AS by_scope
+                          FROM (SELECT plan_scope, count(*) AS n FROM r GROUP BY plan_scope) x)
              SELECT count(*),
                     coalesce((SELECT by_status FROM s), 'none'),
+                    coalesce((SELECT by_scope FROM p), 'none'),
                     count(*) FILTER (WHERE planned_at IS NOT NULL
                                       AND planned_inserts + planned_updates + planned_deletes = 0),
                     coalesce(sum(planned_inserts + planned_updates + planned_deletes), 0)::bigint,
@@ -837,15 +850,16 @@ fn run_stats(client: &mut Client, sync_id: i64, after_run: i64) -> R<RunStats> {
     Ok(RunStats {
         runs: row.get(0),
         by_status: row.get(1),
-        empty: row.get(2),
-        planned: row.get(3),
-        delivered: row.get(4),
-        api_calls: row.get(5),
-        queue_p50: f(6),
-        plan_p50: f(7),
-        deliver_p50: f(8),
-        queue_p99: f(9),
-        plan_p99: f(10),
-        deliver_p99: f(11),
+        by_scope: row.get(2),
+        empty: row.get(3),
+        planned: row.get(4),
+        delivered: row.get(5),
+        api_calls: row.get(6),
+        queue_p50: f(7),
+        plan_p50: f(8),
+        deliver_p50: f(9),
+        queue_p99: f(10),
+        plan_p99: f(11),
+        deliver_p99: f(12),
     })
 }

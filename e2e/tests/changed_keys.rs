@@ -1,0 +1,317 @@
+//! On-change runs of a model that is a plain projection of one table plan only the keys that
+//! commits touched (logged by the retl_changed_keys triggers in retl.changed_keys), and the
+//! destination still ends equal to the model; everything else, and every case the log cannot
+//! vouch for, plans the whole model.
+mod common;
+use common::*;
+use serde_json::json;
+use std::collections::BTreeSet;
+
+fn sync_id(f: &mut Fixture) -> i64 {
+    f.count(&format!("SELECT id FROM retl.syncs WHERE name = '{}'", f.sync))
+}
+
+/// Waits until the sync has no run queued or delivering and at least `runs` runs caused by
+/// changes; returns the plan scope of its latest run.
+fn settle(f: &mut Fixture, runs: i64) -> String {
+    let id = sync_id(f);
+    wait_until(SHORT, "the change runs to finish", || {
+        let row = f
+            .client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE trigger = 'change'), count(*) FILTER (WHERE status IN ('queued', 'delivering'))
+                   FROM retl.runs WHERE sync_id = $1",
+                &[&id],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) >= runs && row.get::<_, i64>(1) == 0
+    });
+    last_scope(f)
+}
+
+fn last_scope(f: &mut Fixture) -> String {
+    let id = sync_id(f);
+    f.client
+        .query_one(&format!("SELECT plan_scope FROM retl.runs WHERE sync_id = {id} ORDER BY id DESC LIMIT 1"), &[])
+        .unwrap()
+        .get::<_, Option<String>>(0)
+        .unwrap_or_else(|| "unplanned".into())
+}
+
+fn change_runs(f: &mut Fixture) -> i64 {
+    let id = sync_id(f);
+    f.count(&format!("SELECT count(*) FROM retl.runs WHERE sync_id = {id} AND trigger = 'change'"))
+}
+
+fn logged(f: &mut Fixture) -> Vec<Option<String>> {
+    let id = sync_id(f);
+    f.client
+        .query(&format!("SELECT key::text FROM retl.changed_keys WHERE sync_id = {id} ORDER BY 1"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The keys of every request the fake received, with their op.
+fn sent(fake: &FakeWebhook) -> BTreeSet<(String, String)> {
+    fake.requests()
+        .iter()
+        .filter_map(|r| r.body.clone())
+        .flat_map(|b| b["records"].as_array().cloned().unwrap_or_default())
+        .map(|r| (r["op"].as_str().unwrap_or_default().to_string(), r["key"].to_string()))
+        .collect()
+}
+
+fn on_change(f: &mut Fixture) {
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', schedule => 'on change')", f.sync));
+}
+
+#[test]
+fn a_projection_plans_only_the_keys_commits_touched() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 50, "mirror", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(f.run().delivered, 50);
+    on_change(&mut f);
+    let traced: Vec<i16> = f
+        .client
+        .query_one(&format!("SELECT key_attnums FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id WHERE s.name = '{}'", f.sync), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(traced, vec![1], "the model key is the table's column 1");
+    let triggers: Vec<String> = f
+        .client
+        .query(&format!("SELECT tgname::text FROM pg_trigger WHERE tgrelid = '{}'::regclass ORDER BY 1", f.table), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        triggers,
+        ["retl_changed_keys_delete", "retl_changed_keys_insert", "retl_changed_keys_truncate", "retl_changed_keys_update", "retl_on_change"]
+    );
+    // The sync was just altered: its first change run plans the whole model.
+    assert_eq!(logged(&mut f), vec![None]);
+    f.exec(&format!("UPDATE {} SET score = -1 WHERE id = 1", f.table));
+    assert_eq!(settle(&mut f, 1), "model");
+    assert_eq!(f.last_run().rows_in_model, Some(50));
+
+    // A rolled back change logs nothing and wakes nothing.
+    f.exec(&format!("BEGIN; UPDATE {} SET score = 0; ROLLBACK;", f.table));
+    assert_eq!(logged(&mut f), Vec::<Option<String>>::new());
+
+    // One transaction: an update, an insert, a delete and a key change.
+    fake.clear_journal();
+    f.exec(&format!(
+        "BEGIN;
+         UPDATE {t} SET score = 7 WHERE id = 2;
+         INSERT INTO {t} VALUES (100, 'new@example.com', 'New', 1);
+         DELETE FROM {t} WHERE id = 3;
+         UPDATE {t} SET id = 200 WHERE id = 4;
+         COMMIT;",
+        t = f.table
+    ));
+    assert_eq!(settle(&mut f, 2), "changed keys");
+    let run = f.last_run();
+    assert_eq!(
+        (run.status.as_str(), run.rows_in_model, run.inserts, run.updates, run.deletes),
+        ("succeeded", None, 2, 1, 2),
+        "{run:?}"
+    );
+    let upsert = |id: i64| ("upsert".to_string(), key(id));
+    let delete = |id: i64| ("delete".to_string(), key(id));
+    assert_eq!(sent(&fake), BTreeSet::from([upsert(2), upsert(100), upsert(200), delete(3), delete(4)]));
+    assert_eq!(fake.records(), f.model_state());
+    assert_eq!(logged(&mut f), Vec::<Option<String>>::new(), "the plan took the log");
+
+    // An update that changes nothing the sync sends is logged, planned, and sends nothing.
+    fake.clear_journal();
+    f.exec(&format!("UPDATE {} SET score = score WHERE id = 5", f.table));
+    assert_eq!(settle(&mut f, 3), "changed keys");
+    assert_eq!(f.last_run().api_calls, 0);
+    assert_eq!(fake.request_count(), 0);
+
+    // A manual run plans the whole model (and takes the log too).
+    f.exec(&format!("INSERT INTO retl.changed_keys SELECT id, '{{\"id\": 9}}' FROM retl.syncs WHERE name = '{}'", f.sync));
+    let run = f.run();
+    assert_eq!(run.rows_in_model, Some(50));
+    assert_eq!(last_scope(&mut f), "model");
+    assert_eq!(logged(&mut f), Vec::<Option<String>>::new());
+}
+
+#[test]
+fn truncate_pause_and_large_statements_plan_the_whole_model() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 20, "mirror", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    on_change(&mut f);
+    f.exec(&format!("UPDATE {} SET score = 1 WHERE id = 1", f.table));
+    assert_eq!(settle(&mut f, 1), "model");
+    assert_eq!(fake.records(), f.model_state());
+
+    // TRUNCATE logs "everything"; the mirror empties the destination.
+    f.exec(&format!("TRUNCATE {}", f.table));
+    assert_eq!(settle(&mut f, 2), "model");
+    assert_eq!(f.last_run().deletes, 20);
+    assert!(fake.records().is_empty());
+
+    // One statement touching more keys than retl._changed_keys_limit() (10,000).
+    f.exec(&format!(
+        "INSERT INTO {} SELECT i, 'u' || i || '@example.com', 'P' || i, i FROM generate_series(1, 10001) i",
+        f.table
+    ));
+    assert_eq!(settle(&mut f, 3), "model");
+    assert_eq!(f.last_run().inserts, 10001);
+    assert_eq!(fake.records().len(), 10001);
+
+    // A NULL key value: the whole model is planned, and it refuses the NULL key.
+    let runs = change_runs(&mut f);
+    f.exec(&format!("ALTER TABLE {t} DROP CONSTRAINT {t}_pkey, ALTER COLUMN id DROP NOT NULL", t = f.table));
+    f.exec(&format!("UPDATE {} SET id = NULL WHERE id = 7", f.table));
+    assert_eq!(settle(&mut f, runs + 1), "unplanned", "the plan failed");
+    let run = f.last_run();
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(format!("model \"{}\" returned 1 row with a NULL primary key (id)", f.model).as_str())
+    );
+    f.exec(&format!("DELETE FROM {} WHERE id IS NULL", f.table));
+    assert_eq!(settle(&mut f, runs + 2), "model", "a failed plan keeps the log");
+    assert_eq!(f.last_run().status, "succeeded");
+    assert_eq!(fake.records(), f.model_state());
+
+    // Changes while paused are not logged key by key: the log says "everything", once.
+    f.exec(&format!("SELECT retl.pause('{}')", f.sync));
+    f.exec(&format!("UPDATE {t} SET score = 5 WHERE id = 8; UPDATE {t} SET score = 6 WHERE id = 9;", t = f.table));
+    assert_eq!(logged(&mut f), vec![None]);
+    f.exec(&format!("SELECT retl.resume('{}')", f.sync));
+    let runs = change_runs(&mut f);
+    f.exec(&format!("UPDATE {} SET score = 9 WHERE id = 10", f.table));
+    assert_eq!(settle(&mut f, runs + 1), "model");
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn a_key_only_plan_also_plans_rejected_rows_and_refuses_duplicates() {
+    let fake = FakeWebhook::start();
+    fake.set_rejection_rule(|rec| {
+        let email = rec["fields"]["email"].as_str().unwrap_or("");
+        (!email.contains('@')).then(|| (400, "email is invalid".to_string()))
+    });
+    let mut f = Fixture::new(&fake.url(), 10, "upsert", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    f.exec(&format!("ALTER TABLE {t} DROP CONSTRAINT {t}_pkey", t = f.table));
+    on_change(&mut f);
+    f.exec(&format!("UPDATE {} SET score = 1 WHERE id = 1", f.table));
+    assert_eq!(settle(&mut f, 1), "model");
+
+    f.exec(&format!("UPDATE {} SET email = 'broken' WHERE id = 3", f.table));
+    assert_eq!(settle(&mut f, 2), "changed keys");
+    assert_eq!(f.last_run().status, "partial");
+    // The next change is to row 5 only; the key-only plan retries row 3 with it.
+    fake.clear_journal();
+    f.exec(&format!("UPDATE {} SET score = 55 WHERE id = 5", f.table));
+    assert_eq!(settle(&mut f, 3), "changed keys");
+    assert_eq!(sent(&fake), BTreeSet::from([("upsert".to_string(), key(3)), ("upsert".to_string(), key(5))]));
+    f.exec(&format!("UPDATE {} SET email = 'fixed@example.com' WHERE id = 3", f.table));
+    assert_eq!(settle(&mut f, 4), "changed keys");
+    assert_eq!(f.last_run().status, "succeeded");
+    assert_eq!(f.count(&format!("SELECT count(*) FROM retl.row_errors e JOIN retl.syncs s ON s.id = e.sync_id WHERE s.name = '{}'", f.sync)), 0);
+    assert_eq!(fake.records(), f.model_state());
+
+    // A second row with key 6: the key-only plan sees both rows of that key and refuses.
+    f.exec(&format!("INSERT INTO {} VALUES (6, 'twin@example.com', 'Twin', 0)", f.table));
+    assert_eq!(settle(&mut f, 5), "unplanned", "the plan failed");
+    let run = f.last_run();
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(format!("model \"{}\" returned 1 duplicate primary key (e.g. {{\"id\": 6}} appears 2 times)", f.model).as_str())
+    );
+    f.exec(&format!("DELETE FROM {} WHERE name = 'Twin'", f.table));
+    assert_eq!(settle(&mut f, 6), "changed keys");
+    assert_eq!(f.last_run().status, "succeeded");
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn keys_are_traced_through_views_and_only_through_plain_projections() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    ensure_extension(&mut c);
+    let base = unique("ck");
+    c.batch_execute(&format!(
+        "CREATE TABLE {base}_acct (region text, account_id bigint PRIMARY KEY, plan text);
+         CREATE TABLE {base}_usage (account_id bigint, events int);
+         CREATE TABLE {base}_kid () INHERITS ({base}_usage);
+         INSERT INTO {base}_acct VALUES ('eu', 1, 'pro'), ('us', 2, 'free');
+         CREATE VIEW {base}_v AS SELECT account_id AS customer, upper(plan) AS plan FROM {base}_acct WHERE region <> 'xx';
+         CREATE SERVER {base}_d FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');",
+        url = fake.url()
+    ))
+    .unwrap();
+    let models = [
+        // (name, query, key, traced attnums)
+        ("view", format!("SELECT customer, plan FROM {base}_v"), "customer", Some(vec![2i16])),
+        ("join", format!("SELECT a.account_id, u.events FROM {base}_acct a JOIN {base}_usage u USING (account_id)"), "account_id", None),
+        ("agg", format!("SELECT account_id, sum(events) AS events FROM {base}_usage GROUP BY 1"), "account_id", None),
+        ("now", format!("SELECT account_id, now() AS seen FROM {base}_acct"), "account_id", None),
+        ("expr", format!("SELECT account_id + 0 AS account_id, plan FROM {base}_acct"), "account_id", None),
+        ("sublink", format!("SELECT account_id, plan FROM {base}_acct WHERE account_id IN (SELECT account_id FROM {base}_usage)"), "account_id", None),
+        ("limit", format!("SELECT account_id, plan FROM {base}_acct LIMIT 10"), "account_id", None),
+        ("inherited", format!("SELECT account_id, events FROM {base}_usage"), "account_id", None),
+    ];
+    let mut syncs = Vec::new();
+    for (name, query, key, traced) in &models {
+        let (model, sync) = (format!("{base}_{name}_m"), format!("{base}_{name}_s"));
+        c.execute("SELECT retl.create_model(name => $1, query => $2, primary_key => ARRAY[$3])", &[&model, query, key])
+            .unwrap();
+        c.execute(
+            "SELECT retl.create_sync(name => $1, model => $2, destination => $3, schedule => 'on change', paused => true)",
+            &[&sync, &model, &format!("{base}_d")],
+        )
+        .unwrap();
+        syncs.push(sync.clone());
+        let found: Vec<Option<Vec<i16>>> = c
+            .query(
+                "SELECT src.key_attnums FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id WHERE s.name = $1",
+                &[&sync],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(found.iter().all(|a| a == traced), "{name}: {found:?}, expected {traced:?}");
+    }
+    let _drop = DropSyncs(syncs);
+    // A rename of the traced column changes nothing: attribute numbers are logged by.
+    c.batch_execute(&format!("ALTER TABLE {base}_acct RENAME COLUMN account_id TO acct_no; UPDATE {base}_acct SET plan = 'team' WHERE acct_no = 2"))
+        .unwrap();
+    let logged: Vec<Option<String>> = c
+        .query(
+            "SELECT c.key::text FROM retl.changed_keys c JOIN retl.syncs s ON s.id = c.sync_id WHERE s.name = $1 ORDER BY 1",
+            &[&format!("{base}_view_s")],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Paused: one "everything" entry from creation stays the only one.
+    assert_eq!(logged, vec![None]);
+    c.execute("SELECT retl.resume($1)", &[&format!("{base}_view_s")]).unwrap();
+    c.batch_execute(&format!("UPDATE {base}_acct SET plan = 'max' WHERE acct_no = 1")).unwrap();
+    wait_until(SHORT, "the first run", || fake.records().len() == 2);
+    c.batch_execute(&format!("UPDATE {base}_acct SET plan = 'min' WHERE acct_no = 2")).unwrap();
+    wait_until(SHORT, "the key-only run", || fake.records().get(&json!({"customer": 2}).to_string()) == Some(&json!({"customer": 2, "plan": "MIN"})));
+    let scopes: Vec<String> = c
+        .query(
+            "SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id",
+            &[&format!("{base}_view_s")],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(scopes, ["model", "changed keys"]);
+}

@@ -1,0 +1,236 @@
+-- pg_reverse_etl 0.2.0 -> 0.3.0: on-change runs of a model that is a plain projection of one
+-- table plan only the keys that commits touched (retl.changed_keys, logged by the
+-- retl_changed_keys triggers), instead of the whole model. runs.plan_scope says which.
+\echo Use "ALTER EXTENSION pg_reverse_etl UPDATE TO '0.3.0'" to load this file. \quit
+
+ALTER TABLE retl.sync_sources ADD COLUMN key_attnums int2[];
+COMMENT ON TABLE retl.sync_sources IS
+  'Base tables each sync''s model depends on (through its views), as found in pg_depend; on-change syncs keep a statement trigger on each. key_attnums: the table columns carrying the model key when the model is a plain projection of this table (its on-change runs then plan only the changed keys).';
+
+CREATE TABLE retl.changed_keys (
+    sync_id bigint NOT NULL,
+    key     jsonb
+);
+CREATE INDEX changed_keys_sync_idx ON retl.changed_keys (sync_id);
+COMMENT ON TABLE retl.changed_keys IS
+  'Keys of on-change syncs touched by commits and not yet planned (key NULL: plan the whole model). Written by the retl_changed_keys triggers, consumed by the next run''s plan.';
+
+ALTER TABLE retl.runs ADD COLUMN plan_scope text CHECK (plan_scope IN ('model', 'changed keys'));
+UPDATE retl.runs SET plan_scope = 'model' WHERE planned_at IS NOT NULL;
+COMMENT ON TABLE retl.runs IS
+  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned (plan_scope: the whole model, or only the changed keys) and what was delivered.';
+
+CREATE  FUNCTION "_key_source"(
+	"view" oid, /* pg_sys :: Oid */
+	"key_columns" TEXT[] /* Vec < String > */
+) RETURNS TABLE (
+	"relid" oid,  /* pg_sys :: Oid */
+	"attnums" smallint[]  /* Vec < i16 > */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_key_source_wrapper';
+
+CREATE OR REPLACE FUNCTION retl._refresh_sources(sync_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    source_name text;
+    key_columns text[];
+    tables oid[];
+BEGIN
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
+      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
+     WHERE s.id = _refresh_sources.sync_id;
+    tables := retl._base_tables(source_name);
+    DELETE FROM retl.sync_sources src WHERE src.sync_id = _refresh_sources.sync_id;
+    INSERT INTO retl.sync_sources (sync_id, relid, key_attnums)
+    SELECT _refresh_sources.sync_id, t, CASE WHEN cardinality(tables) = 1 THEN k.attnums END
+      FROM unnest(tables) t
+      LEFT JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k ON k.relid = t;
+    DELETE FROM retl.changed_keys c WHERE c.sync_id = _refresh_sources.sync_id;
+    INSERT INTO retl.changed_keys (sync_id, key) VALUES (_refresh_sources.sync_id, NULL);
+    PERFORM retl._refresh_change_triggers();
+END $$;
+
+CREATE OR REPLACE FUNCTION retl._refresh_change_triggers() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t oid;
+BEGIN
+    FOR t IN SELECT DISTINCT src.relid
+               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+              WHERE s.schedule = 'on change'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_on_change')
+    LOOP
+        EXECUTE format('CREATE TRIGGER retl_on_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._on_change()', t::regclass);
+    END LOOP;
+    FOR t IN SELECT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname = 'retl_on_change' AND g.tgfoid = 'retl._on_change()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.relid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER retl_on_change ON %s', t::regclass);
+    END LOOP;
+
+    FOR t IN SELECT DISTINCT src.relid
+               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+              WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_changed_keys_insert')
+    LOOP
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_changed_keys_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+    END LOOP;
+    FOR t IN SELECT DISTINCT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname LIKE 'retl\_changed\_keys\_%' AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL AND src.relid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER retl_changed_keys_insert ON %1$s; DROP TRIGGER retl_changed_keys_update ON %1$s; '
+                       'DROP TRIGGER retl_changed_keys_delete ON %1$s; DROP TRIGGER retl_changed_keys_truncate ON %1$s',
+                       t::regclass);
+    END LOOP;
+END $$;
+
+CREATE FUNCTION retl._log_changed_keys() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+    touched text := CASE TG_OP WHEN 'INSERT' THEN 'new_rows' WHEN 'DELETE' THEN 'old_rows'
+                               WHEN 'UPDATE' THEN '(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows)' END;
+    n bigint;
+BEGIN
+    IF touched IS NOT NULL THEN
+        EXECUTE format('SELECT count(*) FROM %s r', touched) INTO n;
+    END IF;
+    FOR s IN
+        SELECT sy.id, sy.paused,
+               string_agg(format('%L, r.%I', k.name, a.attname), ', ' ORDER BY k.ord) AS key_object,
+               string_agg(format('r.%I IS NULL', a.attname), ' OR ') AS key_is_null
+          FROM retl.sync_sources src
+          JOIN retl.syncs sy ON sy.id = src.sync_id
+          JOIN retl.models m ON m.id = sy.model_id
+          CROSS JOIN LATERAL unnest(m.primary_key, src.key_attnums) WITH ORDINALITY AS k(name, attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = src.relid AND a.attnum = k.attnum
+         WHERE src.relid = TG_RELID AND src.key_attnums IS NOT NULL AND sy.schedule = 'on change'
+         GROUP BY sy.id, sy.paused
+    LOOP
+        IF touched IS NULL OR s.paused OR n > retl._changed_keys_limit() THEN
+            INSERT INTO retl.changed_keys (sync_id, key)
+            SELECT s.id, NULL WHERE NOT EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.id AND c.key IS NULL);
+        ELSIF n > 0 THEN
+            EXECUTE format('INSERT INTO retl.changed_keys (sync_id, key) '
+                           'SELECT DISTINCT $1, CASE WHEN %s THEN NULL ELSE jsonb_build_object(%s) END FROM %s r',
+                           s.key_is_null, s.key_object, touched)
+              USING s.id;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION retl._changed_keys_limit() RETURNS int
+LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
+
+CREATE FUNCTION retl._take_changed_keys(sync_id bigint, changed_keys_only boolean) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    source_name text;
+    key_columns text[];
+    traced boolean;
+    whole boolean;
+    n bigint;
+    keys jsonb;
+BEGIN
+    IF NOT changed_keys_only THEN
+        DELETE FROM retl.changed_keys c WHERE c.sync_id = _take_changed_keys.sync_id;
+        RETURN NULL;
+    END IF;
+    WITH taken AS (DELETE FROM retl.changed_keys c WHERE c.sync_id = _take_changed_keys.sync_id RETURNING c.key),
+         wanted AS (SELECT key FROM taken
+                    UNION ALL SELECT o.key FROM retl.outbox o WHERE o.sync_id = _take_changed_keys.sync_id
+                    UNION ALL SELECT e.key FROM retl.row_errors e WHERE e.sync_id = _take_changed_keys.sync_id)
+    SELECT coalesce(bool_or(key IS NULL), false), count(DISTINCT key), coalesce(jsonb_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL), '[]')
+      INTO whole, n, keys FROM wanted;
+    IF whole OR n > retl._changed_keys_limit() THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
+      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
+     WHERE s.id = _take_changed_keys.sync_id;
+    SELECT EXISTS (SELECT 1 FROM retl.sync_sources src
+                     JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k
+                       ON k.relid = src.relid AND k.attnums = src.key_attnums
+                    WHERE src.sync_id = _take_changed_keys.sync_id)
+      INTO traced;
+    RETURN CASE WHEN traced THEN keys END;
+END $$;
+
+-- Names the columns it reads from retl.runs (it read them all, and runs has a new one).
+CREATE OR REPLACE VIEW retl.sync_status AS
+SELECT s.name                                            AS sync,
+       coalesce(a.name, m.name)                          AS source,
+       s.destination,
+       s.mode,
+       s.paused,
+       last.id                                           AS last_run_id,
+       last.status                                       AS last_status,
+       last.finished_at                                  AS last_finished_at,
+       last.error                                        AS last_error,
+       ok.finished_at                                    AS last_success_at,
+       now() - ok.finished_at                            AS freshness_lag,
+       (SELECT count(*) FROM retl.runs r WHERE r.sync_id = s.id)                 AS runs,
+       recent.success_rate,
+       (SELECT count(*) FROM retl.outbox o WHERE o.sync_id = s.id)               AS queue_depth,
+       (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id)           AS failing_rows,
+       (SELECT count(*) FROM retl.snapshots sn WHERE sn.sync_id = s.id)          AS rows_synced,
+       last.delivered                                    AS last_delivered,
+       last.api_calls                                    AS last_api_calls,
+       s.schedule,
+       s.next_run_at,
+       (SELECT array_agg(p.name ORDER BY p.name) FROM retl.sync_parents sp JOIN retl.syncs p ON p.id = sp.parent_id
+         WHERE sp.sync_id = s.id)                        AS after
+  FROM retl.syncs s
+  JOIN retl.models m ON m.id = s.model_id
+  LEFT JOIN retl.audiences a ON a.id = s.audience_id
+  LEFT JOIN LATERAL (SELECT r.id, r.status, r.finished_at, r.error, r.delivered, r.api_calls
+                      FROM retl.runs r WHERE r.sync_id = s.id ORDER BY r.id DESC LIMIT 1) last ON true
+  LEFT JOIN LATERAL (SELECT r.finished_at FROM retl.runs r
+                      WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial')
+                      ORDER BY r.id DESC LIMIT 1) ok ON true
+  LEFT JOIN LATERAL (SELECT round(avg((r.status IN ('succeeded', 'partial'))::int), 3) AS success_rate
+                       FROM (SELECT status FROM retl.runs r
+                              WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial', 'failed')
+                              ORDER BY r.id DESC LIMIT 20) r) recent ON true;
+
+CREATE OR REPLACE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs;
+    children text;
+BEGIN
+    IF if_exists AND NOT EXISTS (SELECT 1 FROM retl.syncs WHERE syncs.name = drop_sync.name) THEN
+        RETURN;
+    END IF;
+    s := retl._sync_for_change(name);
+    SELECT string_agg(retl._q(c.name), ', ' ORDER BY c.name) INTO children
+      FROM retl.sync_parents p JOIN retl.syncs c ON c.id = p.sync_id WHERE p.parent_id = s.id;
+    IF children IS NOT NULL THEN
+        RAISE EXCEPTION 'sync % is still a parent of %', retl._q(s.name), children
+              USING ERRCODE = 'dependent_objects_still_exist',
+                    HINT = 'Drop those syncs first, or remove the dependency with retl.alter_sync(name => ..., after => ''{}'').';
+    END IF;
+    -- Runs, batches, snapshot, outbox, row errors and sources go with it (ON DELETE CASCADE).
+    DELETE FROM retl.syncs WHERE id = s.id;
+    DELETE FROM retl.changed_keys WHERE sync_id = s.id;
+    PERFORM retl._refresh_change_triggers();
+END $$;
+
+-- Trace every sync's model now: on-change syncs whose model is a plain projection of one table
+-- get their retl_changed_keys triggers; each sync's next plan covers its whole model.
+SELECT retl._refresh_sources(id) FROM retl.syncs ORDER BY id;
