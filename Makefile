@@ -51,9 +51,11 @@ clean: stop
 	rm -rf .run
 	cargo clean
 
-## make bench: the on-change latency benchmark (docs/BENCHMARKS.md) against a release build of
-## the extension, freshly created: 100 single-row updates/s for 30 s on a 10,000-row model.
-## Results: printed, and as one JSON line in .run/bench.json. Reinstalls the extension.
+## make bench: the benchmarks of docs/BENCHMARKS.md against a release build of the extension,
+## freshly created: on-change latency (100 single-row updates/s for 30 s on a 10,000-row model)
+## and what the on-change triggers cost the statements that write a model's table.
+## Results: printed, and as JSON lines in .run/bench.json and .run/overhead.json. Reinstalls
+## the extension.
 bench: deps
 	@scripts/cluster.sh stop
 	cd extension && cargo pgrx install --release --pg-config $(PG_CONFIG)
@@ -61,3 +63,4 @@ bench: deps
 	@scripts/cluster.sh start
 	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
 	cargo run --release -p retl-e2e --bin retl-bench -- --seconds 30 --json .run/bench.json
+	cargo run --release -p retl-e2e --bin retl-overhead -- --json .run/overhead.json

@@ -315,3 +315,55 @@ fn keys_are_traced_through_views_and_only_through_plain_projections() {
         .collect();
     assert_eq!(scopes, ["model", "changed keys"]);
 }
+
+#[test]
+fn composite_keys_of_other_types_round_trip_through_the_log() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    ensure_extension(&mut c);
+    let base = unique("ck");
+    let (model, sync) = (format!("{base}_m"), format!("{base}_s"));
+    c.batch_execute(&format!(
+        "CREATE TABLE {base}_t (region text, day date, visits numeric, PRIMARY KEY (region, day));
+         INSERT INTO {base}_t VALUES ('eu', '2026-01-01', 1.50), ('us west', '2026-01-02', 2), ('x\"y''z', '2026-01-03', 3);
+         SELECT retl.create_model(name => '{model}', query => 'SELECT region, day, visits FROM {base}_t', primary_key => '{{region,day}}');
+         CREATE SERVER {base}_d FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{base}_d', mode => 'mirror', schedule => 'on change');",
+        url = fake.url()
+    ))
+    .unwrap();
+    let _drop = DropSyncs(vec![sync.clone()]);
+    let scopes = |c: &mut postgres::Client| -> Vec<Option<String>> {
+        c.query("SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 AND r.status = 'succeeded' ORDER BY r.id", &[&sync])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    c.batch_execute(&format!("UPDATE {base}_t SET visits = 1.5 WHERE region = 'eu'")).unwrap();
+    wait_until(SHORT, "the first run", || scopes(&mut c).len() == 1);
+    assert_eq!(fake.records().len(), 3);
+
+    fake.clear_journal();
+    c.batch_execute(&format!(
+        "UPDATE {base}_t SET visits = 30 WHERE region = 'x\"y''z'; DELETE FROM {base}_t WHERE region = 'us west';"
+    ))
+    .unwrap();
+    wait_until(SHORT, "the key-only runs", || fake.records().len() == 2 && scopes(&mut c).len() >= 2);
+    assert_eq!(scopes(&mut c)[1..].iter().flatten().collect::<BTreeSet<_>>(), BTreeSet::from([&"changed keys".to_string()]));
+    let k = |region: &str, day: &str| json!({"region": region, "day": day}).to_string();
+    let expected: std::collections::BTreeMap<String, serde_json::Value> = [
+        (k("eu", "2026-01-01"), json!({"region": "eu", "day": "2026-01-01", "visits": 1.5})),
+        (k("x\"y'z", "2026-01-03"), json!({"region": "x\"y'z", "day": "2026-01-03", "visits": 30})),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(fake.records(), expected);
+    assert_eq!(
+        sent(&fake),
+        BTreeSet::from([
+            ("upsert".to_string(), json!({"day": "2026-01-03", "region": "x\"y'z"}).to_string()),
+            ("delete".to_string(), json!({"day": "2026-01-02", "region": "us west"}).to_string()),
+        ])
+    );
+}

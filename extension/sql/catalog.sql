@@ -88,7 +88,10 @@ CREATE TABLE retl.sync_sources (
     -- When the model is a plain projection of this one table: the table's columns (attribute
     -- numbers, which survive renames) that carry the model key, in key order. An on-change
     -- sync then logs the keys each commit touches and plans only those (retl.changed_keys).
-    key_attnums int2[]
+    key_attnums int2[],
+    -- Their names, for the trigger that logs the keys (refreshed by the next plan after a
+    -- rename: until then the trigger logs "plan the whole model").
+    key_columns text[]
 );
 CREATE INDEX sync_sources_relid_idx ON retl.sync_sources (relid);
 COMMENT ON TABLE retl.sync_sources IS

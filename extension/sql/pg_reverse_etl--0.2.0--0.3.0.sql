@@ -3,7 +3,7 @@
 -- retl_changed_keys triggers), instead of the whole model. runs.plan_scope says which.
 \echo Use "ALTER EXTENSION pg_reverse_etl UPDATE TO '0.3.0'" to load this file. \quit
 
-ALTER TABLE retl.sync_sources ADD COLUMN key_attnums int2[];
+ALTER TABLE retl.sync_sources ADD COLUMN key_attnums int2[], ADD COLUMN key_columns text[];
 COMMENT ON TABLE retl.sync_sources IS
   'Base tables each sync''s model depends on (through its views), as found in pg_depend; on-change syncs keep a statement trigger on each. key_attnums: the table columns carrying the model key when the model is a plain projection of this table (its on-change runs then plan only the changed keys).';
 
@@ -27,7 +27,7 @@ CREATE  FUNCTION "_key_source"(
 	"relid" oid,  /* pg_sys :: Oid */
 	"attnums" smallint[]  /* Vec < i16 > */
 )
-STRICT STABLE PARALLEL SAFE
+STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_key_source_wrapper';
 
@@ -35,18 +35,19 @@ CREATE OR REPLACE FUNCTION retl._refresh_sources(sync_id bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     source_name text;
-    key_columns text[];
+    model_key text[];
     tables oid[];
 BEGIN
-    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, model_key
       FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
      WHERE s.id = _refresh_sources.sync_id;
     tables := retl._base_tables(source_name);
     DELETE FROM retl.sync_sources src WHERE src.sync_id = _refresh_sources.sync_id;
-    INSERT INTO retl.sync_sources (sync_id, relid, key_attnums)
-    SELECT _refresh_sources.sync_id, t, CASE WHEN cardinality(tables) = 1 THEN k.attnums END
+    INSERT INTO retl.sync_sources (sync_id, relid, key_attnums, key_columns)
+    SELECT _refresh_sources.sync_id, t, k.attnums, retl._column_names(t, k.attnums)
       FROM unnest(tables) t
-      LEFT JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k ON k.relid = t;
+      LEFT JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, model_key) k
+             ON k.relid = t AND cardinality(tables) = 1;
     DELETE FROM retl.changed_keys c WHERE c.sync_id = _refresh_sources.sync_id;
     INSERT INTO retl.changed_keys (sync_id, key) VALUES (_refresh_sources.sync_id, NULL);
     PERFORM retl._refresh_change_triggers();
@@ -98,39 +99,50 @@ BEGIN
     END LOOP;
 END $$;
 
+CREATE FUNCTION retl._column_names(relid oid, attnums int2[]) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(a.attname::text ORDER BY n.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS n(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = relid AND a.attnum = n.attnum
+$$;
+
 CREATE FUNCTION retl._log_changed_keys() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s record;
-    touched text := CASE TG_OP WHEN 'INSERT' THEN 'new_rows' WHEN 'DELETE' THEN 'old_rows'
-                               WHEN 'UPDATE' THEN '(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows)' END;
     n bigint;
+    images jsonb[];
 BEGIN
-    IF touched IS NOT NULL THEN
-        EXECUTE format('SELECT count(*) FROM %s r', touched) INTO n;
+    -- Static SQL only (plans are cached per table): this runs after every statement on the
+    -- table. Each branch names only the transition tables its trigger has.
+    IF TG_OP = 'DELETE' THEN
+        SELECT count(*) INTO n FROM old_rows;
+    ELSIF TG_OP <> 'TRUNCATE' THEN
+        SELECT count(*) INTO n FROM new_rows;
     END IF;
-    FOR s IN
-        SELECT sy.id, sy.paused,
-               string_agg(format('%L, r.%I', k.name, a.attname), ', ' ORDER BY k.ord) AS key_object,
-               string_agg(format('r.%I IS NULL', a.attname), ' OR ') AS key_is_null
-          FROM retl.sync_sources src
-          JOIN retl.syncs sy ON sy.id = src.sync_id
-          JOIN retl.models m ON m.id = sy.model_id
-          CROSS JOIN LATERAL unnest(m.primary_key, src.key_attnums) WITH ORDINALITY AS k(name, attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = src.relid AND a.attnum = k.attnum
-         WHERE src.relid = TG_RELID AND src.key_attnums IS NOT NULL AND sy.schedule = 'on change'
-         GROUP BY sy.id, sy.paused
-    LOOP
-        IF touched IS NULL OR s.paused OR n > retl._changed_keys_limit() THEN
-            INSERT INTO retl.changed_keys (sync_id, key)
-            SELECT s.id, NULL WHERE NOT EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.id AND c.key IS NULL);
-        ELSIF n > 0 THEN
-            EXECUTE format('INSERT INTO retl.changed_keys (sync_id, key) '
-                           'SELECT DISTINCT $1, CASE WHEN %s THEN NULL ELSE jsonb_build_object(%s) END FROM %s r',
-                           s.key_is_null, s.key_object, touched)
-              USING s.id;
+    IF n <= retl._changed_keys_limit() THEN
+        IF TG_OP = 'INSERT' THEN
+            images := ARRAY(SELECT to_jsonb(r) FROM new_rows r);
+        ELSIF TG_OP = 'DELETE' THEN
+            images := ARRAY(SELECT to_jsonb(r) FROM old_rows r);
+        ELSE
+            images := ARRAY(SELECT to_jsonb(r) FROM new_rows r UNION ALL SELECT to_jsonb(r) FROM old_rows r);
         END IF;
-    END LOOP;
+    END IF;
+    -- Per sync whose key this table carries: the key object of every old and new row image
+    -- (NULL when a key value is NULL), or one NULL ("plan the whole model") when there are no
+    -- images or the sync is paused and none is logged yet.
+    INSERT INTO retl.changed_keys (sync_id, key)
+    SELECT DISTINCT s.sync_id, CASE WHEN s.whole OR k.has_null THEN NULL ELSE k.key END
+      FROM (SELECT src.sync_id, src.key_columns, m.primary_key, (images IS NULL OR sy.paused) AS whole
+              FROM retl.sync_sources src
+              JOIN retl.syncs sy ON sy.id = src.sync_id
+              JOIN retl.models m ON m.id = sy.model_id
+             WHERE src.relid = TG_RELID AND src.key_columns IS NOT NULL AND sy.schedule = 'on change') s
+      LEFT JOIN LATERAL unnest(CASE WHEN NOT s.whole THEN images END) AS t(j) ON true
+      LEFT JOIN LATERAL (SELECT jsonb_object_agg(c.name, t.j -> c.col) AS key,
+                                bool_or(coalesce(t.j -> c.col, 'null') = 'null') AS has_null
+                           FROM unnest(s.primary_key, s.key_columns) AS c(name, col)) k ON NOT s.whole
+     WHERE NOT (s.whole AND EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.sync_id AND c.key IS NULL));
     RETURN NULL;
 END $$;
 
@@ -141,13 +153,21 @@ CREATE FUNCTION retl._take_changed_keys(sync_id bigint, changed_keys_only boolea
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     source_name text;
-    key_columns text[];
+    model_key text[];
     traced boolean;
     whole boolean;
     n bigint;
     keys jsonb;
+    renamed int;
 BEGIN
-    IF NOT changed_keys_only THEN
+    -- A traced column was renamed: since then the trigger read the key under its old name
+    -- (NULL, or another column's value if names were swapped), so this plan covers the whole
+    -- model; the trigger reads the new name from now on.
+    UPDATE retl.sync_sources src SET key_columns = retl._column_names(src.relid, src.key_attnums)
+     WHERE src.sync_id = _take_changed_keys.sync_id AND src.key_attnums IS NOT NULL
+       AND src.key_columns IS DISTINCT FROM retl._column_names(src.relid, src.key_attnums);
+    GET DIAGNOSTICS renamed = ROW_COUNT;
+    IF NOT changed_keys_only OR renamed > 0 THEN
         DELETE FROM retl.changed_keys c WHERE c.sync_id = _take_changed_keys.sync_id;
         RETURN NULL;
     END IF;
@@ -160,11 +180,11 @@ BEGIN
     IF whole OR n > retl._changed_keys_limit() THEN
         RETURN NULL;
     END IF;
-    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, key_columns
+    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, model_key
       FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
      WHERE s.id = _take_changed_keys.sync_id;
     SELECT EXISTS (SELECT 1 FROM retl.sync_sources src
-                     JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, key_columns) k
+                     JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, model_key) k
                        ON k.relid = src.relid AND k.attnums = src.key_attnums
                     WHERE src.sync_id = _take_changed_keys.sync_id)
       INTO traced;

@@ -138,7 +138,7 @@ unsafe fn view_step(query: *mut pg_sys::Query, attnums: &[i16]) -> Option<Step> 
 
 /// SQL: the table and its key columns' attribute numbers for the model or audience view
 /// `retl_models.<name>` with key `key_columns`; no row when it is not traceable.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable)]
 fn _key_source(
     view: pg_sys::Oid,
     key_columns: Vec<String>,
