@@ -87,7 +87,7 @@ fn worker_status_and_pg_stat_activity_show_what_each_worker_does() {
     wait_until(SHORT, "a request in flight", || fake.request_count() >= 1);
     let rows = f
         .client
-        .query("SELECT worker, pid, state, sync, run_id, since <= now() FROM retl.worker_status()", &[])
+        .query("SELECT worker, pid, state, sync, run_id, since <= clock_timestamp() FROM retl.worker_status()", &[])
         .unwrap();
     assert_eq!(rows.len(), 2, "retl.workers = 2");
     let busy: Vec<_> = rows.iter().filter(|r| r.get::<_, Option<i64>>(4) == Some(run_id)).collect();

@@ -270,10 +270,16 @@ fn materialize_v1_select(sync: &SyncDef, filter: &str) -> String {
 /// take part: a key absent from both the model and the snapshot is no change.
 fn diff_sql(sync: &SyncDef, scope: &Scope) -> String {
     let (filter, op) = sync.mode.op_sql();
-    let snapshot_filter = match scope {
-        Scope::Model => "",
+    let snapshot = match scope {
+        Scope::Model => "SELECT key, hash FROM retl.snapshots WHERE sync_id = $1",
+        // One primary-key probe per key (OFFSET 0 keeps the planner from turning this into a
+        // join, which stale statistics of a freshly loaded snapshot make a scan of all of it).
         Scope::Keys(_) => {
-            " AND key IN (SELECT e.value FROM jsonb_array_elements($3::jsonb) e UNION SELECT key FROM pg_temp.retl_plan)"
+            "SELECT sn.key, sn.hash \
+               FROM (SELECT e.value AS key FROM jsonb_array_elements($3::jsonb) e \
+                     UNION SELECT key FROM pg_temp.retl_plan) k, \
+                    LATERAL (SELECT key, hash FROM retl.snapshots \
+                              WHERE sync_id = $1 AND key = k.key OFFSET 0) sn"
         }
     };
     // Version 2 carries the model row and builds payloads here, for the changed rows only;
@@ -289,7 +295,7 @@ fn diff_sql(sync: &SyncDef, scope: &Scope) -> String {
     };
     format!(
         "WITH m AS (SELECT key, {carried}, hash FROM pg_temp.retl_plan), \
-              s AS (SELECT key, hash FROM retl.snapshots WHERE sync_id = $1{snapshot_filter}), \
+              s AS ({snapshot}), \
               d AS (SELECT CASE WHEN s.key IS NULL THEN 'new' WHEN m.key IS NULL THEN 'gone' ELSE 'changed' END AS change, \
                            coalesce(m.key, s.key) AS key, m.{carried}, coalesce(m.hash, s.hash) AS hash \
                       FROM m FULL JOIN s ON m.key = s.key \
