@@ -38,6 +38,19 @@ fn last_scope(f: &mut Fixture) -> String {
         .unwrap_or_else(|| "unplanned".into())
 }
 
+/// The plan scope of each succeeded run of `sync`, oldest first.
+fn succeeded_scopes(c: &mut postgres::Client, sync: &str) -> Vec<Option<String>> {
+    c.query(
+        "SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id
+          WHERE s.name = $1 AND r.status = 'succeeded' ORDER BY r.id",
+        &[&sync],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 fn change_runs(f: &mut Fixture) -> i64 {
     let id = sync_id(f);
     f.count(&format!("SELECT count(*) FROM retl.runs WHERE sync_id = {id} AND trigger = 'change'"))
@@ -285,7 +298,7 @@ fn keys_are_traced_through_views_and_only_through_plain_projections() {
         assert!(found.iter().all(|a| a == traced), "{name}: {found:?}, expected {traced:?}");
     }
     let _drop = DropSyncs(syncs);
-    // A rename of the traced column changes nothing: attribute numbers are logged by.
+    // The traced column is renamed while the sync is paused.
     c.batch_execute(&format!("ALTER TABLE {base}_acct RENAME COLUMN account_id TO acct_no; UPDATE {base}_acct SET plan = 'team' WHERE acct_no = 2"))
         .unwrap();
     let logged: Vec<Option<String>> = c
@@ -304,16 +317,12 @@ fn keys_are_traced_through_views_and_only_through_plain_projections() {
     wait_until(SHORT, "the first run", || fake.records().len() == 2);
     c.batch_execute(&format!("UPDATE {base}_acct SET plan = 'min' WHERE acct_no = 2")).unwrap();
     wait_until(SHORT, "the key-only run", || fake.records().get(&json!({"customer": 2}).to_string()) == Some(&json!({"customer": 2, "plan": "MIN"})));
-    let scopes: Vec<String> = c
-        .query(
-            "SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id",
-            &[&format!("{base}_view_s")],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(scopes, ["model", "changed keys"]);
+    wait_until(SHORT, "the second run to be recorded", || succeeded_scopes(&mut c, &format!("{base}_view_s")).len() == 2);
+    assert_eq!(
+        succeeded_scopes(&mut c, &format!("{base}_view_s")),
+        [Some("model".to_string()), Some("changed keys".to_string())],
+        "after the rename the first plan covers the whole model, and keys are logged under the new name"
+    );
 }
 
 #[test]
@@ -333,13 +342,7 @@ fn composite_keys_of_other_types_round_trip_through_the_log() {
     ))
     .unwrap();
     let _drop = DropSyncs(vec![sync.clone()]);
-    let scopes = |c: &mut postgres::Client| -> Vec<Option<String>> {
-        c.query("SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 AND r.status = 'succeeded' ORDER BY r.id", &[&sync])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
+    let scopes = |c: &mut postgres::Client| succeeded_scopes(c, &sync);
     c.batch_execute(&format!("UPDATE {base}_t SET visits = 1.5 WHERE region = 'eu'")).unwrap();
     wait_until(SHORT, "the first run", || scopes(&mut c).len() == 1);
     assert_eq!(fake.records().len(), 3);
@@ -366,4 +369,40 @@ fn composite_keys_of_other_types_round_trip_through_the_log() {
             ("delete".to_string(), json!({"day": "2026-01-02", "region": "us west"}).to_string()),
         ])
     );
+}
+
+#[test]
+fn replicated_writes_are_logged_and_a_missing_trigger_means_whole_model_plans() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 10, "upsert", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    on_change(&mut f);
+    f.exec(&format!("UPDATE {} SET score = 1 WHERE id = 1", f.table));
+    assert_eq!(settle(&mut f, 1), "model");
+
+    // Logical replication applies changes with session_replication_role = replica: the
+    // triggers fire always, so such writes wake the sync and are logged.
+    f.exec(&format!(
+        "SET session_replication_role = replica; UPDATE {} SET score = 22 WHERE id = 2; RESET session_replication_role;",
+        f.table
+    ));
+    assert_eq!(settle(&mut f, 2), "changed keys");
+    assert_eq!(fake.records()[&key(2)]["score"], json!(22));
+
+    // A key trigger dropped by hand: the log may miss changes, so the next plan covers the
+    // whole model (and sends what the log missed); re-enabling on change puts it back.
+    f.exec(&format!("DROP TRIGGER retl_changed_keys_update ON {t}; UPDATE {t} SET score = 33 WHERE id = 3", t = f.table));
+    assert_eq!(settle(&mut f, 3), "model");
+    assert_eq!(fake.records(), f.model_state());
+    on_change(&mut f);
+    let armed = f.count(&format!(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{}'::regclass AND tgname LIKE 'retl%' AND tgenabled = 'A'",
+        f.table
+    ));
+    assert_eq!(armed, 5);
+    f.exec(&format!("UPDATE {} SET score = 44 WHERE id = 4", f.table));
+    assert_eq!(settle(&mut f, 4), "model", "the first run after alter_sync");
+    f.exec(&format!("UPDATE {} SET score = 55 WHERE id = 5", f.table));
+    assert_eq!(settle(&mut f, 5), "changed keys");
+    assert_eq!(fake.records(), f.model_state());
 }

@@ -16,12 +16,21 @@ fn worker_pid(client: &mut postgres::Client, run_id: i64) -> Option<i32> {
 #[test]
 fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     let fake = FakeWebhook::start();
-    let mut f = Fixture::new(&fake.url(), 60, "upsert", "batch_size '5', max_concurrency '1'", None);
+    // timeout_ms: twice (2 of about 40 runs) the resumed worker's requests went unanswered by
+    // the fake until they timed out (30 s by default, 3 attempts); not understood yet. A short
+    // timeout keeps such a hang within the wait below; the run must still converge.
+    let mut f = Fixture::new(&fake.url(), 60, "upsert", "batch_size '5', max_concurrency '1', timeout_ms '3000'", None);
     // Every request takes 250 ms: 12 batches ≈ 3 s, a wide window to kill the worker in.
     fake.script((0..40).map(|_| Scripted::Delay(Duration::from_millis(250))).collect());
     let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
     wait_until(SHORT, "a few batches to arrive", || fake.request_count() >= 4);
-    let pid = worker_pid(&mut f.client, run_id).expect("a worker delivering the run");
+    // Between two slices of the run its worker shows no run: look until it shows it again.
+    let mut pid = None;
+    wait_until(SHORT, "a worker delivering the run", || {
+        pid = worker_pid(&mut f.client, run_id);
+        pid.is_some()
+    });
+    let pid = pid.expect("a worker delivering the run");
     let killed = unsafe { libc_kill(pid, 9) };
     assert_eq!(killed, 0, "kill -9 {pid}");
     drop(f.client);

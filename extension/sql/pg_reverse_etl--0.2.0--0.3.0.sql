@@ -57,14 +57,17 @@ CREATE OR REPLACE FUNCTION retl._refresh_change_triggers() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t oid;
+    event text;
+    transition text;
 BEGIN
     FOR t IN SELECT DISTINCT src.relid
                FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
               WHERE s.schedule = 'on change'
                 AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_on_change')
     LOOP
-        EXECUTE format('CREATE TRIGGER retl_on_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._on_change()', t::regclass);
+        EXECUTE format('CREATE TRIGGER retl_on_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %1$s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._on_change(); '
+                       'ALTER TABLE %1$s ENABLE ALWAYS TRIGGER retl_on_change', t::regclass);
     END LOOP;
     FOR t IN SELECT g.tgrelid FROM pg_trigger g
               WHERE g.tgname = 'retl_on_change' AND g.tgfoid = 'retl._on_change()'::regprocedure
@@ -74,28 +77,32 @@ BEGIN
         EXECUTE format('DROP TRIGGER retl_on_change ON %s', t::regclass);
     END LOOP;
 
-    FOR t IN SELECT DISTINCT src.relid
-               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
-              WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_changed_keys_insert')
+    -- Each of the four that is missing (also when one was dropped by hand).
+    FOR t, event, transition IN
+        SELECT DISTINCT src.relid, e.event, e.transition
+          FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id,
+               (VALUES ('insert', 'REFERENCING NEW TABLE AS new_rows'),
+                       ('update', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                       ('delete', 'REFERENCING OLD TABLE AS old_rows'),
+                       ('truncate', '')) AS e(event, transition)
+         WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_trigger g
+                            WHERE g.tgrelid = src.relid AND g.tgname = 'retl_changed_keys_' || e.event)
     LOOP
-        EXECUTE format('CREATE TRIGGER retl_changed_keys_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
-        EXECUTE format('CREATE TRIGGER retl_changed_keys_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
-        EXECUTE format('CREATE TRIGGER retl_changed_keys_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
-        EXECUTE format('CREATE TRIGGER retl_changed_keys_truncate AFTER TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys()', t::regclass);
+        EXECUTE format('CREATE TRIGGER %1$I AFTER %2$s ON %3$s %4$s FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys(); '
+                       'ALTER TABLE %3$s ENABLE ALWAYS TRIGGER %1$I',
+                       'retl_changed_keys_' || event, upper(event), t::regclass, transition);
     END LOOP;
     FOR t IN SELECT DISTINCT g.tgrelid FROM pg_trigger g
               WHERE g.tgname LIKE 'retl\_changed\_keys\_%' AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
                 AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
                                  WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL AND src.relid = g.tgrelid)
     LOOP
-        EXECUTE format('DROP TRIGGER retl_changed_keys_insert ON %1$s; DROP TRIGGER retl_changed_keys_update ON %1$s; '
-                       'DROP TRIGGER retl_changed_keys_delete ON %1$s; DROP TRIGGER retl_changed_keys_truncate ON %1$s',
-                       t::regclass);
+        FOR event IN SELECT g.tgname FROM pg_trigger g
+                      WHERE g.tgrelid = t AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+        LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', event, t::regclass);
+        END LOOP;
     END LOOP;
 END $$;
 
@@ -183,10 +190,16 @@ BEGIN
     SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, model_key
       FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
      WHERE s.id = _take_changed_keys.sync_id;
+    -- The model still traces to the table columns the log was written for, and all four
+    -- triggers that write it are there and fire always (a dropped or disabled one would have
+    -- left changes out of the log).
     SELECT EXISTS (SELECT 1 FROM retl.sync_sources src
                      JOIN retl._key_source(format('retl_models.%I', source_name)::regclass, model_key) k
                        ON k.relid = src.relid AND k.attnums = src.key_attnums
-                    WHERE src.sync_id = _take_changed_keys.sync_id)
+                    WHERE src.sync_id = _take_changed_keys.sync_id
+                      AND (SELECT count(*) FROM pg_trigger g
+                            WHERE g.tgrelid = src.relid AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+                              AND g.tgenabled = 'A') = 4)
       INTO traced;
     RETURN CASE WHEN traced THEN keys END;
 END $$;
@@ -249,6 +262,18 @@ BEGIN
     DELETE FROM retl.syncs WHERE id = s.id;
     DELETE FROM retl.changed_keys WHERE sync_id = s.id;
     PERFORM retl._refresh_change_triggers();
+END $$;
+
+-- retl_on_change fires always from now on (also for logical replication's writes).
+DO $$
+DECLARE
+    t oid;
+BEGIN
+    FOR t IN SELECT tgrelid FROM pg_trigger
+              WHERE tgname = 'retl_on_change' AND tgfoid = 'retl._on_change()'::regprocedure AND tgenabled = 'O'
+    LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER retl_on_change', t::regclass);
+    END LOOP;
 END $$;
 
 -- Trace every sync's model now: on-change syncs whose model is a plain projection of one table

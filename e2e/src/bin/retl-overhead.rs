@@ -114,39 +114,28 @@ fn run(rounds: usize, json_path: Option<PathBuf>) -> R<()> {
         ),
     )?;
     let mut results = Vec::new();
-    for setup in ["no sync", "on change, untraced model", "on change, traced model (key log)"] {
-        match setup {
-            "no sync" => {}
-            "on change, untraced model" => {
-                let (m, s) = (format!("{base}_u_m"), format!("{base}_u_s"));
-                names.models.push(m.clone());
-                names.syncs.push(s.clone());
-                sql(
-                    &mut c,
-                    &format!(
-                        "SELECT retl.create_model(name => '{m}', query => 'SELECT id, val, email, name FROM {t} OFFSET 0', primary_key => '{{id}}');
-                         SELECT retl.create_sync(name => '{s}', model => '{m}', destination => '{d}', schedule => 'on change');",
-                        t = names.table,
-                        d = names.server
-                    ),
-                )?;
-            }
-            _ => {
-                let untraced = names.syncs[0].clone();
-                let (m, s) = (format!("{base}_k_m"), format!("{base}_k_s"));
-                names.models.push(m.clone());
-                names.syncs.push(s.clone());
-                sql(
-                    &mut c,
-                    &format!(
-                        "SELECT retl.drop_sync('{untraced}');
-                         SELECT retl.create_model(name => '{m}', query => 'SELECT id, val, email, name FROM {t}', primary_key => '{{id}}');
-                         SELECT retl.create_sync(name => '{s}', model => '{m}', destination => '{d}', schedule => 'on change');",
-                        t = names.table,
-                        d = names.server
-                    ),
-                )?;
-            }
+    // (set-up, the model's query after SELECT ... FROM <table>): each replaces the one before.
+    let setups = [
+        ("no sync", None),
+        ("on change, untraced model", Some(" OFFSET 0")),
+        ("on change, traced model (key log)", Some("")),
+    ];
+    for (n, (setup, tail)) in setups.into_iter().enumerate() {
+        if let Some(tail) = tail {
+            let (m, s) = (format!("{base}_{n}_m"), format!("{base}_{n}_s"));
+            let previous = names.syncs.last().map_or(String::new(), |p| format!("SELECT retl.drop_sync('{p}');"));
+            names.models.push(m.clone());
+            names.syncs.push(s.clone());
+            sql(
+                &mut c,
+                &format!(
+                    "{previous}
+                     SELECT retl.create_model(name => '{m}', query => 'SELECT id, val, email, name FROM {t}{tail}', primary_key => '{{id}}');
+                     SELECT retl.create_sync(name => '{s}', model => '{m}', destination => '{d}', schedule => 'on change');",
+                    t = names.table,
+                    d = names.server
+                ),
+            )?;
         }
         let single = measure(&mut c, &names.table, SINGLE_ROW_STATEMENTS, 1, rounds)?;
         let bulk = measure(&mut c, &names.table, BULK_STATEMENTS, BULK_ROWS, rounds)?;
