@@ -153,7 +153,19 @@ impl Run<'_> {
                 run_id: self.run_id,
                 idempotency_key: idempotency_key(self.key_scope, self.run_id, &pending),
             };
-            let request = self.dest.build_request(&ctx, &pending, self.token);
+            let request = match self.dest.build_request(&ctx, &pending, self.token) {
+                Ok(request) => request,
+                Err(message) => {
+                    let message = redact(&message, self.token);
+                    report.rejected.extend(pending.iter().map(|record| Rejection {
+                        id: record.id,
+                        status: None,
+                        message: message.clone(),
+                        attempts: report.api_calls,
+                    }));
+                    return report;
+                }
+            };
             report.api_calls += 1;
             let sent = self.unless_stopped(send(self.client, request, self.limits.timeout));
             let outcome = match sent.await {

@@ -9,6 +9,7 @@ pub mod hash;
 pub mod options;
 pub mod ratelimit;
 pub mod record;
+pub mod template;
 
 /// Sent on every request so destination operators can tell who is calling.
 pub const USER_AGENT: &str = concat!("pg_reverse_etl/", env!("CARGO_PKG_VERSION"));

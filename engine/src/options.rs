@@ -4,11 +4,14 @@
 use std::fmt;
 use std::time::Duration;
 
-const SERVER_OPTIONS: &str =
-    "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms";
+const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
+     max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error";
+/// Options only the generic HTTP connector (type 'http') takes.
+const HTTP_OPTIONS: [&str; 9] =
+    ["method", "headers", "body", "per", "encoding", "success", "results", "result_ok", "result_error"];
 const MAPPING_OPTIONS: &str = "token, token_env";
 const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
-const SUPPORTED_TYPES: &str = "webhook";
+const SUPPORTED_TYPES: &str = "webhook, http";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionsError {
@@ -39,6 +42,8 @@ pub enum OptionsError {
     },
     #[error("option {0}")]
     Conflict(String),
+    #[error("option \"{option}\" is not a valid template: {problem}")]
+    Template { option: &'static str, problem: String },
     #[error("environment variable \"{name}\" named by token_env {problem}")]
     Env { name: String, problem: &'static str },
 }
@@ -46,14 +51,43 @@ pub enum OptionsError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DestinationKind {
     Webhook,
+    /// Any HTTP API, requests built from Liquid templates.
+    Http,
 }
 
 impl DestinationKind {
     pub fn as_str(self) -> &'static str {
         match self {
             DestinationKind::Webhook => "webhook",
+            DestinationKind::Http => "http",
         }
     }
+}
+
+/// The generic HTTP connector's settings (templates as written; they are known to parse).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpOptions {
+    pub method: String,
+    /// Header name and value template.
+    pub headers: Vec<(String, String)>,
+    /// `None`: the records as JSON (`{"op", "key", "fields"}`, or `{"records": [...]}` per batch).
+    pub body: Option<String>,
+    /// One request per batch of records rather than per record.
+    pub per_batch: bool,
+    /// Send the rendered JSON object as application/x-www-form-urlencoded.
+    pub form: bool,
+    /// Statuses that mean success (inclusive ranges).
+    pub success: Vec<(u16, u16)>,
+    /// Per-record results in a successful response: JSON pointers to the array (aligned with
+    /// the records), and within each item to its success flag and error message.
+    pub results: Option<ResultPointers>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultPointers {
+    pub array: String,
+    pub ok: String,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +101,8 @@ pub struct DestinationConfig {
     pub timeout: Duration,
     pub max_retries: u32,
     pub max_backoff: Duration,
+    /// Type 'http' only.
+    pub http: Option<HttpOptions>,
 }
 
 /// Rejects a second occurrence of any option, and any option not in `valid`.
@@ -122,15 +158,33 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
             })
         }
         Some("webhook") => DestinationKind::Webhook,
+        Some("http") => DestinationKind::Http,
         Some(other) => return Err(OptionsError::UnknownType(other.to_string())),
     };
+    if kind != DestinationKind::Http {
+        if let Some(option) = HTTP_OPTIONS.iter().find(|o| get(opts, o).is_some()) {
+            return Err(OptionsError::Conflict(format!(
+                "\"{option}\" is for destinations of type 'http' only, not '{}'",
+                kind.as_str()
+            )));
+        }
+    }
     let url = get(opts, "url").ok_or(OptionsError::Missing {
         option: "url",
         hint: "the endpoint records are POSTed to, e.g. 'https://example.com/hooks/retl'",
     })?;
-    let valid_url = url::Url::parse(url)
-        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .unwrap_or(false);
+    let valid_url = if kind == DestinationKind::Http {
+        // A template: its fixed start must already name the scheme and host.
+        let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
+        url::Url::parse(fixed)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()))
+            .unwrap_or(false)
+            && crate::template::parse(url).is_ok()
+    } else {
+        url::Url::parse(url)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .unwrap_or(false)
+    };
     if !valid_url {
         return Err(OptionsError::Invalid {
             option: "url",
@@ -172,7 +226,117 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
             60_000,
             "an integer number of milliseconds between 100 and 3600000",
         )?,
+        http: match kind {
+            DestinationKind::Http => Some(parse_http_options(opts)?),
+            DestinationKind::Webhook => None,
+        },
     })
+}
+
+/// A template option: it must parse (the message says where it does not).
+fn template(opts: &[(String, String)], option: &'static str) -> Result<Option<String>, OptionsError> {
+    match get(opts, option) {
+        None => Ok(None),
+        Some(source) => match crate::template::parse(source) {
+            Ok(_) => Ok(Some(source.to_string())),
+            Err(problem) => Err(OptionsError::Template { option, problem }),
+        },
+    }
+}
+
+fn parse_http_options(opts: &[(String, String)]) -> Result<HttpOptions, OptionsError> {
+    let method = template(opts, "method")?.unwrap_or_else(|| "POST".into());
+    if !method.contains("{{") && !method.contains("{%") && !HTTP_METHODS.contains(&method.as_str()) {
+        return Err(OptionsError::Invalid {
+            option: "method",
+            value: method,
+            expected: "one of GET, POST, PUT, PATCH, DELETE (or a template rendering one of them)",
+        });
+    }
+    let headers = match get(opts, "headers") {
+        None => Vec::new(),
+        Some(text) => {
+            let invalid = || OptionsError::Invalid {
+                option: "headers",
+                value: text.to_string(),
+                expected: "a JSON object of header names and value templates, e.g. '{\"Authorization\": \"Bearer {{ token }}\"}'",
+            };
+            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).map_err(|_| invalid())?;
+            let mut headers = Vec::new();
+            for (name, value) in object {
+                let value = value.as_str().ok_or_else(invalid)?;
+                let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+                if !valid_name {
+                    return Err(invalid());
+                }
+                crate::template::parse(value).map_err(|problem| OptionsError::Template { option: "headers", problem })?;
+                headers.push((name, value.to_string()));
+            }
+            headers
+        }
+    };
+    let choice = |option: &'static str, values: [&'static str; 2], expected: &'static str| -> Result<bool, OptionsError> {
+        match get(opts, option) {
+            None => Ok(false),
+            Some(v) if v == values[0] => Ok(false),
+            Some(v) if v == values[1] => Ok(true),
+            Some(v) => Err(OptionsError::Invalid { option, value: v.to_string(), expected }),
+        }
+    };
+    let per_batch = choice("per", ["record", "batch"], "'record' (one request per record, the default) or 'batch'")?;
+    let form = choice("encoding", ["json", "form"], "'json' (the default) or 'form'")?;
+    let success = match get(opts, "success") {
+        None => vec![(200, 299)],
+        Some(text) => parse_statuses(text).ok_or_else(|| OptionsError::Invalid {
+            option: "success",
+            value: text.to_string(),
+            expected: "HTTP statuses or classes separated by commas, e.g. '2xx' or '200,201,204'",
+        })?,
+    };
+    let pointer = |option: &'static str| -> Result<Option<String>, OptionsError> {
+        match get(opts, option) {
+            None => Ok(None),
+            Some(p) if p.is_empty() || p.starts_with('/') => Ok(Some(p.to_string())),
+            Some(p) => Err(OptionsError::Invalid {
+                option,
+                value: p.to_string(),
+                expected: "a JSON pointer such as '/results' or '/ok'",
+            }),
+        }
+    };
+    let results = match (pointer("results")?, pointer("result_ok")?, pointer("result_error")?) {
+        (Some(array), Some(ok), error) => Some(ResultPointers { array, ok, error }),
+        (None, None, None) => None,
+        _ => {
+            return Err(OptionsError::Conflict(
+                "\"results\" and \"result_ok\" go together (\"result_error\" is optional with them): \
+                 set both to read per-record results from the response"
+                    .into(),
+            ))
+        }
+    };
+    if results.is_some() && !per_batch {
+        return Err(OptionsError::Conflict(
+            "\"results\" reads per-record results of a batch request: it needs per 'batch'".into(),
+        ));
+    }
+    Ok(HttpOptions { method, headers, body: template(opts, "body")?, per_batch, form, success, results })
+}
+
+const HTTP_METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+/// "2xx,404" -> [(200, 299), (404, 404)].
+fn parse_statuses(text: &str) -> Option<Vec<(u16, u16)>> {
+    text.split(',')
+        .map(str::trim)
+        .map(|part| match part.as_bytes() {
+            [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                let class = u16::from(c - b'0') * 100;
+                Some((class, class + 99))
+            }
+            _ => part.parse::<u16>().ok().filter(|s| (100..=599).contains(s)).map(|s| (s, s)),
+        })
+        .collect()
 }
 
 /// How the worker authenticates to the destination, from the user mapping.
@@ -297,6 +461,7 @@ mod tests {
                 timeout: Duration::from_secs(30),
                 max_retries: 5,
                 max_backoff: Duration::from_secs(60),
+                http: None,
             }
         );
         assert_eq!(cfg.kind.as_str(), "webhook");
@@ -328,7 +493,8 @@ mod tests {
         assert_eq!(
             server_err(&with(("batchsize", "10"))),
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
-             rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms"
+             rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
+             encoding, success, results, result_ok, result_error"
         );
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
@@ -369,7 +535,7 @@ mod tests {
         );
         assert_eq!(
             server_err(&[("type", "hubspt"), ("url", "https://example.com")]),
-            "unknown destination type \"hubspt\" (supported: webhook)"
+            "unknown destination type \"hubspt\" (supported: webhook, http)"
         );
         assert_eq!(
             server_err(&[("type", "webhook")]),
@@ -384,6 +550,81 @@ mod tests {
         assert_eq!(
             server_err(&with(("url", "https://other.example"))),
             "option \"url\" is given more than once"
+        );
+    }
+
+    fn http_err(pairs: &[(&str, &str)]) -> String {
+        let mut v = vec![("type", "http"), ("url", "https://api.example.com/users/{{ key.id }}")];
+        v.extend_from_slice(pairs);
+        server_err(&v)
+    }
+
+    #[test]
+    fn http_options() {
+        let cfg = parse_server_options(&opts(&[
+            ("type", "http"),
+            ("url", "https://api.example.com/users/{{ key.id }}"),
+            ("method", "PATCH"),
+            ("headers", r#"{"X-Api-Key": "{{ token }}"}"#),
+            ("body", r#"{"email": {{ fields.email | json }}}"#),
+            ("per", "batch"),
+            ("encoding", "form"),
+            ("success", "2xx, 409"),
+            ("results", "/results"),
+            ("result_ok", "/ok"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.kind, DestinationKind::Http);
+        assert_eq!(
+            cfg.http.unwrap(),
+            HttpOptions {
+                method: "PATCH".into(),
+                headers: vec![("X-Api-Key".into(), "{{ token }}".into())],
+                body: Some(r#"{"email": {{ fields.email | json }}}"#.into()),
+                per_batch: true,
+                form: true,
+                success: vec![(200, 299), (409, 409)],
+                results: Some(ResultPointers { array: "/results".into(), ok: "/ok".into(), error: None }),
+            }
+        );
+        let defaults = parse_server_options(&opts(&[("type", "http"), ("url", "https://api.example.com/x")])).unwrap();
+        let http = defaults.http.unwrap();
+        assert_eq!((http.method.as_str(), http.per_batch, http.form, http.success), ("POST", false, false, vec![(200, 299)]));
+    }
+
+    #[test]
+    fn http_option_errors_say_what_is_wrong() {
+        assert!(http_err(&[("body", "{{ fields.email ")]).starts_with("option \"body\" is not a valid template: "));
+        assert_eq!(
+            http_err(&[("method", "BREW")]),
+            "option \"method\" must be one of GET, POST, PUT, PATCH, DELETE (or a template rendering one of them), got \"BREW\""
+        );
+        assert_eq!(
+            http_err(&[("per", "row")]),
+            "option \"per\" must be 'record' (one request per record, the default) or 'batch', got \"row\""
+        );
+        assert_eq!(
+            http_err(&[("success", "2xx,abc")]),
+            "option \"success\" must be HTTP statuses or classes separated by commas, e.g. '2xx' or '200,201,204', got \"2xx,abc\""
+        );
+        assert!(http_err(&[("headers", "[1]")]).starts_with("option \"headers\" must be a JSON object"));
+        assert!(http_err(&[("headers", r#"{"Bad Header": "x"}"#)]).starts_with("option \"headers\" must be a JSON object"));
+        assert_eq!(
+            http_err(&[("results", "/results")]),
+            "option \"results\" and \"result_ok\" go together (\"result_error\" is optional with them): set both to read \
+             per-record results from the response"
+        );
+        assert_eq!(
+            http_err(&[("results", "/results"), ("result_ok", "/ok")]),
+            "option \"results\" reads per-record results of a batch request: it needs per 'batch'"
+        );
+        assert_eq!(
+            server_err(&[("type", "http"), ("url", "{{ base }}/users")]),
+            "option \"url\" must be an http or https URL, got \"{{ base }}/users\""
+        );
+        assert_eq!(
+            server_err(&with(("body", "{}"))),
+            "option \"body\" is for destinations of type 'http' only, not 'webhook'"
         );
     }
 

@@ -1,8 +1,10 @@
 //! The contract every destination implements: turn a batch into one HTTP request, and turn
 //! the response into per-record outcomes. Connectors do no I/O; `deliver` does.
 
+mod http;
 mod webhook;
 
+pub use http::Http;
 pub use webhook::Webhook;
 
 use crate::options::{DestinationConfig, DestinationKind};
@@ -72,7 +74,10 @@ pub trait Destination: Send + Sync {
     fn kind(&self) -> &'static str;
     /// The most records the destination accepts in one request.
     fn max_batch_size(&self) -> usize;
-    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> HttpRequest;
+    /// The request for these records; an error (e.g. a template that cannot be rendered for
+    /// this data) rejects them all without a call.
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>)
+        -> Result<HttpRequest, String>;
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome;
 }
 
@@ -109,9 +114,16 @@ pub fn redact(text: &str, secret: Option<&str>) -> String {
     }
 }
 
+/// The connector for a destination's options (validated by `options::parse_server_options`,
+/// so templates parse).
 pub fn for_config(cfg: &DestinationConfig) -> Box<dyn Destination> {
-    match cfg.kind {
-        DestinationKind::Webhook => Box::new(Webhook::new(&cfg.url)),
+    match (&cfg.kind, &cfg.http) {
+        (DestinationKind::Http, Some(http)) => match Http::new(&cfg.url, http) {
+            Ok(connector) => Box::new(connector),
+            // Unreachable after validation; a connector that rejects everything says why.
+            Err(message) => Box::new(http::Broken(message)),
+        },
+        _ => Box::new(Webhook::new(&cfg.url)),
     }
 }
 

@@ -102,7 +102,7 @@ impl Destination for Webhook {
         MAX_BATCH
     }
 
-    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> HttpRequest {
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
         let body = Body {
             sync: ctx.sync_name,
             run_id: ctx.run_id,
@@ -123,13 +123,13 @@ impl Destination for Webhook {
         if let Some(token) = token {
             headers.push(("Authorization".to_string(), format!("Bearer {token}")));
         }
-        HttpRequest {
+        Ok(HttpRequest {
             method: reqwest::Method::POST,
             url: self.url.clone(),
             headers,
             // Serialising borrowed JSON values into a Vec cannot fail.
             body: serde_json::to_vec(&body).expect("JSON values always serialise"),
-        }
+        })
     }
 
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
@@ -234,7 +234,7 @@ mod tests {
         let mut recs = records(2);
         recs[1].op = Op::Delete;
         let hook = Webhook::new("https://example.com/hook");
-        let req = hook.build_request(&ctx, &recs, Some("tok"));
+        let req = hook.build_request(&ctx, &recs, Some("tok")).unwrap();
         assert_eq!(req.method, reqwest::Method::POST);
         assert_eq!(req.url, "https://example.com/hook");
         assert_eq!(
@@ -251,7 +251,7 @@ mod tests {
                 ("Authorization", "Bearer tok"),
             ]
         );
-        let anonymous = hook.build_request(&ctx, &recs, None);
+        let anonymous = hook.build_request(&ctx, &recs, None).unwrap();
         assert!(anonymous.headers.iter().all(|(k, _)| k != "Authorization"));
     }
 

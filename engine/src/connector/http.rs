@@ -1,0 +1,403 @@
+//! Generic HTTP (`type 'http'`): the long tail of APIs without code. URL, method, headers and
+//! body are Liquid templates rendered per record (or per batch) with `op`, `key`, `fields`
+//! (`records` per batch), `sync`, `run_id` and `token`; the body is sent as JSON or
+//! form-encoded; which statuses mean success is configurable, and a batch response can carry
+//! per-record results (JSON pointers to them).
+
+use super::{BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
+use crate::backoff::parse_retry_after;
+use crate::options::{HttpOptions, ResultPointers};
+use crate::record::{Op, OutboxRecord};
+use crate::template::{self, Template};
+use serde_json::{json, Value};
+use std::time::SystemTime;
+
+/// Most records in one request of a per-batch destination.
+const MAX_BATCH: usize = 1000;
+/// Longest response or body text kept in an error message.
+const EXCERPT: usize = 300;
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+pub struct Http {
+    url: Template,
+    method: Template,
+    headers: Vec<(String, Template)>,
+    body: Option<Template>,
+    per_batch: bool,
+    form: bool,
+    success: Vec<(u16, u16)>,
+    results: Option<ResultPointers>,
+}
+
+impl Http {
+    pub fn new(url: &str, opts: &HttpOptions) -> Result<Self, String> {
+        let parse = |what: &str, source: &str| template::parse(source).map_err(|e| format!("{what}: {e}"));
+        Ok(Http {
+            url: parse("url", url)?,
+            method: parse("method", &opts.method)?,
+            headers: opts
+                .headers
+                .iter()
+                .map(|(name, value)| Ok((name.clone(), parse(name, value)?)))
+                .collect::<Result<_, String>>()?,
+            body: opts.body.as_deref().map(|b| parse("body", b)).transpose()?,
+            per_batch: opts.per_batch,
+            form: opts.form,
+            success: opts.success.clone(),
+            results: opts.results.clone(),
+        })
+    }
+
+    fn is_success(&self, status: u16) -> bool {
+        self.success.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+/// A destination whose options could not be turned into a connector (cannot happen after the
+/// validator accepted them): every record is rejected with the reason.
+pub struct Broken(pub String);
+
+impl Destination for Broken {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+    fn max_batch_size(&self) -> usize {
+        MAX_BATCH
+    }
+    fn build_request(&self, _: &BatchContext, _: &[OutboxRecord], _: Option<&str>) -> Result<HttpRequest, String> {
+        Err(self.0.clone())
+    }
+    fn classify(&self, records: &[OutboxRecord], _: &HttpResponse) -> ResponseOutcome {
+        ResponseOutcome::PerRecord(vec![RecordResult::Rejected { status: None, message: self.0.clone() }; records.len()])
+    }
+}
+
+/// What a template sees of one record.
+fn record_vars(r: &OutboxRecord) -> Value {
+    json!({
+        "op": r.op.as_str(),
+        "key": r.key,
+        "fields": if r.op == Op::Delete { Value::Null } else { r.fields.clone().unwrap_or(Value::Null) },
+    })
+}
+
+/// `{"a": 1, "m": {"k": "v"}}` -> `a=1&m[k]=v` (nested objects in brackets, the convention of
+/// Stripe and most form APIs; arrays as `a[]=`; null as empty).
+fn form_encode(value: &Value) -> Result<String, String> {
+    fn walk(prefix: &str, value: &Value, out: &mut url::form_urlencoded::Serializer<'_, String>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}[{k}]") };
+                    walk(&name, v, out);
+                }
+            }
+            Value::Array(items) => {
+                for v in items {
+                    walk(&format!("{prefix}[]"), v, out);
+                }
+            }
+            Value::Null => {
+                out.append_pair(prefix, "");
+            }
+            Value::String(s) => {
+                out.append_pair(prefix, s);
+            }
+            other => {
+                out.append_pair(prefix, &other.to_string());
+            }
+        }
+    }
+    if !value.is_object() {
+        return Err("a form-encoded body must be a JSON object".into());
+    }
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    walk("", value, &mut out);
+    Ok(out.finish())
+}
+
+fn excerpt(text: &str) -> String {
+    super::excerpt(text.as_bytes(), EXCERPT)
+}
+
+fn malformed(status: u16, message: String) -> ResponseOutcome {
+    ResponseOutcome::Transient { status: Some(status), retry_after: None, message: format!("malformed response: {message}") }
+}
+
+impl Http {
+    fn per_record_results(&self, pointers: &ResultPointers, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
+        let Ok(json) = serde_json::from_slice::<Value>(&resp.body) else {
+            return malformed(resp.status, format!("not JSON: {}", excerpt(&String::from_utf8_lossy(&resp.body))));
+        };
+        let Some(items) = json.pointer(&pointers.array).and_then(Value::as_array) else {
+            return malformed(resp.status, format!("no array at {}", pointers.array));
+        };
+        if items.len() != records.len() {
+            return malformed(resp.status, format!("{} results for {} records", items.len(), records.len()));
+        }
+        let results = items
+            .iter()
+            .map(|item| {
+                let ok = match item.pointer(&pointers.ok) {
+                    Some(Value::Bool(b)) => *b,
+                    Some(Value::Number(n)) => n.as_u64().is_some_and(|s| (200..300).contains(&s)),
+                    _ => false,
+                };
+                if ok {
+                    return RecordResult::Ack;
+                }
+                let message = match pointers.error.as_deref().and_then(|p| item.pointer(p)) {
+                    Some(Value::String(s)) => excerpt(s),
+                    Some(other) => excerpt(&other.to_string()),
+                    None => format!("rejected: {}", excerpt(&item.to_string())),
+                };
+                RecordResult::Rejected { status: Some(resp.status), message }
+            })
+            .collect();
+        ResponseOutcome::PerRecord(results)
+    }
+}
+
+impl Destination for Http {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn max_batch_size(&self) -> usize {
+        if self.per_batch {
+            MAX_BATCH
+        } else {
+            1
+        }
+    }
+
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
+        let mut vars = if self.per_batch {
+            json!({"records": records.iter().map(record_vars).collect::<Vec<_>>()})
+        } else {
+            let record = records.first().ok_or("no record to send")?;
+            record_vars(record)
+        };
+        vars["sync"] = json!(ctx.sync_name);
+        vars["run_id"] = json!(ctx.run_id);
+        vars["token"] = json!(token);
+
+        let url = self.url.render(&vars).map_err(|e| format!("url template: {e}"))?;
+        let valid_url = url::Url::parse(url.trim())
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .unwrap_or(false);
+        if !valid_url {
+            return Err(format!("url template rendered {:?}, not an http or https URL", excerpt(&url)));
+        }
+        let method = self.method.render(&vars).map_err(|e| format!("method template: {e}"))?;
+        let method = method.trim().to_ascii_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(format!("method template rendered {:?}, not one of {}", excerpt(&method), METHODS.join(", ")));
+        }
+
+        let body_json = match &self.body {
+            Some(body) => {
+                let text = body.render(&vars).map_err(|e| format!("body template: {e}"))?;
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|e| format!("body template rendered invalid JSON ({e}): {}", excerpt(&text)))?
+            }
+            None if self.per_batch => json!({"sync": ctx.sync_name, "run_id": ctx.run_id, "records": vars["records"]}),
+            None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"]}),
+        };
+        let (content_type, body) = if self.form {
+            ("application/x-www-form-urlencoded", form_encode(&body_json)?.into_bytes())
+        } else {
+            ("application/json", serde_json::to_vec(&body_json).expect("JSON values always serialise"))
+        };
+        let body = if method == "GET" { Vec::new() } else { body };
+
+        let mut headers = vec![
+            ("Content-Type".to_string(), content_type.to_string()),
+            ("User-Agent".to_string(), crate::USER_AGENT.to_string()),
+            ("Idempotency-Key".to_string(), ctx.idempotency_key.clone()),
+        ];
+        for (name, value) in &self.headers {
+            let value = value.render(&vars).map_err(|e| format!("header {name}: {e}"))?;
+            if value.contains(['\r', '\n']) {
+                return Err(format!("header {name} rendered a line break"));
+            }
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            headers.push((name.clone(), value));
+        }
+        if let Some(token) = token {
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("Authorization")) {
+                headers.push(("Authorization".to_string(), format!("Bearer {token}")));
+            }
+        }
+        Ok(HttpRequest {
+            method: reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?,
+            url: url.trim().to_string(),
+            headers,
+            body,
+        })
+    }
+
+    fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
+        let status = resp.status;
+        let body = excerpt(&String::from_utf8_lossy(&resp.body));
+        if self.is_success(status) {
+            return match &self.results {
+                Some(pointers) => self.per_record_results(pointers, records, resp),
+                None => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
+            };
+        }
+        let described = if body.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {body}") };
+        match status {
+            401 | 403 => ResponseOutcome::Fatal {
+                status: Some(status),
+                message: format!("destination rejected the credentials (HTTP {status}): check the token in the user mapping"),
+            },
+            408 | 425 | 429 | 500..=599 => ResponseOutcome::Transient {
+                status: Some(status),
+                retry_after: resp.header("Retry-After").and_then(|v| parse_retry_after(v, SystemTime::now())),
+                message: described,
+            },
+            300..=399 => ResponseOutcome::Fatal {
+                status: Some(status),
+                message: format!(
+                    "destination answered HTTP {status} (redirect to {}); redirects are not followed: set the server's url to the final address",
+                    resp.header("Location").unwrap_or("nowhere")
+                ),
+            },
+            // Other 4xx, and statuses the success rule leaves out: this data is refused.
+            _ => ResponseOutcome::PerRecord(vec![
+                RecordResult::Rejected { status: Some(status), message: described };
+                records.len()
+            ]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::parse_server_options;
+
+    fn connector(pairs: &[(&str, &str)]) -> Http {
+        let mut opts: Vec<(String, String)> = vec![("type".into(), "http".into())];
+        opts.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cfg = parse_server_options(&opts).unwrap();
+        Http::new(&cfg.url, cfg.http.as_ref().unwrap()).unwrap()
+    }
+
+    fn rec(id: i64, op: Op, fields: Value) -> OutboxRecord {
+        OutboxRecord { id, op, key: json!({"id": id}), fields: Some(fields) }
+    }
+
+    fn ctx() -> BatchContext<'static> {
+        BatchContext { sync_name: "s", run_id: 7, idempotency_key: "k".into() }
+    }
+
+    fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+        req.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn response(status: u16, body: &str) -> HttpResponse {
+        HttpResponse { status, headers: vec![], body: body.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn per_record_templates_build_url_method_headers_and_body() {
+        let c = connector(&[
+            ("url", "https://api.example.com/v1/users/{{ key.id }}"),
+            ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
+            ("headers", r#"{"X-Api-Key": "{{ token }}", "X-Sync": "{{ sync }}"}"#),
+            ("body", r#"{"email": {{ fields.email | json }}, "plan": {{ fields.plan | upcase | json }}}"#),
+        ]);
+        assert_eq!(c.max_batch_size(), 1);
+        let req = c.build_request(&ctx(), &[rec(42, Op::Upsert, json!({"email": "a@x.com", "plan": "pro"}))], Some("sekret")).unwrap();
+        assert_eq!(req.method, reqwest::Method::PUT);
+        assert_eq!(req.url, "https://api.example.com/v1/users/42");
+        assert_eq!(header(&req, "X-Api-Key"), Some("sekret"));
+        assert_eq!(header(&req, "X-Sync"), Some("s"));
+        assert_eq!(header(&req, "Authorization"), Some("Bearer sekret"));
+        assert_eq!(header(&req, "Content-Type"), Some("application/json"));
+        let body: Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(body, json!({"email": "a@x.com", "plan": "PRO"}));
+
+        let del = OutboxRecord { id: 43, op: Op::Delete, key: json!({"id": 43}), fields: None };
+        let c = connector(&[
+            ("url", "https://api.example.com/v1/users/{{ key.id }}"),
+            ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
+        ]);
+        let req = c.build_request(&ctx(), &[del], None).unwrap();
+        assert_eq!((req.method.clone(), req.url.as_str()), (reqwest::Method::DELETE, "https://api.example.com/v1/users/43"));
+        assert_eq!(header(&req, "Authorization"), None);
+    }
+
+    #[test]
+    fn form_encoding_and_batches() {
+        let c = connector(&[
+            ("url", "https://api.example.com/customers/{{ key.id }}"),
+            ("encoding", "form"),
+            ("body", r#"{"email": {{ fields.email | json }}, "metadata": {"score": {{ fields.score | json }}}, "tags": ["a b", "c&d"]}"#),
+        ]);
+        let req = c.build_request(&ctx(), &[rec(1, Op::Update, json!({"email": "a+b@x.com", "score": 9.5}))], None).unwrap();
+        assert_eq!(header(&req, "Content-Type"), Some("application/x-www-form-urlencoded"));
+        assert_eq!(
+            String::from_utf8(req.body).unwrap(),
+            "email=a%2Bb%40x.com&metadata%5Bscore%5D=9.5&tags%5B%5D=a+b&tags%5B%5D=c%26d"
+        );
+
+        let c = connector(&[("url", "https://api.example.com/bulk"), ("per", "batch")]);
+        assert_eq!(c.max_batch_size(), 1000);
+        let req = c
+            .build_request(&ctx(), &[rec(1, Op::Upsert, json!({"a": 1})), rec(2, Op::Delete, json!({}))], None)
+            .unwrap();
+        let body: Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"sync": "s", "run_id": 7, "records": [
+                {"op": "upsert", "key": {"id": 1}, "fields": {"a": 1}},
+                {"op": "delete", "key": {"id": 2}, "fields": null}]})
+        );
+    }
+
+    #[test]
+    fn render_problems_reject_the_record_with_the_reason() {
+        let c = connector(&[("url", "https://api.example.com/{{ fields.emial }}")]);
+        let err = c.build_request(&ctx(), &[rec(1, Op::Upsert, json!({"email": "a@x.com"}))], None).unwrap_err();
+        assert!(err.starts_with("url template: ") && err.contains("emial"), "{err}");
+        let c = connector(&[("url", "https://api.example.com/x"), ("body", r#"{"email": {{ fields.email }}}"#)]);
+        let err = c.build_request(&ctx(), &[rec(1, Op::Upsert, json!({"email": "a@x.com"}))], None).unwrap_err();
+        assert!(err.starts_with("body template rendered invalid JSON"), "{err}");
+        let c = connector(&[("url", "https://api.example.com/x"), ("method", "{{ fields.m }}")]);
+        let err = c.build_request(&ctx(), &[rec(1, Op::Upsert, json!({"m": "BREW"}))], None).unwrap_err();
+        assert_eq!(err, "method template rendered \"BREW\", not one of GET, POST, PUT, PATCH, DELETE");
+        let c = connector(&[("url", "https://api.example.com/x"), ("headers", r#"{"X-A": "{{ fields.v }}"}"#)]);
+        let err = c.build_request(&ctx(), &[rec(1, Op::Upsert, json!({"v": "a\r\nEvil: 1"}))], None).unwrap_err();
+        assert_eq!(err, "header X-A rendered a line break");
+    }
+
+    #[test]
+    fn success_rule_and_per_record_results() {
+        let recs = [rec(1, Op::Upsert, json!({})), rec(2, Op::Upsert, json!({}))];
+        let c = connector(&[("url", "https://api.example.com/x"), ("per", "batch"), ("success", "200,207"),
+            ("results", "/data/results"), ("result_ok", "/ok"), ("result_error", "/error/message")]);
+        let out = c.classify(&recs, &response(207, r#"{"data": {"results": [{"ok": true}, {"ok": false, "error": {"message": "bad email"}}]}}"#));
+        assert_eq!(
+            out,
+            ResponseOutcome::PerRecord(vec![
+                RecordResult::Ack,
+                RecordResult::Rejected { status: Some(207), message: "bad email".into() }
+            ])
+        );
+        assert!(matches!(c.classify(&recs, &response(200, r#"{"data": {"results": [{"ok": true}]}}"#)), ResponseOutcome::Transient { .. }));
+        // 201 is not in the success rule: the records are refused, with the status.
+        assert_eq!(
+            c.classify(&recs, &response(201, "created?")),
+            ResponseOutcome::PerRecord(vec![RecordResult::Rejected { status: Some(201), message: "HTTP 201: created?".into() }; 2])
+        );
+        assert!(matches!(c.classify(&recs, &response(429, "")), ResponseOutcome::Transient { status: Some(429), .. }));
+        assert!(matches!(c.classify(&recs, &response(401, "")), ResponseOutcome::Fatal { .. }));
+        assert_eq!(
+            c.classify(&recs, &response(422, "no")),
+            ResponseOutcome::PerRecord(vec![RecordResult::Rejected { status: Some(422), message: "HTTP 422: no".into() }; 2])
+        );
+    }
+}
