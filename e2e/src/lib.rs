@@ -2,6 +2,7 @@
 //! ([`FakeWebhook`]) and helpers to drive the Postgres test cluster ([`cluster`]).
 
 pub mod cluster;
+pub mod fake_users_api;
 pub mod fake_webhook;
 
 pub use cluster::{connect, connect_as, error_text, unique, wait_until};

@@ -195,7 +195,11 @@ impl Destination for Http {
             return Err(format!("method template rendered {:?}, not one of {}", excerpt(&method), METHODS.join(", ")));
         }
 
+        // GET and DELETE carry no body (a delete's fields are null, so a body template naming
+        // fields could not even be rendered for it).
+        let bodiless = method == "GET" || method == "DELETE";
         let body_json = match &self.body {
+            _ if bodiless => Value::Null,
             Some(body) => {
                 let text = body.render(&vars).map_err(|e| format!("body template: {e}"))?;
                 serde_json::from_str::<Value>(&text)
@@ -204,12 +208,13 @@ impl Destination for Http {
             None if self.per_batch => json!({"sync": ctx.sync_name, "run_id": ctx.run_id, "records": vars["records"]}),
             None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"]}),
         };
-        let (content_type, body) = if self.form {
+        let (content_type, body) = if bodiless {
+            ("application/json", Vec::new())
+        } else if self.form {
             ("application/x-www-form-urlencoded", form_encode(&body_json)?.into_bytes())
         } else {
             ("application/json", serde_json::to_vec(&body_json).expect("JSON values always serialise"))
         };
-        let body = if method == "GET" { Vec::new() } else { body };
 
         let mut headers = vec![
             ("Content-Type".to_string(), content_type.to_string()),
@@ -325,8 +330,16 @@ mod tests {
             ("url", "https://api.example.com/v1/users/{{ key.id }}"),
             ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
         ]);
-        let req = c.build_request(&ctx(), &[del], None).unwrap();
+        let req = c.build_request(&ctx(), &[del.clone()], None).unwrap();
         assert_eq!((req.method.clone(), req.url.as_str()), (reqwest::Method::DELETE, "https://api.example.com/v1/users/43"));
+        assert!(req.body.is_empty());
+        // The body template names fields, which a delete has not: DELETE sends no body.
+        let c = connector(&[
+            ("url", "https://api.example.com/v1/users/{{ key.id }}"),
+            ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
+            ("body", r#"{"email": {{ fields.email | json }}}"#),
+        ]);
+        assert!(c.build_request(&ctx(), &[del], None).unwrap().body.is_empty());
         assert_eq!(header(&req, "Authorization"), None);
     }
 

@@ -1,0 +1,165 @@
+//! A strict fake of a small third-party REST API, the kind the generic HTTP connector
+//! (`type 'http'`) is for: `PUT /v1/users/{id}` with a JSON body `{"email", "name", "score"}`
+//! creates or replaces a user, `DELETE /v1/users/{id}` removes one (404 if unknown). Every
+//! request needs `X-Api-Key` (401 otherwise) and `Content-Type: application/json` on PUT (415);
+//! a body with unknown members, a non-string name or a non-number score is refused with 400,
+//! an email without "@" with 422 `{"error": "invalid email"}`. A scripted 429 answers the
+//! next request with `Retry-After: 1`.
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tiny_http::{Header, Response, Server};
+
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub body: Option<Value>,
+}
+
+#[derive(Default)]
+struct State {
+    users: BTreeMap<String, Value>,
+    calls: Vec<Call>,
+    throttle_next: usize,
+}
+
+pub struct FakeUsersApi {
+    port: u16,
+    api_key: String,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    server: Arc<Server>,
+}
+
+impl FakeUsersApi {
+    pub fn start(api_key: &str) -> FakeUsersApi {
+        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake users API: cannot bind"));
+        let port = server.server_addr().to_ip().expect("an IP address").port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (server, state, stop, key) = (server.clone(), state.clone(), stop.clone(), api_key.to_string());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match server.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Some(request)) => serve(request, &state, &key),
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        FakeUsersApi { port, api_key: api_key.to_string(), state, stop, server }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn api_key(&self) -> &str {
+        &self.api_key
+    }
+
+    /// The users held, by id.
+    pub fn users(&self) -> BTreeMap<String, Value> {
+        self.state.lock().unwrap().users.clone()
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn clear_calls(&self) {
+        self.state.lock().unwrap().calls.clear();
+    }
+
+    /// The next `n` requests get 429 with Retry-After: 1.
+    pub fn throttle_next(&self, n: usize) {
+        self.state.lock().unwrap().throttle_next = n;
+    }
+}
+
+impl Drop for FakeUsersApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.unblock();
+    }
+}
+
+fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str().to_string())
+}
+
+fn check_user(body: &Value) -> Result<(), (u16, String)> {
+    let object = body.as_object().ok_or((400, "body must be a JSON object".to_string()))?;
+    if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "email" | "name" | "score")) {
+        return Err((400, format!("unknown member {unknown:?}")));
+    }
+    match object.get("email") {
+        Some(Value::String(email)) if email.contains('@') => {}
+        Some(Value::String(_)) => return Err((422, "invalid email".into())),
+        _ => return Err((400, "email must be a string".into())),
+    }
+    if !matches!(object.get("name"), None | Some(Value::String(_)) | Some(Value::Null)) {
+        return Err((400, "name must be a string or null".into()));
+    }
+    if !matches!(object.get("score"), None | Some(Value::Number(_)) | Some(Value::Null)) {
+        return Err((400, "score must be a number or null".into()));
+    }
+    Ok(())
+}
+
+fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
+    let method = request.method().as_str().to_string();
+    let path = request.url().to_string();
+    let mut text = String::new();
+    let _ = request.as_reader().read_to_string(&mut text);
+    let body: Option<Value> = serde_json::from_str(&text).ok();
+    let mut st = state.lock().unwrap();
+    let id = path.strip_prefix("/v1/users/").filter(|id| !id.is_empty() && !id.contains('/')).map(str::to_string);
+    let (status, reply): (u16, Value) = if st.throttle_next > 0 {
+        st.throttle_next -= 1;
+        (429, json!({"error": "slow down"}))
+    } else if header(&request, "X-Api-Key").as_deref() != Some(key) {
+        (401, json!({"error": "missing or wrong X-Api-Key"}))
+    } else {
+        match (method.as_str(), id) {
+            ("PUT", Some(id)) => {
+                if !header(&request, "Content-Type").is_some_and(|c| c.starts_with("application/json")) {
+                    (415, json!({"error": "Content-Type must be application/json"}))
+                } else {
+                    match body.as_ref().ok_or((400, "body is not JSON".to_string())).and_then(|b| check_user(b).map(|_| b)) {
+                        Ok(user) => {
+                            let created = st.users.insert(id, user.clone()).is_none();
+                            (if created { 201 } else { 200 }, user.clone())
+                        }
+                        Err((status, message)) => (status, json!({"error": message})),
+                    }
+                }
+            }
+            ("DELETE", Some(id)) => match st.users.remove(&id) {
+                Some(_) => (204, Value::Null),
+                None => (404, json!({"error": "no such user"})),
+            },
+            _ => (404, json!({"error": format!("no route {method} {path}")})),
+        }
+    };
+    st.calls.push(Call { method, path, status, body });
+    drop(st);
+    let mut response = Response::from_string(if reply.is_null() { String::new() } else { reply.to_string() })
+        .with_status_code(status)
+        .with_header(Header::from_bytes("Content-Type", "application/json").unwrap());
+    if status == 429 {
+        response = response.with_header(Header::from_bytes("Retry-After", "1").unwrap());
+    }
+    let _ = request.respond(response);
+}
