@@ -16,10 +16,7 @@ fn worker_pid(client: &mut postgres::Client, run_id: i64) -> Option<i32> {
 #[test]
 fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     let fake = FakeWebhook::start();
-    // timeout_ms: twice (2 of about 40 runs) the resumed worker's requests went unanswered by
-    // the fake until they timed out (30 s by default, 3 attempts); not understood yet. A short
-    // timeout keeps such a hang within the wait below; the run must still converge.
-    let mut f = Fixture::new(&fake.url(), 60, "upsert", "batch_size '5', max_concurrency '1', timeout_ms '3000'", None);
+    let mut f = Fixture::new(&fake.url(), 60, "upsert", "batch_size '5', max_concurrency '1'", None);
     // Every request takes 250 ms: 12 batches ≈ 3 s, a wide window to kill the worker in.
     fake.script((0..40).map(|_| Scripted::Delay(Duration::from_millis(250))).collect());
     let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
@@ -36,12 +33,17 @@ fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     drop(f.client);
 
     // The postmaster reinitialises after a crash; reconnect and wait for the resumed run.
+    // A connection made in the moment before the postmaster starts its crash restart is
+    // terminated by it: connect again whenever the connection is gone.
     let mut client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
     wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
-        client
-            .query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id])
-            .map(|r| r.get::<_, String>(0) == "succeeded")
-            .unwrap_or(false)
+        match client.query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id]) {
+            Ok(row) => row.get::<_, String>(0) == "succeeded",
+            Err(_) => {
+                client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
+                false
+            }
+        }
     });
     let workers: Vec<i32> = client
         .query("SELECT pid FROM retl.worker_status()", &[])
