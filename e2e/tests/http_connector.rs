@@ -41,22 +41,7 @@ fn set_up(api: &FakeUsersApi, rows: i64) -> Setup {
 }
 
 fn run(s: &mut Setup) -> Run {
-    match s.client.query_one(&format!("SELECT {RUN_COLUMNS} FROM retl.run($1, wait => true)"), &[&s.sync]) {
-        Ok(row) => run_from_row(&row),
-        Err(e) => {
-            let row = s
-                .client
-                .query_one(
-                    &format!(
-                        "SELECT {} FROM retl.runs r JOIN retl.syncs y ON y.id = r.sync_id WHERE y.name = $1 ORDER BY r.id DESC LIMIT 1",
-                        RUN_COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")
-                    ),
-                    &[&s.sync],
-                )
-                .unwrap_or_else(|_| panic!("retl.run: {e}"));
-            run_from_row(&row)
-        }
-    }
+    run_sync(&mut s.client, &s.sync)
 }
 
 /// The users the API should hold: the table's rows, by id.

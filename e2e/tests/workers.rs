@@ -85,10 +85,15 @@ fn worker_status_and_pg_stat_activity_show_what_each_worker_does() {
     let mut f = Fixture::new(&fake.url(), 3, "upsert", "batch_size '1', max_concurrency '1'", None);
     let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
     wait_until(SHORT, "a request in flight", || fake.request_count() >= 1);
-    let rows = f
-        .client
-        .query("SELECT worker, pid, state, sync, run_id, since <= clock_timestamp() FROM retl.worker_status()", &[])
-        .unwrap();
+    // Between two slices of the run no worker shows it: look until one does.
+    let mut rows = Vec::new();
+    wait_until(SHORT, "a worker to show the run", || {
+        rows = f
+            .client
+            .query("SELECT worker, pid, state, sync, run_id, since <= clock_timestamp() FROM retl.worker_status()", &[])
+            .unwrap();
+        rows.iter().any(|r| r.get::<_, Option<i64>>(4) == Some(run_id))
+    });
     assert_eq!(rows.len(), 2, "retl.workers = 2");
     let busy: Vec<_> = rows.iter().filter(|r| r.get::<_, Option<i64>>(4) == Some(run_id)).collect();
     assert_eq!(busy.len(), 1, "one worker on the run");

@@ -99,29 +99,14 @@ impl Fixture {
         Fixture { client, table, model, server, sync }
     }
 
-    /// Runs the sync with `wait => true`. A run that fails raises (as dbt needs); this returns
-    /// its row all the same, so tests can look at how it failed.
+    /// Runs the sync with `wait => true` (see [`run_sync`]).
     pub fn run(&mut self) -> Run {
-        match self.client.query_one(&format!("SELECT {RUN_COLUMNS} FROM retl.run($1, wait => true)"), &[&self.sync]) {
-            Ok(row) => run_from_row(&row),
-            Err(e) if e.code().is_some_and(|c| c.code() == "38000" || c.code() == "55000") => self.last_run(),
-            Err(e) => panic!("retl.run: {e}"),
-        }
+        run_sync(&mut self.client, &self.sync)
     }
 
     /// The sync's latest run.
     pub fn last_run(&mut self) -> Run {
-        let row = self
-            .client
-            .query_one(
-                &format!(
-                    "SELECT {} FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id DESC LIMIT 1",
-                    RUN_COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")
-                ),
-                &[&self.sync],
-            )
-            .expect("latest run");
-        run_from_row(&row)
+        last_run_of(&mut self.client, &self.sync)
     }
 
     pub fn exec(&mut self, sql: &str) {
@@ -155,6 +140,30 @@ impl Fixture {
             self.sync
         ))
     }
+}
+
+/// Runs `sync` with `wait => true`. A run that fails raises (as dbt needs); this returns its
+/// row all the same, so tests can look at how it failed.
+pub fn run_sync(client: &mut Client, sync: &str) -> Run {
+    match client.query_one(&format!("SELECT {RUN_COLUMNS} FROM retl.run($1, wait => true)"), &[&sync]) {
+        Ok(row) => run_from_row(&row),
+        Err(e) if e.code().is_some_and(|c| c.code() == "38000" || c.code() == "55000") => last_run_of(client, sync),
+        Err(e) => panic!("retl.run: {e}"),
+    }
+}
+
+/// The latest run of `sync`.
+pub fn last_run_of(client: &mut Client, sync: &str) -> Run {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT {} FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id DESC LIMIT 1",
+                RUN_COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")
+            ),
+            &[&sync],
+        )
+        .expect("latest run");
+    run_from_row(&row)
 }
 
 /// The record keys of the fake's `n`-th request, as JSON text.
