@@ -110,9 +110,12 @@ fn a_projection_plans_only_the_keys_commits_touched() {
     assert_eq!(settle(&mut f, 1), "model");
     assert_eq!(f.last_run().rows_in_model, Some(50));
 
-    // A rolled back change logs nothing and wakes nothing.
+    // A rolled back change logs nothing, and neither does a statement that touched no row.
     f.exec(&format!("BEGIN; UPDATE {} SET score = 0; ROLLBACK;", f.table));
     assert_eq!(logged(&mut f), Vec::<Option<String>>::new());
+    f.exec(&format!("BEGIN; UPDATE {t} SET score = 0 WHERE false; DELETE FROM {t} WHERE false;", t = f.table));
+    assert_eq!(logged(&mut f), Vec::<Option<String>>::new());
+    f.exec("ROLLBACK");
 
     // One transaction: an update, an insert, a delete and a key change.
     fake.clear_journal();

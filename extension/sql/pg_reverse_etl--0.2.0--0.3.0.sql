@@ -149,7 +149,8 @@ BEGIN
       LEFT JOIN LATERAL (SELECT jsonb_object_agg(c.name, t.j -> c.col) AS key,
                                 bool_or(coalesce(t.j -> c.col, 'null') = 'null') AS has_null
                            FROM unnest(s.primary_key, s.key_columns) AS c(name, col)) k ON NOT s.whole
-     WHERE NOT (s.whole AND EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.sync_id AND c.key IS NULL));
+     WHERE (s.whole OR t.j IS NOT NULL)  -- a statement that touched no row logs nothing
+       AND NOT (s.whole AND EXISTS (SELECT 1 FROM retl.changed_keys c WHERE c.sync_id = s.sync_id AND c.key IS NULL));
     RETURN NULL;
 END $$;
 
