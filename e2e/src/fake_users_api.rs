@@ -1,6 +1,8 @@
 //! A strict fake of a small third-party REST API, the kind the generic HTTP connector
 //! (`type 'http'`) is for: `PUT /v1/users/{id}` with a JSON body `{"email", "name", "score"}`
-//! creates or replaces a user, `DELETE /v1/users/{id}` removes one (404 if unknown). Every
+//! creates or replaces a user, `POST /v1/users` creates one under an id of the API's choosing
+//! (`u1`, `u2`, ...; answered as `{"user": {"id": ...}}`), `DELETE /v1/users/{id}` removes one
+//! (404 if unknown). Every
 //! request needs `X-Api-Key` (401 otherwise) and `Content-Type: application/json` on PUT (415);
 //! a body with unknown members, a non-string name or a non-number score is refused with 400,
 //! an email without "@" with 422 `{"error": "invalid email"}`. A scripted 429 answers the
@@ -26,6 +28,7 @@ struct State {
     users: BTreeMap<String, Value>,
     calls: Vec<Call>,
     throttle_next: usize,
+    created: usize,
 }
 
 pub struct FakeUsersApi {
@@ -133,6 +136,17 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
         (401, json!({"error": "missing or wrong X-Api-Key"}))
     } else {
         match (method.as_str(), id) {
+            ("POST", None) if path == "/v1/users" => {
+                match body.as_ref().ok_or((400, "body is not JSON".to_string())).and_then(|b| check_user(b).map(|_| b)) {
+                    Ok(user) => {
+                        st.created += 1;
+                        let id = format!("u{}", st.created);
+                        st.users.insert(id.clone(), user.clone());
+                        (201, json!({"user": {"id": id}}))
+                    }
+                    Err((status, message)) => (status, json!({"error": message})),
+                }
+            }
             ("PUT", Some(id)) => {
                 if !header(&request, "Content-Type").is_some_and(|c| c.starts_with("application/json")) {
                     (415, json!({"error": "Content-Type must be application/json"}))

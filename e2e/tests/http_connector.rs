@@ -191,3 +191,66 @@ fn bad_http_options_are_refused_at_create_server() {
     assert_eq!(code, "HV024");
     assert!(message.starts_with("option \"body\" is not a valid template: "), "{message}");
 }
+
+#[test]
+fn ids_the_api_assigns_are_kept_and_used_for_updates_and_deletes() {
+    let api = FakeUsersApi::start("key-789");
+    let mut s = set_up(&api, 3);
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    // Create with POST (the API picks the id), then update and delete by that id.
+    s.client
+        .batch_execute(&format!(
+            r#"ALTER SERVER {} OPTIONS (
+                   SET url '{}/v1/users{{% if destination_id %}}/{{{{ destination_id }}}}{{% endif %}}',
+                   SET method '{{% if op == ''delete'' %}}DELETE{{% elsif destination_id %}}PUT{{% else %}}POST{{% endif %}}',
+                   ADD result_id '/user/id')"#,
+            s.server,
+            api.base_url()
+        ))
+        .unwrap();
+    let first = run(&mut s);
+    assert_eq!((first.status.as_str(), first.delivered), ("succeeded", 3), "{first:?}");
+    assert!(api.calls().iter().all(|c| (c.method.as_str(), c.path.as_str(), c.status) == ("POST", "/v1/users", 201)));
+    let identities: BTreeMap<String, String> = s
+        .client
+        .query(
+            "SELECT i.key::text, i.destination_id FROM retl.identities i JOIN retl.syncs y ON y.id = i.sync_id WHERE y.name = $1",
+            &[&s.sync],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (serde_json::from_str::<Value>(r.get(0)).unwrap().to_string(), r.get(1)))
+        .collect();
+    assert_eq!(identities.len(), 3);
+    let mut ids: Vec<&String> = identities.values().collect();
+    ids.sort();
+    assert_eq!(ids, ["u1", "u2", "u3"]);
+    // The API holds each row under the id it gave it.
+    for (key, id) in &identities {
+        let row: i64 = serde_json::from_str::<Value>(key).unwrap()["id"].as_i64().unwrap();
+        assert_eq!(api.users()[id]["email"], json!(format!("user{row}@example.com")));
+    }
+
+    api.clear_calls();
+    s.client
+        .batch_execute(&format!("UPDATE {t} SET score = 5 WHERE id = 1; DELETE FROM {t} WHERE id = 2;", t = s.table))
+        .unwrap();
+    let second = run(&mut s);
+    assert_eq!((second.status.as_str(), second.delivered), ("succeeded", 2), "{second:?}");
+    let (id1, id2) = (identities[&key(1)].clone(), identities[&key(2)].clone());
+    assert_eq!(
+        calls(&api),
+        [("DELETE".to_string(), format!("/v1/users/{id2}"), 204), ("PUT".to_string(), format!("/v1/users/{id1}"), 200)]
+    );
+    assert_eq!(api.users()[&id1]["score"], json!(5));
+    assert!(!api.users().contains_key(&id2));
+    let left: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM retl.identities i JOIN retl.syncs y ON y.id = i.sync_id WHERE y.name = $1",
+            &[&s.sync],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 2, "the deleted key's id is forgotten");
+}

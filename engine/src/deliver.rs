@@ -56,6 +56,8 @@ pub struct Rejection {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BatchReport {
     pub acked: Vec<i64>,
+    /// Of the acknowledged records, those the destination named an id for.
+    pub destination_ids: Vec<(i64, String)>,
     pub rejected: Vec<Rejection>,
     /// Neither accepted nor refused (retries exhausted, stopped, fatal error): send again later.
     pub unresolved: Vec<i64>,
@@ -183,6 +185,10 @@ impl Run<'_> {
                     for (record, result) in pending.into_iter().zip(results) {
                         match result {
                             RecordResult::Ack => report.acked.push(record.id),
+                            RecordResult::AckWithId(destination_id) => {
+                                report.acked.push(record.id);
+                                report.destination_ids.push((record.id, destination_id));
+                            }
                             RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
                                 id: record.id,
                                 status,

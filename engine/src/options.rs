@@ -5,10 +5,10 @@ use std::fmt;
 use std::time::Duration;
 
 const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
-     max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error";
+     max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id";
 /// Options only the generic HTTP connector (type 'http') takes.
-const HTTP_OPTIONS: [&str; 9] =
-    ["method", "headers", "body", "per", "encoding", "success", "results", "result_ok", "result_error"];
+const HTTP_OPTIONS: [&str; 10] =
+    ["method", "headers", "body", "per", "encoding", "success", "results", "result_ok", "result_error", "result_id"];
 const MAPPING_OPTIONS: &str = "token, token_env";
 const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
 const SUPPORTED_TYPES: &str = "webhook, http";
@@ -81,6 +81,10 @@ pub struct HttpOptions {
     /// Per-record results in a successful response: JSON pointers to the array (aligned with
     /// the records), and within each item to its success flag and error message.
     pub results: Option<ResultPointers>,
+    /// JSON pointer to the destination's id for a record, in the response of a per-record
+    /// request or in the record's item of `results`: kept in the sync's identity map and
+    /// given to later templates as `destination_id`.
+    pub result_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -320,7 +324,13 @@ fn parse_http_options(opts: &[(String, String)]) -> Result<HttpOptions, OptionsE
             "\"results\" reads per-record results of a batch request: it needs per 'batch'".into(),
         ));
     }
-    Ok(HttpOptions { method, headers, body: template(opts, "body")?, per_batch, form, success, results })
+    let result_id = pointer("result_id")?;
+    if result_id.is_some() && per_batch && results.is_none() {
+        return Err(OptionsError::Conflict(
+            "\"result_id\" with per 'batch' points into each record's result: set \"results\" and \"result_ok\" too".into(),
+        ));
+    }
+    Ok(HttpOptions { method, headers, body: template(opts, "body")?, per_batch, form, success, results, result_id })
 }
 
 const HTTP_METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -494,7 +504,7 @@ mod tests {
             server_err(&with(("batchsize", "10"))),
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
              rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
-             encoding, success, results, result_ok, result_error"
+             encoding, success, results, result_ok, result_error, result_id"
         );
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
@@ -585,6 +595,7 @@ mod tests {
                 form: true,
                 success: vec![(200, 299), (409, 409)],
                 results: Some(ResultPointers { array: "/results".into(), ok: "/ok".into(), error: None }),
+                result_id: None,
             }
         );
         let defaults = parse_server_options(&opts(&[("type", "http"), ("url", "https://api.example.com/x")])).unwrap();

@@ -68,6 +68,9 @@ pub struct OutboxRecord {
     pub key: serde_json::Value,
     /// The mapped columns; `None` for deletes.
     pub fields: Option<serde_json::Value>,
+    /// The destination's own id for this key, from the sync's identity map (`retl.identities`),
+    /// once a connector has reported one.
+    pub destination_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -182,6 +182,19 @@ CREATE INDEX outbox_sync_idx ON retl.outbox (sync_id);
 COMMENT ON TABLE retl.outbox IS
   'Changes planned and not yet acknowledged by the destination. A row leaves it when acknowledged (snapshot advanced) or rejected (moved to retl.row_errors).';
 
+-- The identity map: the destination's own id for a key, when its connector reports one (for
+-- the generic HTTP connector, the server option result_id). Later requests for the key get it
+-- (templates: destination_id); an acknowledged delete removes it.
+CREATE TABLE retl.identities (
+    sync_id        bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    key            jsonb NOT NULL,
+    destination_id text NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sync_id, key)
+);
+COMMENT ON TABLE retl.identities IS
+  'Identity map: per sync, the destination''s own id for each key it reported one for (e.g. the id a create call returned); given to later requests for that key, removed by an acknowledged delete.';
+
 CREATE TABLE retl.row_errors (
     sync_id         bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
     key             jsonb NOT NULL,
@@ -614,6 +627,7 @@ BEGIN
         DELETE FROM retl.snapshots WHERE sync_id = s.id;
         DELETE FROM retl.outbox WHERE sync_id = s.id;
         DELETE FROM retl.row_errors WHERE sync_id = s.id;
+        DELETE FROM retl.identities WHERE sync_id = s.id;
     END IF;
     SELECT coalesce(a.name, m.name) INTO source_name
       FROM retl.models m LEFT JOIN retl.audiences a ON a.id = s.audience_id WHERE m.id = s.model_id;
@@ -642,7 +656,7 @@ BEGIN
     PERFORM retl._wake_worker_at_commit();
 END $$;
 COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text) IS
-  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot.';
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot and identity map.';
 
 CREATE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

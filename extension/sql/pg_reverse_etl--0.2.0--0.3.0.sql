@@ -15,6 +15,16 @@ CREATE INDEX changed_keys_sync_idx ON retl.changed_keys (sync_id);
 COMMENT ON TABLE retl.changed_keys IS
   'Keys of on-change syncs touched by commits and not yet planned (key NULL: plan the whole model). Written by the retl_changed_keys triggers, consumed by the next run''s plan.';
 
+CREATE TABLE retl.identities (
+    sync_id        bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    key            jsonb NOT NULL,
+    destination_id text NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sync_id, key)
+);
+COMMENT ON TABLE retl.identities IS
+  'Identity map: per sync, the destination''s own id for each key it reported one for (e.g. the id a create call returned); given to later requests for that key, removed by an acknowledged delete.';
+
 ALTER TABLE retl.runs ADD COLUMN plan_scope text CHECK (plan_scope IN ('model', 'changed keys'));
 UPDATE retl.runs SET plan_scope = 'model' WHERE planned_at IS NOT NULL;
 COMMENT ON TABLE retl.runs IS
@@ -241,6 +251,62 @@ SELECT s.name                                            AS sync,
                        FROM (SELECT status FROM retl.runs r
                               WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial', 'failed')
                               ORDER BY r.id DESC LIMIT 20) r) recent ON true;
+
+CREATE OR REPLACE FUNCTION retl.alter_sync(
+    name        text,
+    destination text DEFAULT NULL,
+    mode        text DEFAULT NULL,
+    mappings    jsonb DEFAULT NULL,
+    reset_mappings boolean DEFAULT false,
+    schedule    text DEFAULT NULL,
+    after       text[] DEFAULT NULL,
+    time_zone   text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs := retl._sync_for_change(name);
+    source_name text;
+BEGIN
+    IF mode IS NOT NULL THEN
+        PERFORM retl._check_mode(mode);
+    END IF;
+    IF destination IS NOT NULL AND destination <> s.destination THEN
+        PERFORM retl._check_destination(destination, s.owner);
+        -- A new destination holds nothing this sync delivered: start from an empty snapshot.
+        DELETE FROM retl.snapshots WHERE sync_id = s.id;
+        DELETE FROM retl.outbox WHERE sync_id = s.id;
+        DELETE FROM retl.row_errors WHERE sync_id = s.id;
+        DELETE FROM retl.identities WHERE sync_id = s.id;
+    END IF;
+    SELECT coalesce(a.name, m.name) INTO source_name
+      FROM retl.models m LEFT JOIN retl.audiences a ON a.id = s.audience_id WHERE m.id = s.model_id;
+    IF mappings IS NOT NULL THEN
+        PERFORM retl._check_mappings(s.name, source_name, mappings);
+    END IF;
+    IF schedule IS NOT NULL OR time_zone IS NOT NULL THEN
+        schedule := retl._check_schedule(s.name, coalesce(schedule, s.schedule), coalesce(time_zone, s.time_zone));
+        time_zone := coalesce(time_zone, s.time_zone);
+    END IF;
+    UPDATE retl.syncs
+       SET destination = coalesce(alter_sync.destination, syncs.destination),
+           mode        = coalesce(alter_sync.mode, syncs.mode),
+           mappings    = CASE WHEN reset_mappings THEN NULL ELSE coalesce(alter_sync.mappings, syncs.mappings) END,
+           schedule    = coalesce(alter_sync.schedule, syncs.schedule),
+           time_zone   = coalesce(alter_sync.time_zone, syncs.time_zone),
+           next_run_at = CASE WHEN alter_sync.schedule IS NULL THEN syncs.next_run_at
+                              ELSE retl._next_run_at(alter_sync.schedule, alter_sync.time_zone, now()) END,
+           updated_at  = now()
+     WHERE id = s.id;
+    IF after IS NOT NULL THEN
+        -- after => '{}' removes every parent.
+        PERFORM retl._set_parents(s.id, after);
+    END IF;
+    PERFORM retl._refresh_sources(s.id);
+    PERFORM retl._wake_worker_at_commit();
+END $$;
+
+COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text) IS
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot and identity map.';
 
 CREATE OR REPLACE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

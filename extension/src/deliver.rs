@@ -153,7 +153,10 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRec
             .unwrap_or_else(|e| error!("{e}"));
         let table = client
             .select(
-                "SELECT id, op, key::text, payload::text FROM retl.outbox WHERE run_id = $1 ORDER BY id LIMIT $2",
+                "SELECT o.id, o.op, o.key::text, o.payload::text, i.destination_id \
+                   FROM retl.outbox o \
+                   LEFT JOIN retl.identities i ON i.sync_id = o.sync_id AND i.key = o.key \
+                  WHERE o.run_id = $1 ORDER BY o.id LIMIT $2",
                 None,
                 &[run_id.into(), window.into()],
             )
@@ -166,6 +169,7 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRec
                 op: Op::from_str(&row.get::<String>(2).ok().flatten().unwrap_or_default()).unwrap_or(Op::Upsert),
                 key: row.get::<String>(3).ok().flatten().map(parse).unwrap_or_default(),
                 fields: row.get::<String>(4).ok().flatten().map(parse),
+                destination_id: row.get::<String>(5).ok().flatten(),
             })
             .collect();
         (paused, records)
@@ -178,8 +182,26 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
     let outcome = transaction(|| {
         Spi::connect_mut(|client| {
             let acked = report.acked.clone();
+            // Ids the destination named go to the identity map first (the outbox rows that
+            // carry their keys are deleted just below).
+            if !report.destination_ids.is_empty() {
+                let (ids, destination_ids): (Vec<i64>, Vec<String>) = report.destination_ids.iter().cloned().unzip();
+                client
+                    .update(
+                        "INSERT INTO retl.identities (sync_id, key, destination_id) \
+                         SELECT o.sync_id, o.key, d.destination_id \
+                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.id = d.id \
+                          WHERE o.op <> 'delete' \
+                         ON CONFLICT (sync_id, key) DO UPDATE \
+                         SET destination_id = excluded.destination_id, updated_at = now()",
+                        None,
+                        &[ids.into(), destination_ids.into()],
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
             // Acknowledged: advance the snapshot (a mirror delete removes the key; a delete-mode
-            // tombstone records it as erased), leave the outbox, clear any old row error.
+            // tombstone records it as erased), leave the outbox, clear any old row error, and
+            // forget the destination id of a deleted key.
             client
                 .update(
                     "WITH acked AS (DELETE FROM retl.outbox WHERE id = ANY($1) RETURNING sync_id, op, key, hash), \
@@ -190,7 +212,9 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                           gone AS (DELETE FROM retl.snapshots s USING acked a \
                                    WHERE a.op = 'delete' AND NOT $2 AND s.sync_id = a.sync_id AND s.key = a.key RETURNING 1), \
                           healed AS (DELETE FROM retl.row_errors e USING acked a \
-                                   WHERE e.sync_id = a.sync_id AND e.key = a.key RETURNING 1) \
+                                   WHERE e.sync_id = a.sync_id AND e.key = a.key RETURNING 1), \
+                          forgotten AS (DELETE FROM retl.identities i USING acked a \
+                                   WHERE a.op = 'delete' AND i.sync_id = a.sync_id AND i.key = a.key RETURNING 1) \
                      SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM healed)",
                     None,
                     &[acked.into(), erasing.into()],

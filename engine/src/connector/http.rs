@@ -27,6 +27,7 @@ pub struct Http {
     form: bool,
     success: Vec<(u16, u16)>,
     results: Option<ResultPointers>,
+    result_id: Option<String>,
 }
 
 impl Http {
@@ -45,6 +46,7 @@ impl Http {
             form: opts.form,
             success: opts.success.clone(),
             results: opts.results.clone(),
+            result_id: opts.result_id.clone(),
         })
     }
 
@@ -78,6 +80,7 @@ fn record_vars(r: &OutboxRecord) -> Value {
         "op": r.op.as_str(),
         "key": r.key,
         "fields": if r.op == Op::Delete { Value::Null } else { r.fields.clone().unwrap_or(Value::Null) },
+        "destination_id": r.destination_id,
     })
 }
 
@@ -125,6 +128,15 @@ fn malformed(status: u16, message: String) -> ResponseOutcome {
 }
 
 impl Http {
+    /// Acknowledged, with the destination's id when `result_id` finds one (a string or number).
+    fn acknowledge(&self, item: &Value) -> RecordResult {
+        match self.result_id.as_deref().and_then(|p| item.pointer(p)) {
+            Some(Value::String(id)) if !id.is_empty() => RecordResult::AckWithId(id.clone()),
+            Some(Value::Number(n)) => RecordResult::AckWithId(n.to_string()),
+            _ => RecordResult::Ack,
+        }
+    }
+
     fn per_record_results(&self, pointers: &ResultPointers, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
         let Ok(json) = serde_json::from_slice::<Value>(&resp.body) else {
             return malformed(resp.status, format!("not JSON: {}", excerpt(&String::from_utf8_lossy(&resp.body))));
@@ -144,7 +156,7 @@ impl Http {
                     _ => false,
                 };
                 if ok {
-                    return RecordResult::Ack;
+                    return self.acknowledge(item);
                 }
                 let message = match pointers.error.as_deref().and_then(|p| item.pointer(p)) {
                     Some(Value::String(s)) => excerpt(s),
@@ -206,7 +218,7 @@ impl Destination for Http {
                     .map_err(|e| format!("body template rendered invalid JSON ({e}): {}", excerpt(&text)))?
             }
             None if self.per_batch => json!({"sync": ctx.sync_name, "run_id": ctx.run_id, "records": vars["records"]}),
-            None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"]}),
+            None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"], "destination_id": vars["destination_id"]}),
         };
         let (content_type, body) = if bodiless {
             ("application/json", Vec::new())
@@ -246,9 +258,14 @@ impl Destination for Http {
         let status = resp.status;
         let body = excerpt(&String::from_utf8_lossy(&resp.body));
         if self.is_success(status) {
-            return match &self.results {
-                Some(pointers) => self.per_record_results(pointers, records, resp),
-                None => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
+            return match (&self.results, &self.result_id) {
+                (Some(pointers), _) => self.per_record_results(pointers, records, resp),
+                // One record per request: its id is in the response itself.
+                (None, Some(_)) => match serde_json::from_slice::<Value>(&resp.body) {
+                    Ok(json) => ResponseOutcome::PerRecord(vec![self.acknowledge(&json); records.len()]),
+                    Err(_) => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
+                },
+                (None, None) => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
             };
         }
         let described = if body.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {body}") };
@@ -291,7 +308,7 @@ mod tests {
     }
 
     fn rec(id: i64, op: Op, fields: Value) -> OutboxRecord {
-        OutboxRecord { id, op, key: json!({"id": id}), fields: Some(fields) }
+        OutboxRecord { id, op, key: json!({"id": id}), fields: Some(fields), destination_id: None }
     }
 
     fn ctx() -> BatchContext<'static> {
@@ -325,7 +342,7 @@ mod tests {
         let body: Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(body, json!({"email": "a@x.com", "plan": "PRO"}));
 
-        let del = OutboxRecord { id: 43, op: Op::Delete, key: json!({"id": 43}), fields: None };
+        let del = OutboxRecord { id: 43, op: Op::Delete, key: json!({"id": 43}), fields: None, destination_id: None };
         let c = connector(&[
             ("url", "https://api.example.com/v1/users/{{ key.id }}"),
             ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
@@ -366,8 +383,8 @@ mod tests {
         assert_eq!(
             body,
             json!({"sync": "s", "run_id": 7, "records": [
-                {"op": "upsert", "key": {"id": 1}, "fields": {"a": 1}},
-                {"op": "delete", "key": {"id": 2}, "fields": null}]})
+                {"op": "upsert", "key": {"id": 1}, "fields": {"a": 1}, "destination_id": null},
+                {"op": "delete", "key": {"id": 2}, "fields": null, "destination_id": null}]})
         );
     }
 
@@ -385,6 +402,30 @@ mod tests {
         let c = connector(&[("url", "https://api.example.com/x"), ("headers", r#"{"X-A": "{{ fields.v }}"}"#)]);
         let err = c.build_request(&ctx(), &[rec(1, Op::Upsert, json!({"v": "a\r\nEvil: 1"}))], None).unwrap_err();
         assert_eq!(err, "header X-A rendered a line break");
+    }
+
+    #[test]
+    fn destination_ids_are_read_and_given_back_to_templates() {
+        let c = connector(&[
+            ("url", "https://api.example.com/v1/users{% if destination_id %}/{{ destination_id }}{% endif %}"),
+            ("method", "{% if op == 'delete' %}DELETE{% elsif destination_id %}PUT{% else %}POST{% endif %}"),
+            ("result_id", "/user/id"),
+        ]);
+        let mut r = rec(1, Op::Upsert, json!({"email": "a@x.com"}));
+        let req = c.build_request(&ctx(), std::slice::from_ref(&r), None).unwrap();
+        assert_eq!((req.method, req.url.as_str()), (reqwest::Method::POST, "https://api.example.com/v1/users"));
+        assert_eq!(
+            c.classify(std::slice::from_ref(&r), &response(201, r#"{"user": {"id": "u_7"}}"#)),
+            ResponseOutcome::PerRecord(vec![RecordResult::AckWithId("u_7".into())])
+        );
+        assert_eq!(
+            c.classify(std::slice::from_ref(&r), &response(200, r#"{"user": {"id": 42}}"#)),
+            ResponseOutcome::PerRecord(vec![RecordResult::AckWithId("42".into())])
+        );
+        assert_eq!(c.classify(std::slice::from_ref(&r), &response(204, "")), ResponseOutcome::PerRecord(vec![RecordResult::Ack]));
+        r.destination_id = Some("u_7".into());
+        let req = c.build_request(&ctx(), std::slice::from_ref(&r), None).unwrap();
+        assert_eq!((req.method, req.url.as_str()), (reqwest::Method::PUT, "https://api.example.com/v1/users/u_7"));
     }
 
     #[test]

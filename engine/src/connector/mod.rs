@@ -45,6 +45,9 @@ impl HttpResponse {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RecordResult {
     Ack,
+    /// Accepted, and the destination named its own id for the record (kept in the sync's
+    /// identity map and given to later requests for the same key).
+    AckWithId(String),
     /// The destination refused this record; retrying the same data will not help.
     Rejected {
         status: Option<u16>,
@@ -144,6 +147,7 @@ mod tests {
             op: Op::Upsert,
             key: json!({"id": id}),
             fields: None,
+            destination_id: None,
         }
     }
 

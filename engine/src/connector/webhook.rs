@@ -201,6 +201,7 @@ mod tests {
                 op: Op::Upsert,
                 key: json!({"id": id}),
                 fields: Some(json!({"n": id})),
+                destination_id: None,
             })
             .collect()
     }

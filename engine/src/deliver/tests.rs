@@ -127,6 +127,7 @@ fn records(ids: std::ops::RangeInclusive<i64>) -> Vec<OutboxRecord> {
         op: Op::Upsert,
         key: json!({"id": id}),
         fields: Some(json!({"n": id})),
+        destination_id: None,
     })
     .collect()
 }
