@@ -5,12 +5,10 @@
 //! per-record results (JSON pointers to them).
 
 use super::{BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
-use crate::backoff::parse_retry_after;
 use crate::options::{HttpOptions, ResultPointers};
 use crate::record::{Op, OutboxRecord};
 use crate::template::{self, Template};
 use serde_json::{json, Value};
-use std::time::SystemTime;
 
 /// Most records in one request of a per-batch destination.
 const MAX_BATCH: usize = 1000;
@@ -256,7 +254,6 @@ impl Destination for Http {
 
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
         let status = resp.status;
-        let body = excerpt(&String::from_utf8_lossy(&resp.body));
         if self.is_success(status) {
             return match (&self.results, &self.result_id) {
                 (Some(pointers), _) => self.per_record_results(pointers, records, resp),
@@ -268,30 +265,13 @@ impl Destination for Http {
                 (None, None) => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
             };
         }
-        let described = if body.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {body}") };
-        match status {
-            401 | 403 => ResponseOutcome::Fatal {
-                status: Some(status),
-                message: format!("destination rejected the credentials (HTTP {status}): check the token in the user mapping"),
-            },
-            408 | 425 | 429 | 500..=599 => ResponseOutcome::Transient {
-                status: Some(status),
-                retry_after: resp.header("Retry-After").and_then(|v| parse_retry_after(v, SystemTime::now())),
-                message: described,
-            },
-            300..=399 => ResponseOutcome::Fatal {
-                status: Some(status),
-                message: format!(
-                    "destination answered HTTP {status} (redirect to {}); redirects are not followed: set the server's url to the final address",
-                    resp.header("Location").unwrap_or("nowhere")
-                ),
-            },
-            // Other 4xx, and statuses the success rule leaves out: this data is refused.
-            _ => ResponseOutcome::PerRecord(vec![
-                RecordResult::Rejected { status: Some(status), message: described };
+        // Other 4xx, and statuses the success rule leaves out: this data is refused.
+        super::classify_failure(resp, EXCERPT).unwrap_or_else(|| {
+            ResponseOutcome::PerRecord(vec![
+                RecordResult::Rejected { status: Some(status), message: super::describe(resp, EXCERPT) };
                 records.len()
-            ]),
-        }
+            ])
+        })
     }
 }
 

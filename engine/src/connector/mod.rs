@@ -108,6 +108,46 @@ pub fn excerpt(body: &[u8], max: usize) -> String {
     }
 }
 
+/// "HTTP 422" or "HTTP 422: <body excerpt>", for error messages.
+pub fn describe(resp: &HttpResponse, max: usize) -> String {
+    let body = excerpt(&resp.body, max);
+    if body.is_empty() {
+        format!("HTTP {}", resp.status)
+    } else {
+        format!("HTTP {}: {body}", resp.status)
+    }
+}
+
+/// What an unsuccessful answer means alike for every connector: 401/403 fail the run (bad
+/// credentials), 408/425/429/5xx are retried honouring `Retry-After`, and redirects fail the
+/// run (they are not followed: the token must not go to another host, and a moved endpoint
+/// will not come back by itself). `None` for every other status: the connector decides.
+pub fn classify_failure(resp: &HttpResponse, max_excerpt: usize) -> Option<ResponseOutcome> {
+    let status = resp.status;
+    match status {
+        401 | 403 => Some(ResponseOutcome::Fatal {
+            status: Some(status),
+            message: format!("destination rejected the credentials (HTTP {status}): check the token in the user mapping"),
+        }),
+        408 | 425 | 429 | 500..=599 => Some(ResponseOutcome::Transient {
+            status: Some(status),
+            retry_after: resp
+                .header("Retry-After")
+                .and_then(|v| crate::backoff::parse_retry_after(v, std::time::SystemTime::now())),
+            message: describe(resp, max_excerpt),
+        }),
+        300..=399 => Some(ResponseOutcome::Fatal {
+            status: Some(status),
+            message: format!(
+                "destination answered HTTP {status} (redirect to {}); redirects are not followed: set the \
+                 server's url to the final address",
+                resp.header("Location").unwrap_or("nowhere")
+            ),
+        }),
+        _ => None,
+    }
+}
+
 /// Destinations sometimes echo the Authorization header back in error bodies; this keeps the
 /// token out of anything we store or log.
 pub fn redact(text: &str, secret: Option<&str>) -> String {

@@ -3,10 +3,8 @@
 //! either a plain 2xx (everything accepted) or `{"results": [{"status", "error"?}, ...]}`.
 
 use super::{BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
-use crate::backoff::parse_retry_after;
 use crate::record::{Op, OutboxRecord};
 use serde::Serialize;
-use std::time::SystemTime;
 
 /// Most records per request; keeps request bodies to a size any endpoint accepts.
 const MAX_BATCH: usize = 1000;
@@ -134,55 +132,22 @@ impl Destination for Webhook {
 
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
         let status = resp.status;
-        let body = super::excerpt(&resp.body, EXCERPT);
-        let described = if body.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status}: {body}")
-        };
+        if (200..=299).contains(&status) {
+            return classify_success(records, resp);
+        }
+        if let Some(outcome) = super::classify_failure(resp, EXCERPT) {
+            return outcome;
+        }
         match status {
-            200..=299 => classify_success(records, resp),
-            401 | 403 => ResponseOutcome::Fatal {
-                status: Some(status),
-                message: format!(
-                    "destination rejected the credentials (HTTP {status}): check the token in the user mapping"
-                ),
-            },
-            408 | 425 | 429 | 500..=599 => ResponseOutcome::Transient {
-                status: Some(status),
-                retry_after: resp
-                    .header("Retry-After")
-                    .and_then(|v| parse_retry_after(v, SystemTime::now())),
-                message: described,
-            },
             400..=499 => {
-                let message = if body.is_empty() {
-                    format!("HTTP {status}")
-                } else {
-                    body
-                };
-                ResponseOutcome::PerRecord(vec![
-                    RecordResult::Rejected {
-                        status: Some(status),
-                        message
-                    };
-                    records.len()
-                ])
+                let body = super::excerpt(&resp.body, EXCERPT);
+                let message = if body.is_empty() { format!("HTTP {status}") } else { body };
+                ResponseOutcome::PerRecord(vec![RecordResult::Rejected { status: Some(status), message }; records.len()])
             }
-            // Redirects are not followed (the token must not go to another host), and a moved
-            // endpoint will not come back by itself.
-            300..=399 => ResponseOutcome::Fatal {
-                status: Some(status),
-                message: format!(
-                    "destination answered HTTP {status} (redirect to {}); redirects are not followed: set the \
-                     server's url to the final address",
-                    resp.header("Location").unwrap_or("nowhere")
-                ),
-            },
             _ => ResponseOutcome::Transient {
                 status: Some(status),
                 retry_after: None,
-                message: described,
+                message: super::describe(resp, EXCERPT),
             },
         }
     }
