@@ -309,13 +309,13 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 -- Worker, at the start of every plan: take the sync's change log. Returns the keys to plan
 -- (those logged, with those still in the outbox or rejected, which a key-only plan must plan
 -- again) as a jsonb array, or NULL when the whole model must be planned: the run was not
--- caused by a change, the log says so, there are too many keys, or the model is no longer the
--- projection of the table whose triggers logged them.
-CREATE FUNCTION retl._take_changed_keys(sync_id bigint, changed_keys_only boolean) RETURNS jsonb
+-- caused by a change, the log says so, there are too many keys, or the model (source_name,
+-- with key model_key, as the planner loaded the sync) is no longer the projection of the
+-- table whose triggers logged them.
+CREATE FUNCTION retl._take_changed_keys(sync_id bigint, source_name text, model_key text[], changed_keys_only boolean)
+RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    source_name text;
-    model_key text[];
     traced boolean;
     whole boolean;
     n bigint;
@@ -342,9 +342,6 @@ BEGIN
     IF whole OR n > retl._changed_keys_limit() THEN
         RETURN NULL;
     END IF;
-    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, model_key
-      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
-     WHERE s.id = _take_changed_keys.sync_id;
     -- The model still traces to the table columns the log was written for, and all four
     -- triggers that write it are there and fire always (a dropped or disabled one would have
     -- left changes out of the log).

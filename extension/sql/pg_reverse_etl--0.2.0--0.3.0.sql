@@ -167,11 +167,10 @@ END $$;
 CREATE FUNCTION retl._changed_keys_limit() RETURNS int
 LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 
-CREATE FUNCTION retl._take_changed_keys(sync_id bigint, changed_keys_only boolean) RETURNS jsonb
+CREATE FUNCTION retl._take_changed_keys(sync_id bigint, source_name text, model_key text[], changed_keys_only boolean)
+RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    source_name text;
-    model_key text[];
     traced boolean;
     whole boolean;
     n bigint;
@@ -198,9 +197,6 @@ BEGIN
     IF whole OR n > retl._changed_keys_limit() THEN
         RETURN NULL;
     END IF;
-    SELECT coalesce(a.name, m.name), m.primary_key INTO source_name, model_key
-      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id LEFT JOIN retl.audiences a ON a.id = s.audience_id
-     WHERE s.id = _take_changed_keys.sync_id;
     -- The model still traces to the table columns the log was written for, and all four
     -- triggers that write it are there and fire always (a dropped or disabled one would have
     -- left changes out of the log).

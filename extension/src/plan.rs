@@ -393,7 +393,7 @@ impl PlanSummary {
 
 /// Plan run `run_id` of `sync` into the outbox (inside the caller's transaction).
 pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, RetlError> {
-    let scope = take_changed_keys(client, sync.id, run_id);
+    let scope = take_changed_keys(client, sync, run_id);
     let rows = materialize(client, sync, &scope)?;
     let rows_in_model = (scope == Scope::Model).then_some(rows);
     // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
@@ -431,12 +431,12 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
 
 /// The scope of run `run_id`'s plan. Every plan takes the sync's change log; a run caused by a
 /// change plans only the logged keys when the log allows it (retl._take_changed_keys).
-fn take_changed_keys(client: &mut SpiClient, sync_id: i64, run_id: i64) -> Scope {
+fn take_changed_keys(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Scope {
     let keys = client
         .update(
-            "SELECT retl._take_changed_keys($1, r.trigger = 'change')::text FROM retl.runs r WHERE r.id = $2",
+            "SELECT retl._take_changed_keys($1, $3, $4, r.trigger = 'change')::text FROM retl.runs r WHERE r.id = $2",
             Some(1),
-            &[sync_id.into(), run_id.into()],
+            &[sync.id.into(), run_id.into(), sync.source.as_str().into(), sync.primary_key.clone().into()],
         )
         .and_then(|t| t.first().get_one::<String>())
         .unwrap_or_else(|e| error!("{e}"));
