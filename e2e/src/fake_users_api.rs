@@ -121,6 +121,13 @@ fn check_user(body: &Value) -> Result<(), (u16, String)> {
     Ok(())
 }
 
+/// The request body as a user, or the status and message refusing it.
+fn valid_user(body: Option<&Value>) -> Result<&Value, (u16, String)> {
+    let body = body.ok_or((400, "body is not JSON".to_string()))?;
+    check_user(body)?;
+    Ok(body)
+}
+
 fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
     let method = request.method().as_str().to_string();
     let path = request.url().to_string();
@@ -137,7 +144,7 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
     } else {
         match (method.as_str(), id) {
             ("POST", None) if path == "/v1/users" => {
-                match body.as_ref().ok_or((400, "body is not JSON".to_string())).and_then(|b| check_user(b).map(|_| b)) {
+                match valid_user(body.as_ref()) {
                     Ok(user) => {
                         st.created += 1;
                         let id = format!("u{}", st.created);
@@ -151,7 +158,7 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
                 if !header(&request, "Content-Type").is_some_and(|c| c.starts_with("application/json")) {
                     (415, json!({"error": "Content-Type must be application/json"}))
                 } else {
-                    match body.as_ref().ok_or((400, "body is not JSON".to_string())).and_then(|b| check_user(b).map(|_| b)) {
+                    match valid_user(body.as_ref()) {
                         Ok(user) => {
                             let created = st.users.insert(id, user.clone()).is_none();
                             (if created { 201 } else { 200 }, user.clone())

@@ -51,11 +51,6 @@ fn succeeded_scopes(c: &mut postgres::Client, sync: &str) -> Vec<Option<String>>
     .collect()
 }
 
-fn change_runs(f: &mut Fixture) -> i64 {
-    let id = sync_id(f);
-    f.count(&format!("SELECT count(*) FROM retl.runs WHERE sync_id = {id} AND trigger = 'change'"))
-}
-
 fn logged(f: &mut Fixture) -> Vec<Option<String>> {
     let id = sync_id(f);
     f.client
@@ -182,7 +177,7 @@ fn truncate_pause_and_large_statements_plan_the_whole_model() {
     assert_eq!(fake.records().len(), 10001);
 
     // A NULL key value: the whole model is planned, and it refuses the NULL key.
-    let runs = change_runs(&mut f);
+    let runs = f.change_runs();
     f.exec(&format!("ALTER TABLE {t} DROP CONSTRAINT {t}_pkey, ALTER COLUMN id DROP NOT NULL", t = f.table));
     f.exec(&format!("UPDATE {} SET id = NULL WHERE id = 7", f.table));
     assert_eq!(settle(&mut f, runs + 1), "unplanned", "the plan failed");
@@ -202,7 +197,7 @@ fn truncate_pause_and_large_statements_plan_the_whole_model() {
     f.exec(&format!("UPDATE {t} SET score = 5 WHERE id = 8; UPDATE {t} SET score = 6 WHERE id = 9;", t = f.table));
     assert_eq!(logged(&mut f), vec![None]);
     f.exec(&format!("SELECT retl.resume('{}')", f.sync));
-    let runs = change_runs(&mut f);
+    let runs = f.change_runs();
     f.exec(&format!("UPDATE {} SET score = 9 WHERE id = 10", f.table));
     assert_eq!(settle(&mut f, runs + 1), "model");
     assert_eq!(fake.records(), f.model_state());

@@ -7,13 +7,6 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-fn change_runs(f: &mut Fixture) -> i64 {
-    f.count(&format!(
-        "SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{}' AND r.trigger = 'change'",
-        f.sync
-    ))
-}
-
 fn trigger_tables(f: &mut Fixture) -> Vec<String> {
     f.client
         .query("SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname = 'retl_on_change' ORDER BY 1", &[])
@@ -42,14 +35,14 @@ fn a_commit_to_a_model_table_sends_just_that_change_within_a_second() {
     assert_eq!(body["records"][0]["key"], json!({"id": 7}));
     assert_eq!(body["records"][0]["fields"]["score"], json!(1000));
     assert_eq!(fake.records(), f.model_state());
-    wait_until(SHORT, "the run to be recorded", || change_runs(&mut f) == 1);
+    wait_until(SHORT, "the run to be recorded", || f.change_runs() == 1);
 
     // Back to manual: the trigger goes, and commits wake nothing.
     f.exec(&format!("SELECT retl.alter_sync(name => '{}', schedule => 'manual')", f.sync));
     assert!(!trigger_tables(&mut f).contains(&f.table));
     f.exec(&format!("UPDATE {} SET score = 1 WHERE id = 7", f.table));
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(change_runs(&mut f), 1);
+    assert_eq!(f.change_runs(), 1);
     assert_eq!(fake.records_sent(), 1);
 }
 
@@ -67,7 +60,7 @@ fn rolled_back_changes_and_unrelated_tables_wake_nothing() {
         t = f.table
     ));
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(change_runs(&mut f), 0, "no run for a rollback or an unrelated table");
+    assert_eq!(f.change_runs(), 0, "no run for a rollback or an unrelated table");
     assert_eq!(fake.request_count(), 0);
 }
 
@@ -128,7 +121,7 @@ fn changes_close_together_coalesce_into_few_runs() {
             f.sync
         )) == 0
     });
-    let runs = change_runs(&mut f);
+    let runs = f.change_runs();
     assert!(runs >= 1 && runs < 50, "50 commits made {runs} runs");
     let delivered = f.count(&format!(
         "SELECT sum(delivered)::bigint FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{}' AND r.trigger = 'change'",

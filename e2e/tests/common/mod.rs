@@ -134,6 +134,14 @@ impl Fixture {
             .collect()
     }
 
+    /// How many runs commits to the model's tables caused so far (trigger `change`).
+    pub fn change_runs(&mut self) -> i64 {
+        self.count(&format!(
+            "SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{}' AND r.trigger = 'change'",
+            self.sync
+        ))
+    }
+
     pub fn outbox_rows(&mut self) -> i64 {
         self.count(&format!(
             "SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = '{}'",

@@ -327,7 +327,7 @@ mod tests {
             ("url", "https://api.example.com/v1/users/{{ key.id }}"),
             ("method", "{% if op == 'delete' %}DELETE{% else %}PUT{% endif %}"),
         ]);
-        let req = c.build_request(&ctx(), &[del.clone()], None).unwrap();
+        let req = c.build_request(&ctx(), std::slice::from_ref(&del), None).unwrap();
         assert_eq!((req.method.clone(), req.url.as_str()), (reqwest::Method::DELETE, "https://api.example.com/v1/users/43"));
         assert!(req.body.is_empty());
         // The body template names fields, which a delete has not: DELETE sends no body.
