@@ -14,8 +14,14 @@ fn sync_id(f: &mut Fixture) -> i64 {
 /// Waits until the sync has no run queued or delivering and at least `runs` runs caused by
 /// changes; returns the plan scope of its latest run.
 fn settle(f: &mut Fixture, runs: i64) -> String {
+    settle_within(f, runs, SHORT)
+}
+
+/// Like [`settle`], with its own timeout; a timeout shows the sync's runs and their batches.
+fn settle_within(f: &mut Fixture, runs: i64, timeout: std::time::Duration) -> String {
     let id = sync_id(f);
-    wait_until(SHORT, "the change runs to finish", || {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
         let row = f
             .client
             .query_one(
@@ -24,9 +30,29 @@ fn settle(f: &mut Fixture, runs: i64) -> String {
                 &[&id],
             )
             .unwrap();
-        row.get::<_, i64>(0) >= runs && row.get::<_, i64>(1) == 0
-    });
-    last_scope(f)
+        if row.get::<_, i64>(0) >= runs && row.get::<_, i64>(1) == 0 {
+            return last_scope(f);
+        }
+        if std::time::Instant::now() > deadline {
+            let state: Vec<String> = f
+                .client
+                .query(
+                    "SELECT format('run %s %s %s: %s delivered, %s calls, %s; batches: %s', r.id, r.trigger, r.status,
+                                   r.delivered, r.api_calls, coalesce(r.error, '-'),
+                                   (SELECT string_agg(format('%s:%s/%s %s', b.batch_no, b.acknowledged, b.records,
+                                                             coalesce(b.error, '')), ' ' ORDER BY b.batch_no)
+                                      FROM retl.batches b WHERE b.run_id = r.id))
+                       FROM retl.runs r WHERE r.sync_id = $1 ORDER BY r.id",
+                    &[&id],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            panic!("timed out after {timeout:?} waiting for {runs} change runs to finish:\n{}", state.join("\n"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn last_scope(f: &mut Fixture) -> String {
@@ -172,7 +198,10 @@ fn truncate_pause_and_large_statements_plan_the_whole_model() {
         "INSERT INTO {} SELECT i, 'u' || i || '@example.com', 'P' || i, i FROM generate_series(1, 10001) i",
         f.table
     ));
-    assert_eq!(settle(&mut f, 3), "model");
+    // 10,001 records in 101 requests: the heaviest step of the suite. Once, in a clean-clone
+    // `make test`, it was still delivering after 30 s (not reproduced since; see the note of
+    // stop 12), so it gets more time than the small steps. What must arrive is unchanged.
+    assert_eq!(settle_within(&mut f, 3, std::time::Duration::from_secs(120)), "model");
     assert_eq!(f.last_run().inserts, 10001);
     assert_eq!(fake.records().len(), 10001);
 
