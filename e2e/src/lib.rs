@@ -2,6 +2,8 @@
 //! ([`FakeWebhook`]) and helpers to drive the Postgres test cluster ([`cluster`]).
 
 pub mod cluster;
+pub mod fake_hubspot;
+pub mod fake_salesforce;
 pub mod fake_users_api;
 pub mod fake_webhook;
 

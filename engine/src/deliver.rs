@@ -4,13 +4,14 @@
 
 use crate::backoff::backoff_delay;
 use crate::connector::{
-    idempotency_key, redact, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
+    idempotency_key, redact_all, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
 };
+use crate::oauth::Auth;
 use crate::options::DestinationConfig;
 use crate::ratelimit::RateBudget;
 use crate::record::OutboxRecord;
 use futures_util::stream::{self, StreamExt};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,8 @@ pub struct BatchReport {
     /// Neither accepted nor refused (retries exhausted, stopped, fatal error): send again later.
     pub unresolved: Vec<i64>,
     pub api_calls: u32,
+    /// The last API usage the destination reported (see `Destination::usage`).
+    pub api_usage: Option<String>,
     pub error: Option<String>,
     /// The destination said nothing more will work in this run.
     pub fatal: bool,
@@ -80,10 +83,12 @@ struct Run<'a> {
     sync_name: &'a str,
     key_scope: &'a str,
     run_id: i64,
-    token: Option<&'a str>,
+    auth: &'a Auth,
     should_stop: &'a dyn Fn() -> bool,
     /// Set by the first batch that gets a fatal answer, so the others stop too.
     fatal: Cell<bool>,
+    /// Why the token could not be refreshed, once that was tried and failed.
+    refresh_failure: RefCell<Option<String>>,
 }
 
 impl Deliverer {
@@ -118,7 +123,7 @@ impl Deliverer {
         sync_name: &str,
         key_scope: &str,
         run_id: i64,
-        token: Option<&str>,
+        auth: &Auth,
         batches: Vec<Vec<OutboxRecord>>,
         should_stop: &dyn Fn() -> bool,
     ) -> Vec<BatchReport> {
@@ -130,9 +135,10 @@ impl Deliverer {
             sync_name,
             key_scope,
             run_id,
-            token,
+            auth,
             should_stop,
             fatal: Cell::new(false),
+            refresh_failure: RefCell::new(None),
         };
         stream::iter(batches)
             .map(|batch| run.batch(batch))
@@ -146,7 +152,18 @@ impl Run<'_> {
     async fn batch(&self, mut pending: Vec<OutboxRecord>) -> BatchReport {
         let mut report = BatchReport::default();
         let mut last_error = String::new();
+        pending.retain(|record| match self.dest.precheck(record) {
+            Ok(()) => true,
+            Err(message) => {
+                report.rejected.push(Rejection { id: record.id, status: None, message, attempts: 0 });
+                false
+            }
+        });
         while !pending.is_empty() {
+            if let Err(reason) = self.ready_credentials().await {
+                report.fatal = true;
+                return self.give_up(report, &pending, reason);
+            }
             if let Err(reason) = self.take_token().await {
                 return self.give_up(report, &pending, reason);
             }
@@ -155,10 +172,12 @@ impl Run<'_> {
                 run_id: self.run_id,
                 idempotency_key: idempotency_key(self.key_scope, self.run_id, &pending),
             };
-            let request = match self.dest.build_request(&ctx, &pending, self.token) {
+            let generation = self.auth.generation();
+            let token = self.auth.token();
+            let request = match self.dest.build_request(&ctx, &pending, token.as_deref()) {
                 Ok(request) => request,
                 Err(message) => {
-                    let message = redact(&message, self.token);
+                    let message = self.redact(&message);
                     report.rejected.extend(pending.iter().map(|record| Rejection {
                         id: record.id,
                         status: None,
@@ -172,7 +191,12 @@ impl Run<'_> {
             let sent = self.unless_stopped(send(self.client, request, self.limits.timeout));
             let outcome = match sent.await {
                 Err(reason) => return self.give_up(report, &pending, reason),
-                Ok(Ok(response)) => self.dest.classify(&pending, &response),
+                Ok(Ok(response)) => {
+                    if let Some(usage) = self.dest.usage(&response) {
+                        report.api_usage = Some(usage);
+                    }
+                    self.dest.classify(&pending, &response)
+                }
                 Ok(Err(message)) => ResponseOutcome::Transient {
                     status: None,
                     retry_after: None,
@@ -192,7 +216,7 @@ impl Run<'_> {
                             RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
                                 id: record.id,
                                 status,
-                                message: redact(&message, self.token),
+                                message: self.redact(&message),
                                 attempts: report.api_calls,
                             }),
                             RecordResult::Retry { message } => {
@@ -225,6 +249,29 @@ impl Run<'_> {
                     self.fatal.set(true);
                     report.fatal = true;
                     return self.give_up(report, &pending, message);
+                }
+                ResponseOutcome::Expired { message } => {
+                    // Another batch may have refreshed the token meanwhile; else refresh it now
+                    // (once per delivery). The request is then sent again at once: the refused
+                    // one did nothing, so it is not counted as a retry.
+                    if self.auth.generation() == generation && self.auth.can_refresh() {
+                        // A failure is kept in refresh_failure and reported below.
+                        let _ = self.refresh().await;
+                    }
+                    while self.auth.is_refreshing() {
+                        if let Err(reason) = self.pause(STOP_POLL).await {
+                            return self.give_up(report, &pending, reason);
+                        }
+                    }
+                    if self.auth.generation() != generation {
+                        continue;
+                    }
+                    self.fatal.set(true);
+                    report.fatal = true;
+                    let why = self.refresh_failure.borrow().clone().unwrap_or_else(|| {
+                        format!("{message} (no OAuth client_id/client_secret in the user mapping to refresh it)")
+                    });
+                    return self.give_up(report, &pending, why);
                 }
             };
             if pending.is_empty() {
@@ -262,8 +309,43 @@ impl Run<'_> {
 
     fn give_up(&self, mut report: BatchReport, pending: &[OutboxRecord], error: String) -> BatchReport {
         report.unresolved.extend(pending.iter().map(|r| r.id));
-        report.error = Some(redact(&error, self.token));
+        report.error = Some(self.redact(&error));
         report
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact_all(text, &self.auth.secrets())
+    }
+
+    /// Waits out another batch's token refresh, and gets a first token when the user mapping
+    /// holds only OAuth client credentials.
+    async fn ready_credentials(&self) -> Result<(), String> {
+        while self.auth.is_refreshing() {
+            self.pause(STOP_POLL).await?;
+        }
+        if self.auth.token().is_none() && self.auth.can_refresh() {
+            self.refresh().await?;
+        }
+        match self.refresh_failure.borrow().as_ref() {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// The delivery's one token refresh. A failure is kept so every batch reports it.
+    async fn refresh(&self) -> Result<(), String> {
+        let Some(request) = self.auth.begin_refresh() else {
+            return Err("no refresh possible".into());
+        };
+        let answer = match self.unless_stopped(send(self.client, request, self.limits.timeout)).await {
+            Ok(answer) => answer,
+            Err(reason) => Err(reason),
+        };
+        let outcome = self.auth.finish_refresh(answer).map_err(|e| self.redact(&e));
+        if let Err(failure) = &outcome {
+            self.refresh_failure.replace(Some(failure.clone()));
+        }
+        outcome
     }
 
     /// Why this batch must not send another request, if it must not.
@@ -361,6 +443,9 @@ fn show(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     }
 }
+
+mod bulk;
+mod fields;
 
 #[cfg(test)]
 mod tests;

@@ -1,17 +1,42 @@
 //! Validation of the foreign-data-wrapper options. It runs at DDL time (the validator of
 //! CREATE SERVER / USER MAPPING), so every message says what is wrong and how to fix it.
 
+mod saas;
+
+pub use saas::{HubSpotOptions, OAuthSecrets, SalesforceOptions, UserMapping};
+
 use std::fmt;
 use std::time::Duration;
 
 const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
-     max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id";
-/// Options only the generic HTTP connector (type 'http') takes.
-const HTTP_OPTIONS: [&str; 10] =
-    ["method", "headers", "body", "per", "encoding", "success", "results", "result_ok", "result_error", "result_id"];
-const MAPPING_OPTIONS: &str = "token, token_env";
+     max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id, \
+     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url";
+/// Options that only some destination types take (every other option is common to all).
+const TYPE_OPTIONS: [(&str, &[DestinationKind]); 17] = {
+    use DestinationKind::*;
+    [
+        ("method", &[Http]),
+        ("headers", &[Http]),
+        ("body", &[Http]),
+        ("per", &[Http]),
+        ("encoding", &[Http]),
+        ("success", &[Http]),
+        ("results", &[Http]),
+        ("result_ok", &[Http]),
+        ("result_error", &[Http]),
+        ("result_id", &[Http]),
+        ("object", &[HubSpot, Salesforce]),
+        ("id_property", &[HubSpot]),
+        ("external_id", &[Salesforce]),
+        ("api_version", &[Salesforce]),
+        ("bulk_threshold", &[Salesforce]),
+        ("bulk_poll_ms", &[Salesforce]),
+        ("token_url", &[HubSpot, Salesforce]),
+    ]
+};
+const MAPPING_OPTIONS: &str = "token, token_env, client_id, client_secret, refresh_token";
 const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
-const SUPPORTED_TYPES: &str = "webhook, http";
+const SUPPORTED_TYPES: &str = "webhook, http, hubspot, salesforce";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionsError {
@@ -53,6 +78,10 @@ pub enum DestinationKind {
     Webhook,
     /// Any HTTP API, requests built from Liquid templates.
     Http,
+    /// HubSpot CRM v3 objects (batch upsert by a unique property, batch archive).
+    HubSpot,
+    /// Salesforce sObjects (sObject Collections, Bulk API 2.0 for large runs).
+    Salesforce,
 }
 
 impl DestinationKind {
@@ -60,6 +89,8 @@ impl DestinationKind {
         match self {
             DestinationKind::Webhook => "webhook",
             DestinationKind::Http => "http",
+            DestinationKind::HubSpot => "hubspot",
+            DestinationKind::Salesforce => "salesforce",
         }
     }
 }
@@ -107,6 +138,12 @@ pub struct DestinationConfig {
     pub max_backoff: Duration,
     /// Type 'http' only.
     pub http: Option<HttpOptions>,
+    /// Type 'hubspot' only.
+    pub hubspot: Option<HubSpotOptions>,
+    /// Type 'salesforce' only.
+    pub salesforce: Option<SalesforceOptions>,
+    /// Where an OAuth access token is refreshed (hubspot and salesforce; `None` for others).
+    pub token_url: Option<String>,
 }
 
 /// Rejects a second occurrence of any option, and any option not in `valid`.
@@ -127,12 +164,12 @@ fn check_names(opts: &[(String, String)], valid: &'static str, context: &'static
     Ok(())
 }
 
-fn get<'a>(opts: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn get<'a>(opts: &'a [(String, String)], name: &str) -> Option<&'a str> {
     opts.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
 /// An optional integer option within `range`, or `default` when absent.
-fn int(
+pub(crate) fn int(
     opts: &[(String, String)],
     option: &'static str,
     range: std::ops::RangeInclusive<u64>,
@@ -158,25 +195,41 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         None => {
             return Err(OptionsError::Missing {
                 option: "type",
-                hint: "one of: webhook",
+                hint: "one of: webhook, http, hubspot, salesforce",
             })
         }
         Some("webhook") => DestinationKind::Webhook,
         Some("http") => DestinationKind::Http,
+        Some("hubspot") => DestinationKind::HubSpot,
+        Some("salesforce") => DestinationKind::Salesforce,
         Some(other) => return Err(OptionsError::UnknownType(other.to_string())),
     };
-    if kind != DestinationKind::Http {
-        if let Some(option) = HTTP_OPTIONS.iter().find(|o| get(opts, o).is_some()) {
+    for (option, kinds) in TYPE_OPTIONS {
+        if get(opts, option).is_some() && !kinds.contains(&kind) {
+            let names: Vec<String> = kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
             return Err(OptionsError::Conflict(format!(
-                "\"{option}\" is for destinations of type 'http' only, not '{}'",
+                "\"{option}\" is for destinations of type {} only, not '{}'",
+                names.join(" or "),
                 kind.as_str()
             )));
         }
     }
-    let url = get(opts, "url").ok_or(OptionsError::Missing {
-        option: "url",
-        hint: "the endpoint records are POSTed to, e.g. 'https://example.com/hooks/retl'",
-    })?;
+    let url = match (get(opts, "url"), kind) {
+        (Some(url), _) => url,
+        (None, DestinationKind::HubSpot) => saas::HUBSPOT_URL,
+        (None, DestinationKind::Salesforce) => {
+            return Err(OptionsError::Missing {
+                option: "url",
+                hint: "your org's instance URL, e.g. 'https://acme.my.salesforce.com'",
+            })
+        }
+        (None, _) => {
+            return Err(OptionsError::Missing {
+                option: "url",
+                hint: "the endpoint records are POSTed to, e.g. 'https://example.com/hooks/retl'",
+            })
+        }
+    };
     let valid_url = if kind == DestinationKind::Http {
         // A template: its fixed start must already name the scheme and host.
         let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
@@ -196,8 +249,14 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
             expected: "an http or https URL",
         });
     }
+    // A trailing slash would double up when paths are appended.
+    let url = if matches!(kind, DestinationKind::HubSpot | DestinationKind::Salesforce) {
+        url.trim_end_matches('/')
+    } else {
+        url
+    };
     let rate_limit = match get(opts, "rate_limit") {
-        None => None,
+        None => saas::default_rate_limit(kind),
         Some(value) => match value.trim().parse::<f64>() {
             // The comparison also rejects NaN.
             Ok(r) if r > 0.0 && r <= 10_000.0 => Some(r),
@@ -214,7 +273,13 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
     Ok(DestinationConfig {
         kind,
         url: url.to_string(),
-        batch_size: int(opts, "batch_size", 1..=1000, 100, "an integer between 1 and 1000")? as usize,
+        batch_size: match kind {
+            DestinationKind::HubSpot => int(opts, "batch_size", 1..=100, 100, "an integer between 1 and 100 (HubSpot's batch limit)")?,
+            DestinationKind::Salesforce => {
+                int(opts, "batch_size", 1..=200, 200, "an integer between 1 and 200 (the sObject Collections limit)")?
+            }
+            _ => int(opts, "batch_size", 1..=1000, 100, "an integer between 1 and 1000")?,
+        } as usize,
         rate_limit,
         max_concurrency: int(opts, "max_concurrency", 1..=32, 4, "an integer between 1 and 32")? as usize,
         timeout: ms(
@@ -232,8 +297,17 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         )?,
         http: match kind {
             DestinationKind::Http => Some(parse_http_options(opts)?),
-            DestinationKind::Webhook => None,
+            _ => None,
         },
+        hubspot: match kind {
+            DestinationKind::HubSpot => Some(saas::parse_hubspot(opts)?),
+            _ => None,
+        },
+        salesforce: match kind {
+            DestinationKind::Salesforce => Some(saas::parse_salesforce(opts)?),
+            _ => None,
+        },
+        token_url: saas::token_url(opts, kind, url)?,
     })
 }
 
@@ -369,10 +443,10 @@ impl fmt::Debug for Credentials {
     }
 }
 
-const TOKEN_EXPECTED: &str = "a non-empty token of printable ASCII characters without spaces";
+pub(crate) const TOKEN_EXPECTED: &str = "a non-empty token of printable ASCII characters without spaces";
 
 /// A token ends up in an `Authorization` header: anything else would fail every request.
-fn valid_token(token: &str) -> bool {
+pub(crate) fn valid_token(token: &str) -> bool {
     !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
@@ -382,25 +456,32 @@ fn valid_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-pub fn parse_user_mapping_options(opts: &[(String, String)]) -> Result<Credentials, OptionsError> {
+pub fn parse_user_mapping_options(opts: &[(String, String)]) -> Result<UserMapping, OptionsError> {
     check_names(opts, MAPPING_OPTIONS, "retl user mapping")?;
-    match (get(opts, "token"), get(opts, "token_env")) {
-        (Some(_), Some(_)) => Err(OptionsError::Conflict(
-            "\"token\" and \"token_env\" cannot both be set; use one".into(),
-        )),
-        (Some(token), None) if valid_token(token) => Ok(Credentials::Token(token.to_string())),
-        (Some(_), None) => Err(OptionsError::InvalidSecret {
-            option: "token",
-            expected: TOKEN_EXPECTED,
-        }),
-        (None, Some(name)) if valid_env_name(name) => Ok(Credentials::TokenEnv(name.to_string())),
-        (None, Some(name)) => Err(OptionsError::Invalid {
-            option: "token_env",
-            value: name.to_string(),
-            expected: "an environment variable name (letters, digits and underscores, not starting with a digit)",
-        }),
-        (None, None) => Ok(Credentials::None),
-    }
+    let credentials = match (get(opts, "token"), get(opts, "token_env")) {
+        (Some(_), Some(_)) => {
+            return Err(OptionsError::Conflict(
+                "\"token\" and \"token_env\" cannot both be set; use one".into(),
+            ))
+        }
+        (Some(token), None) if valid_token(token) => Credentials::Token(token.to_string()),
+        (Some(_), None) => {
+            return Err(OptionsError::InvalidSecret {
+                option: "token",
+                expected: TOKEN_EXPECTED,
+            })
+        }
+        (None, Some(name)) if valid_env_name(name) => Credentials::TokenEnv(name.to_string()),
+        (None, Some(name)) => {
+            return Err(OptionsError::Invalid {
+                option: "token_env",
+                value: name.to_string(),
+                expected: "an environment variable name (letters, digits and underscores, not starting with a digit)",
+            })
+        }
+        (None, None) => Credentials::None,
+    };
+    Ok(UserMapping { credentials, oauth: saas::parse_oauth(opts)? })
 }
 
 /// The wrapper itself is configuration-free; accepting options there would only hide typos.
@@ -472,6 +553,9 @@ mod tests {
                 max_retries: 5,
                 max_backoff: Duration::from_secs(60),
                 http: None,
+                hubspot: None,
+                salesforce: None,
+                token_url: None,
             }
         );
         assert_eq!(cfg.kind.as_str(), "webhook");
@@ -504,7 +588,8 @@ mod tests {
             server_err(&with(("batchsize", "10"))),
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
              rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
-             encoding, success, results, result_ok, result_error, result_id"
+             encoding, success, results, result_ok, result_error, result_id, object, id_property, external_id, \
+             api_version, bulk_threshold, bulk_poll_ms, token_url"
         );
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
@@ -541,11 +626,11 @@ mod tests {
         }
         assert_eq!(
             server_err(&[("url", "https://example.com")]),
-            "option \"type\" is required (one of: webhook)"
+            "option \"type\" is required (one of: webhook, http, hubspot, salesforce)"
         );
         assert_eq!(
             server_err(&[("type", "hubspt"), ("url", "https://example.com")]),
-            "unknown destination type \"hubspt\" (supported: webhook, http)"
+            "unknown destination type \"hubspt\" (supported: webhook, http, hubspot, salesforce)"
         );
         assert_eq!(
             server_err(&[("type", "webhook")]),
@@ -641,7 +726,7 @@ mod tests {
 
     #[test]
     fn user_mapping() {
-        let parse = |pairs: &[(&str, &str)]| parse_user_mapping_options(&opts(pairs));
+        let parse = |pairs: &[(&str, &str)]| parse_user_mapping_options(&opts(pairs)).map(|m| m.credentials);
         assert_eq!(parse(&[]), Ok(Credentials::None));
         assert_eq!(parse(&[("token", "s3cr3t")]), Ok(Credentials::Token("s3cr3t".into())));
         assert_eq!(
@@ -663,7 +748,8 @@ mod tests {
         );
         assert_eq!(
             parse(&[("password", "hunter2")]).unwrap_err().to_string(),
-            "unknown option \"password\" for a retl user mapping; valid options: token, token_env"
+            "unknown option \"password\" for a retl user mapping; valid options: token, token_env, client_id, \
+             client_secret, refresh_token"
         );
         assert_eq!(
             parse(&[("token", "a"), ("token", "b")]).unwrap_err().to_string(),

@@ -133,12 +133,15 @@ CREATE TABLE retl.runs (
     last_served_at   timestamptz,
     -- What the plan diffed: the whole model, or only the keys commits touched (on-change runs
     -- of a model that is a plain projection of one table; rows_in_model is then NULL).
-    plan_scope       text CHECK (plan_scope IN ('model', 'changed keys'))
+    plan_scope       text CHECK (plan_scope IN ('model', 'changed keys')),
+    -- The destination's own account of API usage, as last reported during this run (e.g.
+    -- Salesforce's Sforce-Limit-Info 'api-usage=25/15000').
+    api_usage        text
 );
 CREATE INDEX runs_sync_id_idx ON retl.runs (sync_id, id DESC);
 CREATE INDEX runs_pending_idx ON retl.runs (id) WHERE status IN ('queued', 'delivering');
 COMMENT ON TABLE retl.runs IS
-  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned (plan_scope: the whole model, or only the changed keys) and what was delivered.';
+  'One row per sync run: trigger, status (queued, delivering, succeeded, partial = some rows rejected, failed, cancelled), timings, what was planned (plan_scope: the whole model, or only the changed keys), what was delivered, and the API usage the destination reported (api_usage).';
 
 CREATE TABLE retl.batches (
     run_id      bigint NOT NULL REFERENCES retl.runs(id) ON DELETE CASCADE,
@@ -239,7 +242,9 @@ SELECT s.name                                            AS sync,
        s.schedule,
        s.next_run_at,
        (SELECT array_agg(p.name ORDER BY p.name) FROM retl.sync_parents sp JOIN retl.syncs p ON p.id = sp.parent_id
-         WHERE sp.sync_id = s.id)                        AS after
+         WHERE sp.sync_id = s.id)                        AS after,
+       (SELECT r.api_usage FROM retl.runs r WHERE r.sync_id = s.id AND r.api_usage IS NOT NULL
+         ORDER BY r.id DESC LIMIT 1)                     AS api_usage
   FROM retl.syncs s
   JOIN retl.models m ON m.id = s.model_id
   LEFT JOIN retl.audiences a ON a.id = s.audience_id
@@ -253,7 +258,7 @@ SELECT s.name                                            AS sync,
                               WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial', 'failed')
                               ORDER BY r.id DESC LIMIT 20) r) recent ON true;
 COMMENT ON VIEW retl.sync_status IS
-  'One row per sync: last run and its outcome, time since the last successful run, success rate of the last 20 finished runs, rows queued, rows failing, rows in the snapshot.';
+  'One row per sync: last run and its outcome, time since the last successful run, success rate of the last 20 finished runs, rows queued, rows failing, rows in the snapshot, and the API usage the destination last reported (e.g. Salesforce api-usage=used/limit).';
 GRANT SELECT ON retl.sync_status TO PUBLIC;
 
 ------------------------------------------------------------------------------------------------
@@ -324,6 +329,15 @@ BEGIN
         END IF;
     END LOOP;
 END $$;
+
+-- The destination fields a sync writes: the mappings' keys, else every model column (none
+-- for a delete sync, which sends keys only).
+CREATE FUNCTION retl._sync_fields(mode text, mappings jsonb, source_name text) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN mode = 'delete' THEN '{}'::text[]
+                WHEN mappings IS NULL THEN retl._model_columns(source_name)
+                ELSE ARRAY(SELECT jsonb_object_keys(mappings) ORDER BY 1) END
+$$;
 
 ------------------------------------------------------------------------------------------------
 -- Models and audiences
@@ -566,6 +580,7 @@ BEGIN
                     HINT = format('Its owner can run: GRANT SELECT ON retl_models.%I TO %I;', source_name, caller::text);
     END IF;
     PERFORM retl._check_mappings(name, source_name, mappings);
+    PERFORM retl._check_destination_fields(name, destination, caller, retl._sync_fields(mode, mappings, source_name));
     schedule := retl._check_schedule(name, schedule, time_zone);
     INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused,
                             schedule, time_zone, next_run_at)
@@ -651,6 +666,10 @@ BEGIN
     IF after IS NOT NULL THEN
         -- after => '{}' removes every parent.
         PERFORM retl._set_parents(s.id, after);
+    END IF;
+    IF alter_sync.destination IS NOT NULL OR alter_sync.mappings IS NOT NULL OR reset_mappings OR alter_sync.mode IS NOT NULL THEN
+        SELECT * INTO s FROM retl.syncs WHERE id = s.id;
+        PERFORM retl._check_destination_fields(s.name, s.destination, s.owner, retl._sync_fields(s.mode, s.mappings, source_name));
     END IF;
     PERFORM retl._refresh_sources(s.id);
     PERFORM retl._wake_worker_at_commit();

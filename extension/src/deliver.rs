@@ -10,7 +10,7 @@ use crate::shared;
 use crate::transaction::{report_activity, transaction};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use retl_engine::connector;
+use retl_engine::connector::{self, Salesforce};
 use retl_engine::deliver::{BatchReport, DeliveryLimits, Deliverer};
 use retl_engine::ratelimit::{LocalBucket, RateBudget, SharedGcra, TokenBucket};
 use retl_engine::record::{Op, OutboxRecord};
@@ -23,6 +23,9 @@ pub struct Deliveries {
     /// Per-process budgets, only for destinations that found no free shared slot.
     local_budgets: HashMap<u32, (f64, LocalBucket)>,
 }
+
+/// Upserts one Bulk API job takes at most (Salesforce's limit is 150 MB of CSV per job).
+const BULK_WINDOW: i64 = 100_000;
 
 impl Deliveries {
     /// Deliver one window (batch_size x max_concurrency rows) of run `run_id`, and close the run
@@ -60,8 +63,12 @@ impl Deliveries {
                 return;
             }
         };
-        let window = (batch_size * limits.max_concurrency) as i64;
-        let next = transaction(|| Ok(load_window(&sync, run_id, window)));
+        // A large run to Salesforce goes through one Bulk API job for its upserts first.
+        let bulk = dest.config.salesforce.as_ref().filter(|o| o.bulk_threshold.is_some()).map(|o| Salesforce::new(&dest.config.url, o));
+        let bulk_threshold = dest.config.salesforce.as_ref().and_then(|o| o.bulk_threshold).unwrap_or(usize::MAX) as i64;
+        let use_bulk = bulk.is_some() && transaction(|| Ok(upserts_waiting(run_id, bulk_threshold))).unwrap_or(false);
+        let window = if use_bulk { BULK_WINDOW } else { (batch_size * limits.max_concurrency) as i64 };
+        let next = transaction(|| Ok(load_window(&sync, run_id, window, use_bulk)));
         let (paused, records) = match next {
             Ok(v) => v,
             Err(message) => {
@@ -83,8 +90,10 @@ impl Deliveries {
             records.len(),
             sync.destination
         ));
-        let full_window = records.len() as i64 == window;
-        let batches: Vec<Vec<OutboxRecord>> = records.chunks(batch_size).map(|c| c.to_vec()).collect();
+        // After a bulk window, the run goes on (deletes, the rest) in the next slice.
+        let full_window = use_bulk || records.len() as i64 == window;
+        let batches: Vec<Vec<OutboxRecord>> =
+            if use_bulk { vec![records] } else { connector::batches(connector.as_ref(), &records, batch_size) };
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         let shared_state = dest.config.rate_limit.and_then(|_| shared::rate_state(dest.server));
         let shared_budget;
@@ -105,17 +114,31 @@ impl Deliveries {
             }
         };
         let should_stop = shared::shutdown_requested;
-        let reports = runtime.block_on(deliverer.deliver(
-            connector.as_ref(),
-            &limits,
-            budget,
-            &sync.name,
-            &sync.uid,
-            run_id,
-            dest.token.as_deref(),
-            batches,
-            &should_stop,
-        ));
+        let auth = dest.auth(sync.owner);
+        let reports = match (&bulk, use_bulk) {
+            (Some(sf), true) => vec![runtime.block_on(deliverer.deliver_bulk(
+                sf,
+                &limits,
+                budget,
+                &sync.name,
+                run_id,
+                &auth,
+                batches.into_iter().next().unwrap_or_default(),
+                &should_stop,
+            ))],
+            _ => runtime.block_on(deliverer.deliver(
+                connector.as_ref(),
+                &limits,
+                budget,
+                &sync.name,
+                &sync.uid,
+                run_id,
+                &auth,
+                batches,
+                &should_stop,
+            )),
+        };
+        dest.keep_refreshed(sync.owner, &auth);
         let mut run_error: Option<String> = None;
         for (report, size) in reports.iter().zip(&sizes) {
             batch_no += 1;
@@ -138,7 +161,7 @@ impl Deliveries {
 
 /// The first `window` rows of the run's outbox (acknowledged and rejected rows have left it),
 /// and whether the sync has been paused meanwhile; marks the run as served now (fair share).
-fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRecord>) {
+fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool) -> (bool, Vec<OutboxRecord>) {
     Spi::connect_mut(|client| {
         let paused = client
             .select("SELECT paused FROM retl.syncs WHERE id = $1", Some(1), &[sync.id.into()])
@@ -156,9 +179,9 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRec
                 "SELECT o.id, o.op, o.key::text, o.payload::text, i.destination_id \
                    FROM retl.outbox o \
                    LEFT JOIN retl.identities i ON i.sync_id = o.sync_id AND i.key = o.key \
-                  WHERE o.run_id = $1 ORDER BY o.id LIMIT $2",
+                  WHERE o.run_id = $1 AND NOT ($3 AND o.op = 'delete') ORDER BY o.id LIMIT $2",
                 None,
-                &[run_id.into(), window.into()],
+                &[run_id.into(), window.into(), upserts_only.into()],
             )
             .unwrap_or_else(|e| error!("{e}"));
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
@@ -174,6 +197,17 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64) -> (bool, Vec<OutboxRec
             .collect();
         (paused, records)
     })
+}
+
+/// Whether at least `threshold` rows other than deletes wait in the run's outbox.
+fn upserts_waiting(run_id: i64, threshold: i64) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT count(*) >= $2 FROM (SELECT 1 FROM retl.outbox WHERE run_id = $1 AND op <> 'delete' LIMIT $2) w",
+        &[run_id.into(), threshold.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Apply one batch's outcome in one transaction.
@@ -268,13 +302,15 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                 .map_err(|e| e.to_string())?;
             client
                 .update(
-                    "UPDATE retl.runs SET delivered = delivered + $2, failed = failed + $3, api_calls = api_calls + $4 WHERE id = $1",
+                    "UPDATE retl.runs SET delivered = delivered + $2, failed = failed + $3, api_calls = api_calls + $4, \
+                                          api_usage = coalesce($5, api_usage) WHERE id = $1",
                     None,
                     &[
                         run_id.into(),
                         (report.acked.len() as i64).into(),
                         (report.rejected.len() as i64).into(),
                         (report.api_calls as i64).into(),
+                        report.api_usage.clone().into(),
                     ],
                 )
                 .map_err(|e| e.to_string())?;

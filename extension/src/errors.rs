@@ -38,6 +38,10 @@ pub enum RetlError {
     SyncNotVisible(i64),
     #[error("the run did not finish within {}; it goes on in the background{}", show_duration(*.waited), run_note(*.run_id))]
     RunTimedOut { run_id: i64, waited: std::time::Duration },
+    #[error("sync \"{sync}\" cannot write to destination \"{destination}\": {problem}")]
+    DestinationFields { sync: String, destination: String, problem: String },
+    #[error("could not check the fields of sync \"{sync}\" against destination \"{destination}\": {problem}")]
+    DestinationUnchecked { sync: String, destination: String, problem: String },
     #[error("the pg_reverse_etl library is version {library} but the extension's SQL objects are version {installed}")]
     VersionMismatch { library: &'static str, installed: String },
 }
@@ -78,6 +82,8 @@ impl RetlError {
             RetlError::Cron(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             RetlError::RunTimedOut { .. } => ERRCODE_QUERY_CANCELED,
             RetlError::VersionMismatch { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            RetlError::DestinationFields { .. } => ERRCODE_UNDEFINED_COLUMN,
+            RetlError::DestinationUnchecked { .. } => ERRCODE_FDW_UNABLE_TO_ESTABLISH_CONNECTION,
         }
     }
 
@@ -106,6 +112,16 @@ impl RetlError {
                 "Cron fields are minute hour day-of-month month day-of-week, e.g. '*/15 * * * *' or '0 6 * * mon-fri'.".into()
             }
             RetlError::RunTimedOut { .. } => "Follow it in retl.runs, or wait longer with a larger timeout.".into(),
+            RetlError::DestinationFields { .. } => {
+                "Fields are the mappings' keys (or the model's columns without mappings) and must name writable fields \
+                 of the destination object: fix the mappings, or create the field in the destination first."
+                    .into()
+            }
+            RetlError::DestinationUnchecked { .. } => {
+                "Fix the destination or its user mapping, or SET retl.check_destination = off to define the sync \
+                 without the check (the first run then reports any field the destination refuses)."
+                    .into()
+            }
             RetlError::VersionMismatch { library, .. } => {
                 format!("Run ALTER EXTENSION pg_reverse_etl UPDATE TO '{library}'; the workers wait until then.")
             }

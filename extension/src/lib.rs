@@ -12,6 +12,7 @@ mod identity;
 mod key_source;
 mod parse;
 mod plan;
+mod probe;
 mod settings;
 mod shared;
 mod transaction;
@@ -33,6 +34,7 @@ pgrx::extension_sql_file!(
         api::_check_query,
         api::_check_filter,
         api::_check_readable,
+        api::_check_destination_fields,
     ]
 );
 

@@ -11,7 +11,19 @@ pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// Log one line per finished run (reloadable).
 pub static LOG_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Check a sync's fields against the destination (HubSpot properties, Salesforce describe)
+/// when it is created or altered.
+pub static CHECK_DESTINATION: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"retl.check_destination",
+        c"Check a sync's fields against the destination at create_sync and alter_sync.",
+        c"A worker asks the destination (HubSpot properties API, Salesforce describe) and unknown or read-only fields are refused. Turn off to define syncs while the destination is unreachable.",
+        &CHECK_DESTINATION,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"retl.database_name",
         c"Database in which the pg_reverse_etl workers run syncs.",

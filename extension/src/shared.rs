@@ -133,6 +133,128 @@ impl Default for RateBudgets {
 }
 unsafe impl PGRXSharedMemory for RateBudgets {}
 
+/// Concurrent destination checks (`create_sync` asking a worker to look at the destination's
+/// fields: user backends never make HTTP calls themselves).
+pub const PROBE_SLOTS: usize = 8;
+/// Field names of one check, newline-separated.
+pub const PROBE_FIELDS: usize = 8192;
+pub const PROBE_MESSAGE: usize = 1024;
+
+#[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum ProbeState {
+    #[default]
+    Free,
+    Requested,
+    Claimed,
+    /// Answered: `ok`, or `message` says what the destination refused or why it could not be asked.
+    Done,
+}
+
+#[derive(Copy, Clone)]
+pub struct ProbeSlot {
+    pub state: ProbeState,
+    pub requester_pid: i32,
+    pub server: pg_sys::Oid,
+    pub owner: pg_sys::Oid,
+    pub fields_len: usize,
+    pub fields: [u8; PROBE_FIELDS],
+    /// Whether the destination refused a field (as opposed to could not be asked).
+    pub refused: bool,
+    pub message_len: usize,
+    pub message: [u8; PROBE_MESSAGE],
+}
+
+impl Default for ProbeSlot {
+    fn default() -> Self {
+        ProbeSlot {
+            state: ProbeState::Free,
+            requester_pid: 0,
+            server: pg_sys::InvalidOid,
+            owner: pg_sys::InvalidOid,
+            fields_len: 0,
+            fields: [0; PROBE_FIELDS],
+            refused: false,
+            message_len: 0,
+            message: [0; PROBE_MESSAGE],
+        }
+    }
+}
+
+#[derive(Copy, Clone)]
+pub struct ProbeSlots {
+    pub slots: [ProbeSlot; PROBE_SLOTS],
+}
+impl Default for ProbeSlots {
+    fn default() -> Self {
+        ProbeSlots { slots: [ProbeSlot::default(); PROBE_SLOTS] }
+    }
+}
+unsafe impl PGRXSharedMemory for ProbeSlots {}
+
+/// Access tokens refreshed by any worker (OAuth), so the others use them too instead of each
+/// refreshing again. Keyed by server, sync owner and a fingerprint of the user mapping they
+/// came from. Shared memory is readable only by server processes, like the catalog the
+/// mapping itself is stored in.
+pub const TOKEN_SLOTS: usize = 32;
+pub const TOKEN_BYTES: usize = 4096;
+
+#[derive(Copy, Clone)]
+pub struct TokenSlot {
+    pub server: u32,
+    pub owner: u32,
+    pub fingerprint: [u8; 32],
+    pub len: usize,
+    pub token: [u8; TOKEN_BYTES],
+    /// When it was stored (Postgres timestamp): the oldest slot is reused first.
+    pub stored: i64,
+}
+
+#[derive(Copy, Clone)]
+pub struct TokenSlots {
+    pub slots: [TokenSlot; TOKEN_SLOTS],
+}
+impl Default for TokenSlots {
+    fn default() -> Self {
+        let empty = TokenSlot { server: 0, owner: 0, fingerprint: [0; 32], len: 0, token: [0; TOKEN_BYTES], stored: 0 };
+        TokenSlots { slots: [empty; TOKEN_SLOTS] }
+    }
+}
+unsafe impl PGRXSharedMemory for TokenSlots {}
+
+pub static TOKENS: PgLwLock<TokenSlots> = unsafe { PgLwLock::new(c"retl_token_slots") };
+
+/// The token some worker refreshed for this server, owner and user mapping, if any.
+pub fn cached_token(server: u32, owner: u32, fingerprint: &[u8; 32]) -> Option<String> {
+    let tokens = TOKENS.share();
+    let slot = tokens
+        .slots
+        .iter()
+        .find(|t| t.len > 0 && t.server == server && t.owner == owner && t.fingerprint == *fingerprint)?;
+    String::from_utf8(slot.token[..slot.len].to_vec()).ok()
+}
+
+pub fn cache_token(server: u32, owner: u32, fingerprint: &[u8; 32], token: &str) {
+    if token.len() > TOKEN_BYTES {
+        return;
+    }
+    let mut tokens = TOKENS.exclusive();
+    let i = tokens
+        .slots
+        .iter()
+        .position(|t| t.len > 0 && t.server == server && t.owner == owner)
+        .or_else(|| tokens.slots.iter().enumerate().min_by_key(|(_, t)| (t.len > 0, t.stored)).map(|(i, _)| i))
+        .unwrap_or(0);
+    let slot = &mut tokens.slots[i];
+    slot.server = server;
+    slot.owner = owner;
+    slot.fingerprint = *fingerprint;
+    slot.token[..token.len()].copy_from_slice(token.as_bytes());
+    slot.len = token.len();
+    slot.stored = now_timestamp();
+}
+
+pub static PROBES: PgLwLock<ProbeSlots> = unsafe { PgLwLock::new(c"retl_probe_slots") };
 pub static WAITS: PgLwLock<WaitSlots> = unsafe { PgLwLock::new(c"retl_wait_slots") };
 pub static WORKERS: PgLwLock<Workers> = unsafe { PgLwLock::new(c"retl_workers") };
 pub static CHANGED: PgLwLock<ChangedRelations> = unsafe { PgLwLock::new(c"retl_changed_relations") };
@@ -143,6 +265,8 @@ pub fn init() {
     pg_shmem_init!(WORKERS);
     pg_shmem_init!(CHANGED);
     pg_shmem_init!(RATES);
+    pg_shmem_init!(PROBES);
+    pg_shmem_init!(TOKENS);
 }
 
 fn now_timestamp() -> i64 {

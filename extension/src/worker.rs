@@ -130,6 +130,7 @@ impl Worker {
             self.logged_problem = None;
             accept_wait_requests();
             settle_waiters();
+            crate::probe::serve(&self.runtime);
             self.state(WorkerState::Scheduling, 0, 0);
             scheduler::schedule();
             let Some((run_id, sync_id, status)) = pick_run() else { break };

@@ -2,9 +2,13 @@
 //! the response into per-record outcomes. Connectors do no I/O; `deliver` does.
 
 mod http;
+mod hubspot;
+pub mod salesforce;
 mod webhook;
 
 pub use http::Http;
+pub use hubspot::HubSpot;
+pub use salesforce::Salesforce;
 pub use webhook::Webhook;
 
 use crate::options::{DestinationConfig, DestinationKind};
@@ -71,6 +75,9 @@ pub enum ResponseOutcome {
     },
     /// Nothing more will work in this run (e.g. bad credentials).
     Fatal { status: Option<u16>, message: String },
+    /// The destination refused the access token as expired: a refreshed one may work (fatal
+    /// when there is no way to refresh it).
+    Expired { message: String },
 }
 
 pub trait Destination: Send + Sync {
@@ -82,6 +89,67 @@ pub trait Destination: Send + Sync {
     fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>)
         -> Result<HttpRequest, String>;
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome;
+    /// Why this record cannot be sent at all (e.g. it lacks the field the destination matches
+    /// records by): it is rejected without a call, and the rest of its batch goes on.
+    fn precheck(&self, _record: &OutboxRecord) -> Result<(), String> {
+        Ok(())
+    }
+    /// Records of different groups never share a request (e.g. upserts and deletes go to
+    /// different endpoints).
+    fn request_group(&self, _record: &OutboxRecord) -> u8 {
+        0
+    }
+    /// The request that describes the destination's fields, for connectors that can check a
+    /// sync's fields before it runs (HubSpot properties, Salesforce describe).
+    fn describe_request(&self, _token: Option<&str>) -> Option<HttpRequest> {
+        None
+    }
+    /// The problem with these field names, judged from the answer to `describe_request`.
+    fn check_fields(&self, _resp: &HttpResponse, _fields: &[String]) -> Result<(), FieldProblem> {
+        Ok(())
+    }
+    /// The API usage the destination reports in a response (e.g. Salesforce's
+    /// `Sforce-Limit-Info`), shown in the sync's status.
+    fn usage(&self, _resp: &HttpResponse) -> Option<String> {
+        None
+    }
+}
+
+/// Why a sync's fields were not accepted at definition time.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FieldProblem {
+    /// The destination has no such field, or it cannot be written.
+    #[error("{0}")]
+    Refused(String),
+    /// The destination could not be asked (down, credentials, unexpected answer).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// `"a", "b" and "c"`, for messages.
+pub fn quoted_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => quoted.join(""),
+    }
+}
+
+/// Splits records (in outbox order) into requests of at most `batch_size`, each holding one
+/// request group; groups keep their records' relative order.
+pub fn batches(dest: &dyn Destination, records: &[OutboxRecord], batch_size: usize) -> Vec<Vec<OutboxRecord>> {
+    let mut groups: Vec<(u8, Vec<OutboxRecord>)> = Vec::new();
+    for record in records {
+        let group = dest.request_group(record);
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(record.clone()),
+            None => groups.push((group, vec![record.clone()])),
+        }
+    }
+    groups
+        .into_iter()
+        .flat_map(|(_, members)| members.chunks(batch_size.max(1)).map(<[OutboxRecord]>::to_vec).collect::<Vec<_>>())
+        .collect()
 }
 
 /// Hex blake3 over the sync's identity (`scope`), the run and the record ids in order. A retry
@@ -157,15 +225,22 @@ pub fn redact(text: &str, secret: Option<&str>) -> String {
     }
 }
 
+/// `redact` for every secret of a delivery (token, OAuth client secret and refresh token).
+pub fn redact_all(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_string(), |text, secret| redact(&text, Some(secret)))
+}
+
 /// The connector for a destination's options (validated by `options::parse_server_options`,
 /// so templates parse).
 pub fn for_config(cfg: &DestinationConfig) -> Box<dyn Destination> {
-    match (&cfg.kind, &cfg.http) {
-        (DestinationKind::Http, Some(http)) => match Http::new(&cfg.url, http) {
+    match (&cfg.kind, &cfg.http, &cfg.hubspot, &cfg.salesforce) {
+        (DestinationKind::Http, Some(http), _, _) => match Http::new(&cfg.url, http) {
             Ok(connector) => Box::new(connector),
             // Unreachable after validation; a connector that rejects everything says why.
             Err(message) => Box::new(http::Broken(message)),
         },
+        (DestinationKind::HubSpot, _, Some(hubspot), _) => Box::new(HubSpot::new(&cfg.url, hubspot)),
+        (DestinationKind::Salesforce, _, _, Some(salesforce)) => Box::new(Salesforce::new(&cfg.url, salesforce)),
         _ => Box::new(Webhook::new(&cfg.url)),
     }
 }

@@ -163,7 +163,7 @@ async fn run(
             "crm",
             "crm-uid",
             9,
-            Some(TOKEN),
+            &crate::oauth::Auth::fixed(Some(TOKEN)),
             batches,
             should_stop,
         )
