@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0 and from 0.2.0: syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0 and 0.3.0: syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -11,7 +11,8 @@ use retl_e2e::cluster::connect_db;
 use serde_json::json;
 
 const FIRST: &str = "0.1.0";
-const PREVIOUS: &str = "0.2.0";
+const SECOND: &str = "0.2.0";
+const PREVIOUS: &str = "0.3.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -114,7 +115,7 @@ fn a_live_on_change_sync_survives_the_upgrade_from_0_2_0_and_then_plans_only_cha
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{SECOND}'"
     ))
     .unwrap();
     let base = unique("up2");
@@ -187,6 +188,77 @@ fn a_live_on_change_sync_survives_the_upgrade_from_0_2_0_and_then_plans_only_cha
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
 }
 
+#[test]
+fn a_sync_with_an_identity_map_and_row_errors_survives_the_upgrade_from_0_3_0() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up3");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.3.0 API.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'mirror');",
+        url = fake.url()
+    ))
+    .unwrap();
+    // The state a 0.3.0 worker leaves: a finished run, rows 1-4 acknowledged, destination ids
+    // learned for two of them, and a rejected row.
+    c.batch_execute(&format!(
+        "INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, failed, api_calls, started_at, planned_at, finished_at, plan_scope)
+         SELECT id, 'manual', 'partial', 5, 5, 4, 1, 1, now(), now(), now(), 'model' FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id), retl._row_hash('v2:id,email,score|' || (m)::text)
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;
+         INSERT INTO retl.identities (sync_id, key, destination_id)
+         SELECT s.id, jsonb_build_object('id', i), 'dest-' || i FROM retl.syncs s, generate_series(1, 2) i WHERE s.name = '{sync}';
+         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, http_status, response)
+         SELECT s.id, '{{\"id\": 5}}', r.id, 'upsert', '{{}}', 422, 'refused' FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id WHERE s.name = '{sync}';"
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    let kept = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM retl.runs r WHERE r.sync_id = s.id AND r.api_usage IS NULL),
+                        (SELECT count(*) FROM retl.snapshots n WHERE n.sync_id = s.id),
+                        (SELECT string_agg(i.destination_id, ',' ORDER BY i.destination_id) FROM retl.identities i WHERE i.sync_id = s.id),
+                        (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id),
+                        (SELECT st.api_usage IS NULL AND st.last_status = 'partial' FROM retl.sync_status st WHERE st.sync = s.name)
+                   FROM retl.syncs s WHERE s.name = '{sync}'"
+            ),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (kept.get::<_, i64>(0), kept.get::<_, i64>(1), kept.get::<_, String>(2), kept.get::<_, i64>(3), kept.get::<_, bool>(4)),
+        (1, 4, "dest-1,dest-2".to_string(), 1, true)
+    );
+    // The next run sends exactly the row the snapshot lacks, and the identities stay.
+    c.batch_execute(&format!("UPDATE {table} SET score = 55 WHERE id = 5")).unwrap();
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    assert_eq!(fake.records().len(), 5);
+    let identities: i64 = c
+        .query_one(&format!("SELECT count(*) FROM retl.identities i JOIN retl.syncs s ON s.id = i.sync_id WHERE s.name = '{sync}'"), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(identities, 2);
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
+}
+
 /// Every object of the extension, described in a way that differs when anything users or the
 /// workers see differs: columns, defaults, constraints, indexes, view and function
 /// definitions, privileges, comments.
@@ -233,7 +305,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, PREVIOUS] {
+    for from in [FIRST, SECOND, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {
