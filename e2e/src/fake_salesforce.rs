@@ -1,5 +1,6 @@
 //! A strict local fake of the parts of Salesforce's REST API the Salesforce connector uses:
-//! sObject describe, sObject Collections (upsert by external id, update by Id, create,
+//! sObject describe, sObject Rows by External ID (GET and DELETE of one record by an
+//! external-id value), sObject Collections (upsert by external id, update by Id, create,
 //! delete), the OAuth 2.0 token endpoint (refresh-token and client-credentials flows) and
 //! Bulk API 2.0 ingest jobs (CSV).
 //!
@@ -1001,6 +1002,11 @@ impl State {
                 "GET" => self.describe(object),
                 _ => Reply::method_not_allowed(method, "GET,HEAD"),
             },
+            // sObject Rows by External ID; its PATCH (upsert) and HEAD are not modelled.
+            ["sobjects", object, field, value] => match method {
+                "GET" | "DELETE" => self.row_by_external_id(method, version, object, field, value),
+                _ => Reply::method_not_allowed(method, "GET,DELETE"),
+            },
             ["composite", "sobjects"] if version >= 42 => match method {
                 "PATCH" => self.update_collection(req),
                 "POST" => self.create_collection(req),
@@ -1083,6 +1089,96 @@ impl State {
                 "fields": fields,
             }),
         )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sObject Rows by External ID
+
+impl State {
+    /// `GET` or `DELETE /sobjects/{object}/{field}/{value}`: `field` must be an external-id
+    /// field of `object` (any case) and `value` is percent-decoded from the path, then
+    /// compared as upserts compare keys (case-insensitively; numerically for number fields)
+    /// with the live records only. One match: GET answers the record, DELETE tombstones it
+    /// (204, empty body). None: 404 NOT_FOUND. Several (possible only when duplicate values
+    /// predate the field becoming an external id via `add_object`): 300 with the matches'
+    /// record URLs, and nothing is deleted.
+    fn row_by_external_id(
+        &mut self,
+        method: &str,
+        version: u32,
+        object: &str,
+        field: &str,
+        value: &str,
+    ) -> Reply {
+        let Some(object) = self.object(object) else {
+            return Reply::not_found();
+        };
+        let Some(spec) = object.field(field).filter(|f| f.external_id).cloned() else {
+            return Reply::error(
+                404,
+                "NOT_FOUND",
+                format!("Provided external ID field does not exist or is not accessible: {field}"),
+            );
+        };
+        let value = percent_decode(value, false);
+        let url = |id: &str| format!("/services/data/v{version}.0/sobjects/{}/{id}", object.name);
+        let matches: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                !r.deleted
+                    && r.object.eq_ignore_ascii_case(&object.name)
+                    && r.values
+                        .get(&spec.name)
+                        .is_some_and(|stored| ext_matches(&spec, stored, &value))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let id = match matches.as_slice() {
+            [] => return Reply::not_found(),
+            [id] => id.clone(),
+            _ => {
+                let urls = matches.iter().map(|id| Value::String(url(id))).collect();
+                return Reply::json(300, Value::Array(urls));
+            }
+        };
+        if method == "DELETE" {
+            self.records.get_mut(&id).expect("a matched record").deleted = true;
+            return Reply::empty(204);
+        }
+        // Every field of the object: as written, null when never written; system fields the
+        // fake does not materialize (not nillable, never written, e.g. CreatedDate) are left out.
+        let stored = &self.records[&id].values;
+        let mut body = Map::new();
+        body.insert(
+            "attributes".to_string(),
+            json!({ "type": object.name, "url": url(&id) }),
+        );
+        for f in &object.fields {
+            match stored.get(&f.name) {
+                Some(v) => {
+                    body.insert(f.name.clone(), v.clone());
+                }
+                None if f.nillable => {
+                    body.insert(f.name.clone(), Value::Null);
+                }
+                None => {}
+            }
+        }
+        Reply::json(200, Value::Object(body))
+    }
+}
+
+/// Whether a stored external-id value matches `text` from a URL: numbers by value, anything
+/// else case-insensitively, like upsert keys (see [`ext_key`]).
+fn ext_matches(spec: &FieldSpec, stored: &Value, text: &str) -> bool {
+    match (kind_class(&spec.kind), stored) {
+        (Kind::Number, Value::Number(n)) => parse_number(text)
+            .as_ref()
+            .and_then(Value::as_f64)
+            .is_some_and(|x| Some(x) == n.as_f64()),
+        _ => ext_key(stored) == ext_key(&Value::String(text.to_string())),
     }
 }
 
@@ -2118,19 +2214,20 @@ fn parse_form(text: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
+            (percent_decode(k, true), percent_decode(v, true))
         })
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded; `+` is a space in form bodies (`plus_is_space`) but not in paths.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 (Some(hi), Some(lo)) => {
                     out.push(hi << 4 | lo);
@@ -2708,6 +2805,173 @@ mod tests {
         );
         assert_eq!(r.json()[0]["created"], true);
         assert_eq!(r.json()[0]["id"], "003000000000003AAA");
+    }
+
+    #[test]
+    fn rows_by_external_id_get_and_delete() {
+        let fake = FakeSalesforce::start(TOKEN);
+        upsert(
+            &fake,
+            vec![
+                contact("k1", json!({ "LastName": "A", "Email": "a@example.com" })),
+                contact("a b", json!({ "LastName": "B" })),
+            ],
+            false,
+        );
+        let row = |field: &str, value: &str| format!("{V}/sobjects/Contact/{field}/{value}");
+        let not_found = json!([{ "errorCode": "NOT_FOUND", "message": "The requested resource does not exist" }]);
+
+        // GET: every field of the object, nulls for unwritten ones, no unmaterialized system
+        // fields; field name and value both case-insensitive.
+        let r = api(&fake, "GET", &row("external_id__c", "K1"), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.json(),
+            json!({
+                "attributes": { "type": "Contact", "url": "/services/data/v62.0/sobjects/Contact/003000000000001AAA" },
+                "Id": "003000000000001AAA", "LastName": "A", "FirstName": null, "Email": "a@example.com",
+                "Phone": null, "External_Id__c": "k1", "Health_Score__c": null, "Name": null,
+            })
+        );
+
+        // DELETE: 204 with an empty body, the record is gone; a second delete is a 404.
+        let r = api(&fake, "DELETE", &row("External_Id__c", "k1"), None);
+        assert_eq!((r.status, r.body.as_str()), (204, ""));
+        assert!(r.header("Sforce-Limit-Info").is_some());
+        assert!(!fake.records("Contact").contains_key("003000000000001AAA"));
+        assert_eq!(fake.records("Contact").len(), 1);
+        for method in ["DELETE", "GET"] {
+            let r = api(&fake, method, &row("External_Id__c", "k1"), None);
+            assert_eq!((r.status, r.json()), (404, not_found.clone()), "{method}");
+        }
+        let r = api(&fake, "DELETE", &row("External_Id__c", "never"), None);
+        assert_eq!((r.status, r.json()), (404, not_found.clone()));
+
+        // Only external-id fields; unknown objects are 404 like describe.
+        for field in ["Email", "Nope__c"] {
+            let r = api(&fake, "DELETE", &row(field, "a@example.com"), None);
+            assert_eq!(r.status, 404);
+            assert_eq!(
+                r.json(),
+                json!([{ "errorCode": "NOT_FOUND", "message": format!("Provided external ID field does not exist or is not accessible: {field}") }])
+            );
+        }
+        let r = api(
+            &fake,
+            "DELETE",
+            &format!("{V}/sobjects/Opportunity/External_Id__c/x"),
+            None,
+        );
+        assert_eq!((r.status, r.json()), (404, not_found.clone()));
+        assert_eq!(
+            api(
+                &fake,
+                "PATCH",
+                &row("External_Id__c", "a%20b"),
+                Some(json!({}))
+            )
+            .status,
+            405
+        );
+
+        // The value is percent-decoded; `+` is not a space in a path.
+        assert_eq!(
+            api(&fake, "GET", &row("External_Id__c", "a+b"), None).status,
+            404
+        );
+        assert_eq!(
+            api(&fake, "GET", &row("External_Id__c", "a%20b"), None).json()["LastName"],
+            "B"
+        );
+        fake.fail_next(1, 503);
+        assert_eq!(
+            api(&fake, "DELETE", &row("External_Id__c", "a%20b"), None).status,
+            503
+        );
+        assert_eq!(
+            send(&fake, "DELETE", &row("External_Id__c", "a%20b"), &[], "").status,
+            401
+        );
+        assert_eq!(fake.records("Contact").len(), 1);
+        let r = api(&fake, "DELETE", &row("External_Id__c", "a%20b"), None);
+        assert_eq!(r.status, 204);
+        assert!(fake.records("Contact").is_empty());
+        let journal: Vec<(String, u16)> = fake
+            .calls()
+            .iter()
+            .rev()
+            .take(4)
+            .map(|c| (c.path.clone(), c.status))
+            .collect();
+        assert_eq!(
+            journal,
+            [204, 401, 503, 200].map(|s| (row("External_Id__c", "a%20b"), s))
+        );
+    }
+
+    #[test]
+    fn rows_by_external_id_with_several_matches_is_300() {
+        let fake = FakeSalesforce::start(TOKEN);
+        let fields = |external: bool| {
+            let key = FieldSpec::new("Key__c", "string");
+            let num = FieldSpec::new("Num__c", "double");
+            if external {
+                vec![key.external_id(), num.external_id()]
+            } else {
+                vec![key, num]
+            }
+        };
+        // Duplicate values written before the fields became external ids.
+        fake.add_object("Lead__c", "a02", fields(false));
+        let lead = |key: &str, num: f64| json!({ "attributes": { "type": "Lead__c" }, "Key__c": key, "Num__c": num });
+        let body = json!({ "records": [lead("dup", 7.0), lead("DUP", 8.5)] });
+        let r = api(
+            &fake,
+            "POST",
+            &format!("{V}/composite/sobjects"),
+            Some(body),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        fake.add_object("Lead__c", "a02", fields(true));
+
+        let path = format!("{V}/sobjects/Lead__c/Key__c/Dup");
+        for method in ["DELETE", "GET"] {
+            let r = api(&fake, method, &path, None);
+            assert_eq!(r.status, 300, "{method}");
+            assert_eq!(
+                r.json(),
+                json!([
+                    "/services/data/v62.0/sobjects/Lead__c/a02000000000001AAA",
+                    "/services/data/v62.0/sobjects/Lead__c/a02000000000002AAA",
+                ])
+            );
+        }
+        assert_eq!(fake.records("Lead__c").len(), 2);
+
+        // Number fields compare by value.
+        let r = api(
+            &fake,
+            "GET",
+            &format!("{V}/sobjects/Lead__c/Num__c/7"),
+            None,
+        );
+        assert_eq!(
+            (r.status, r.json()["Id"].as_str()),
+            (200, Some("a02000000000001AAA"))
+        );
+        let r = api(
+            &fake,
+            "DELETE",
+            &format!("{V}/sobjects/Lead__c/Num__c/8.50"),
+            None,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(
+            fake.records("Lead__c").keys().collect::<Vec<_>>(),
+            ["a02000000000001AAA"]
+        );
+        assert_eq!(api(&fake, "DELETE", &path, None).status, 204);
+        assert!(fake.records("Lead__c").is_empty());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! request needs `X-Api-Key` (401 otherwise) and `Content-Type: application/json` on PUT (415);
 //! a body with unknown members, a non-string name or a non-number score is refused with 400,
 //! an email without "@" with 422 `{"error": "invalid email"}`. A scripted 429 answers the
-//! next request with `Retry-After: 1`.
+//! next request with `Retry-After: 1`. `POST /oauth/token` (OAuth 2.0 client-credentials grant,
+//! form-encoded, RFC 6749 §4.4) issues a new API key when OAuth is configured; `expire_keys`
+//! makes every key issued so far answer 401.
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -29,6 +31,11 @@ struct State {
     calls: Vec<Call>,
     throttle_next: usize,
     created: usize,
+    /// Keys that are accepted; the one given to `start` first.
+    keys: Vec<String>,
+    /// (client_id, client_secret) for the token endpoint.
+    oauth: Option<(String, String)>,
+    token_calls: usize,
 }
 
 pub struct FakeUsersApi {
@@ -43,14 +50,14 @@ impl FakeUsersApi {
     pub fn start(api_key: &str) -> FakeUsersApi {
         let server = Arc::new(Server::http("127.0.0.1:0").expect("fake users API: cannot bind"));
         let port = server.server_addr().to_ip().expect("an IP address").port();
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State { keys: vec![api_key.to_string()], ..State::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (server, state, stop, key) = (server.clone(), state.clone(), stop.clone(), api_key.to_string());
+            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state, &key),
+                        Ok(Some(request)) => serve(request, &state),
                         Ok(None) => {}
                         Err(_) => return,
                     }
@@ -79,6 +86,20 @@ impl FakeUsersApi {
 
     pub fn clear_calls(&self) {
         self.state.lock().unwrap().calls.clear();
+    }
+
+    /// Accept client-credentials token requests from this client.
+    pub fn configure_oauth(&self, client_id: &str, client_secret: &str) {
+        self.state.lock().unwrap().oauth = Some((client_id.to_string(), client_secret.to_string()));
+    }
+
+    /// Every key issued so far is refused from now on.
+    pub fn expire_keys(&self) {
+        self.state.lock().unwrap().keys.clear();
+    }
+
+    pub fn token_calls(&self) -> usize {
+        self.state.lock().unwrap().token_calls
     }
 
     /// The next `n` requests get 429 with Retry-After: 1.
@@ -128,7 +149,53 @@ fn valid_user(body: Option<&Value>) -> Result<&Value, (u16, String)> {
     Ok(body)
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
+/// `POST /oauth/token`: a new key for the configured client (client-credentials grant only).
+fn token(request: &tiny_http::Request, form: &str, st: &mut State) -> (u16, Value) {
+    st.token_calls += 1;
+    if !header(request, "Content-Type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
+        return (400, json!({"error": "invalid_request", "error_description": "form-encoded body required"}));
+    }
+    let fields: BTreeMap<String, String> = url_decode_pairs(form);
+    let field = |name: &str| fields.get(name).map(String::as_str);
+    if field("grant_type") != Some("client_credentials") {
+        return (400, json!({"error": "unsupported_grant_type"}));
+    }
+    match &st.oauth {
+        Some((id, secret)) if field("client_id") == Some(id.as_str()) && field("client_secret") == Some(secret.as_str()) => {
+            let key = format!("key-{}", st.token_calls);
+            st.keys.push(key.clone());
+            (200, json!({"access_token": key, "token_type": "Bearer", "expires_in": 3600}))
+        }
+        _ => (401, json!({"error": "invalid_client"})),
+    }
+}
+
+/// `a=1&b=x%20y` -> {a: 1, b: "x y"} ('+' is a space).
+fn url_decode_pairs(form: &str) -> BTreeMap<String, String> {
+    let decode = |s: &str| {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match (bytes[i], bytes.get(i + 1..i + 3)) {
+                (b'%', Some(hex)) => match u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                },
+                (b, _) => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    form.split('&').filter_map(|p| p.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
+}
+
+fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
     let method = request.method().as_str().to_string();
     let path = request.url().to_string();
     let mut text = String::new();
@@ -136,10 +203,12 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>, key: &str) {
     let body: Option<Value> = serde_json::from_str(&text).ok();
     let mut st = state.lock().unwrap();
     let id = path.strip_prefix("/v1/users/").filter(|id| !id.is_empty() && !id.contains('/')).map(str::to_string);
-    let (status, reply): (u16, Value) = if st.throttle_next > 0 {
+    let (status, reply): (u16, Value) = if method == "POST" && path == "/oauth/token" {
+        token(&request, &text, &mut st)
+    } else if st.throttle_next > 0 {
         st.throttle_next -= 1;
         (429, json!({"error": "slow down"}))
-    } else if header(&request, "X-Api-Key").as_deref() != Some(key) {
+    } else if !header(&request, "X-Api-Key").is_some_and(|k| st.keys.contains(&k)) {
         (401, json!({"error": "missing or wrong X-Api-Key"}))
     } else {
         match (method.as_str(), id) {

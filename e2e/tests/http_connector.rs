@@ -15,6 +15,11 @@ struct Setup {
 }
 
 fn set_up(api: &FakeUsersApi, rows: i64) -> Setup {
+    set_up_with(api, rows, "", &format!("token '{}'", api.api_key()))
+}
+
+/// `set_up` with more server options (", name 'value'") and the user mapping's options.
+fn set_up_with(api: &FakeUsersApi, rows: i64, server_options: &str, mapping: &str) -> Setup {
     let mut client = connect();
     ensure_extension(&mut client);
     let base = unique("http");
@@ -30,11 +35,10 @@ fn set_up(api: &FakeUsersApi, rows: i64) -> Setup {
                    method '{{% if op == ''delete'' %}}DELETE{{% else %}}PUT{{% endif %}}',
                    headers '{{"X-Api-Key": "{{{{ token }}}}"}}',
                    body '{{"email": {{{{ fields.email | json }}}}, "name": {{{{ fields.name | json }}}}, "score": {{{{ fields.score | json }}}}}}',
-                   max_concurrency '2');
-               CREATE USER MAPPING FOR CURRENT_USER SERVER {server} OPTIONS (token '{key}');
+                   max_concurrency '2'{server_options});
+               CREATE USER MAPPING FOR CURRENT_USER SERVER {server} OPTIONS ({mapping});
                SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'mirror');"#,
             base_url = api.base_url(),
-            key = api.api_key(),
         ))
         .unwrap();
     Setup { client, table, sync, server }
@@ -253,4 +257,67 @@ fn ids_the_api_assigns_are_kept_and_used_for_updates_and_deletes() {
         .unwrap()
         .get(0);
     assert_eq!(left, 2, "the deleted key's id is forgotten");
+}
+
+#[test]
+fn an_oauth_client_gets_a_token_first_and_a_new_one_when_it_is_refused() {
+    let api = FakeUsersApi::start("unused-key");
+    api.configure_oauth("app-7", "app-secret-7");
+    let token_url = format!(", token_url '{}/oauth/token'", api.base_url());
+    let mut s = set_up_with(&api, 2, &token_url, "client_id 'app-7', client_secret 'app-secret-7'");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    // No token in the mapping: the client-credentials grant gets one before the first request.
+    let first = run(&mut s);
+    assert_eq!((first.status.as_str(), first.delivered), ("succeeded", 2), "{first:?}");
+    assert_eq!(api.token_calls(), 1);
+    assert_eq!(api.users(), expected(&mut s));
+    // The key is revoked: one 401, one new token, the same request again.
+    api.expire_keys();
+    api.clear_calls();
+    s.client.batch_execute(&format!("UPDATE {} SET score = 7 WHERE id = 1", s.table)).unwrap();
+    let second = run(&mut s);
+    assert_eq!((second.status.as_str(), second.delivered), ("succeeded", 1), "{second:?}");
+    assert_eq!(
+        api.calls().into_iter().map(|c| (c.method, c.path, c.status)).collect::<Vec<_>>(),
+        [("PUT".into(), "/v1/users/1".into(), 401), ("POST".into(), "/oauth/token".into(), 200), ("PUT".into(), "/v1/users/1".into(), 200)]
+    );
+    assert_eq!(api.token_calls(), 2);
+    assert_eq!(api.users(), expected(&mut s));
+    // Without token_url the OAuth client cannot be used, and the run says so.
+    s.client.batch_execute(&format!("ALTER SERVER {} OPTIONS (DROP token_url)", s.server)).unwrap();
+    s.client.batch_execute(&format!("UPDATE {} SET score = 8 WHERE id = 1", s.table)).unwrap();
+    let third = run(&mut s);
+    assert_eq!(third.status, "failed");
+    assert_eq!(
+        third.error.as_deref().unwrap(),
+        format!(
+            "destination \"{}\" is misconfigured: option \"client_id\" and \"client_secret\" of the user mapping need the \
+             server's \"token_url\" (the OAuth token endpoint) on a destination of type 'http'",
+            s.server
+        )
+    );
+}
+
+#[test]
+fn a_template_naming_a_field_the_sync_does_not_send_is_refused_at_create_sync() {
+    let api = FakeUsersApi::start("key-789");
+    let mut s = set_up(&api, 1);
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    let model: String = s.client.query_one("SELECT m.name FROM retl.syncs y JOIN retl.models m ON m.id = y.model_id WHERE y.name = $1", &[&s.sync]).unwrap().get(0);
+    let other = format!("{}_narrow", s.sync);
+    // The body template names fields.name and fields.score, which these mappings do not send.
+    let err = s
+        .client
+        .execute(
+            "SELECT retl.create_sync(name => $1, model => $2, destination => $3, mappings => '{\"email\": \"email\"}')",
+            &[&other, &model, &s.server],
+        )
+        .unwrap_err();
+    let (code, message, _, _) = db_error(&err);
+    assert_eq!(code, "42703");
+    let prefix = format!("sync \"{other}\" cannot write to destination \"{}\": body template: ", s.server);
+    assert!(message.starts_with(&prefix) && message.contains("name"), "{message}");
+    let exists: i64 = s.client.query_one("SELECT count(*) FROM retl.syncs WHERE name = $1", &[&other]).unwrap().get(0);
+    assert_eq!(exists, 0);
+    assert!(api.calls().is_empty(), "checking templates calls nothing");
 }

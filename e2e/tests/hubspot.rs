@@ -347,3 +347,37 @@ fn custom_objects_are_upserted_by_their_own_unique_property() {
         BTreeMap::from([("acme".into(), (json!("pro"), json!("40"))), ("globex".into(), (json!("free"), json!("3")))])
     );
 }
+
+#[test]
+fn a_delete_sync_looks_up_contacts_it_never_created_and_archives_them() {
+    let hs = FakeHubSpot::start("pat-7");
+    let mut s = set_up(&hs, 3, "token 'pat-7'");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    run_sync(&mut s.client, &s.sync);
+    let created = hs.objects("contacts");
+    let id_of = |email: &str| created.iter().find(|(_, p)| p["email"] == email).map(|(id, _)| id.clone()).unwrap();
+    // An erasure list: one contact HubSpot has, one it never had. A different sync, so its
+    // identity map knows neither.
+    let (erase, erase_model, eraser) = (format!("{}_erase", s.table), format!("{}_erase", s.model), format!("{}_erase", s.sync));
+    s.client
+        .batch_execute(&format!(
+            "CREATE TABLE {erase} (email text PRIMARY KEY);
+             INSERT INTO {erase} VALUES ('user2@example.com'), ('nobody@example.com');
+             SELECT retl.create_model(name => '{erase_model}', query => 'SELECT email FROM {erase}', primary_key => '{{email}}');"
+        ))
+        .unwrap();
+    s.client
+        .execute("SELECT retl.create_sync(name => $1, model => $2, destination => $3, mode => 'delete')", &[&eraser, &erase_model, &s.server])
+        .unwrap();
+    let _drop_eraser = DropSyncs(vec![eraser.clone()]);
+    hs.clear_calls();
+    let run = run_sync(&mut s.client, &eraser);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 2, 2), "{run:?}");
+    assert_eq!(
+        calls(&hs),
+        [("POST".into(), "/crm/v3/objects/contacts/batch/read".into(), 207), ("POST".into(), ARCHIVE.into(), 204)]
+    );
+    assert_eq!(hs.calls()[1].body.clone().unwrap(), json!({"inputs": [{"id": id_of("user2@example.com")}]}));
+    assert_eq!(hs.archived("contacts"), vec![id_of("user2@example.com")]);
+    assert_eq!(hs.objects("contacts").len(), 2);
+}

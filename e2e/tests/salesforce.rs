@@ -383,3 +383,37 @@ fn large_runs_go_through_one_bulk_api_job_and_its_failed_results_become_row_erro
     assert_eq!(calls(&sf), [("PATCH".into(), UPSERT.into(), 200)]);
     assert_eq!(held(&sf), expected(&mut s));
 }
+
+#[test]
+fn a_delete_sync_deletes_contacts_it_never_created_by_external_id() {
+    let sf = FakeSalesforce::start("sf-token-8");
+    let mut s = set_up(&sf, 3, "", "token 'sf-token-8'");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    run_sync(&mut s.client, &s.sync);
+    let (erase, erase_model, eraser) = (format!("{}_erase", s.table), format!("{}_erase", s.model), format!("{}_erase", s.sync));
+    s.client
+        .batch_execute(&format!(
+            "CREATE TABLE {erase} (ext text PRIMARY KEY);
+             INSERT INTO {erase} VALUES ('c-2'), ('c 99/x');
+             SELECT retl.create_model(name => '{erase_model}', query => 'SELECT ext FROM {erase}', primary_key => '{{ext}}');"
+        ))
+        .unwrap();
+    s.client
+        .execute("SELECT retl.create_sync(name => $1, model => $2, destination => $3, mode => 'delete')", &[&eraser, &erase_model, &s.server])
+        .unwrap();
+    let _drop_eraser = DropSyncs(vec![eraser.clone()]);
+    sf.clear_calls();
+    let run = run_sync(&mut s.client, &eraser);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 2, 2), "{run:?}");
+    let mut trail = calls(&sf);
+    trail.sort();
+    assert_eq!(
+        trail,
+        [
+            ("DELETE".into(), "/services/data/v62.0/sobjects/Contact/External_Id__c/c%2099%2Fx".into(), 404),
+            ("DELETE".into(), "/services/data/v62.0/sobjects/Contact/External_Id__c/c-2".into(), 204),
+        ]
+    );
+    let left: Vec<String> = held(&sf).into_keys().collect();
+    assert_eq!(left, ["c-1", "c-3"]);
+}

@@ -203,10 +203,16 @@ impl Run<'_> {
                     message,
                 },
             };
+            let outcome = match outcome {
+                // Refused credentials may just be an expired OAuth token, whatever the connector.
+                ResponseOutcome::Fatal { status: Some(401), message } if self.auth.has_client() => ResponseOutcome::Expired { message },
+                other => other,
+            };
             let retry_after = match outcome {
                 ResponseOutcome::PerRecord(results) if results.len() == pending.len() => {
                     let mut retry = Vec::new();
-                    for (record, result) in pending.into_iter().zip(results) {
+                    let mut resolved = Vec::new();
+                    for (mut record, result) in pending.into_iter().zip(results) {
                         match result {
                             RecordResult::Ack => report.acked.push(record.id),
                             RecordResult::AckWithId(destination_id) => {
@@ -225,7 +231,21 @@ impl Run<'_> {
                                 }
                                 retry.push(record);
                             }
+                            RecordResult::Resolved(destination_id) => {
+                                record.destination_id = Some(destination_id);
+                                resolved.push(record);
+                            }
                         }
+                    }
+                    if !resolved.is_empty() {
+                        // Looked up: send those again at once. Records whose lookup must be
+                        // retried wait for the next run (they would not share a request).
+                        report.unresolved.extend(retry.iter().map(|r| r.id));
+                        if !retry.is_empty() {
+                            report.error.get_or_insert_with(|| self.redact(&last_error));
+                        }
+                        pending = resolved;
+                        continue;
                     }
                     pending = retry;
                     None
@@ -268,9 +288,12 @@ impl Run<'_> {
                     }
                     self.fatal.set(true);
                     report.fatal = true;
-                    let why = self.refresh_failure.borrow().clone().unwrap_or_else(|| {
-                        format!("{message} (no OAuth client_id/client_secret in the user mapping to refresh it)")
-                    });
+                    let why = match (self.refresh_failure.borrow().clone(), self.auth.has_client()) {
+                        (Some(failure), _) => failure,
+                        // Refreshed already, and the new token is refused too.
+                        (None, true) => message,
+                        (None, false) => format!("{message} (no OAuth client_id/client_secret in the user mapping to refresh it)"),
+                    };
                     return self.give_up(report, &pending, why);
                 }
             };

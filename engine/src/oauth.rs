@@ -57,6 +57,11 @@ impl Auth {
         secrets
     }
 
+    /// Whether the user mapping holds OAuth client credentials.
+    pub fn has_client(&self) -> bool {
+        self.client.is_some()
+    }
+
     pub fn can_refresh(&self) -> bool {
         self.client.is_some() && !self.refresh_tried.get()
     }

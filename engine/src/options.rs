@@ -12,7 +12,7 @@ const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency
      max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id, \
      object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url";
 /// Options that only some destination types take (every other option is common to all).
-const TYPE_OPTIONS: [(&str, &[DestinationKind]); 17] = {
+const TYPE_OPTIONS: [(&str, &[DestinationKind]); 16] = {
     use DestinationKind::*;
     [
         ("method", &[Http]),
@@ -31,7 +31,6 @@ const TYPE_OPTIONS: [(&str, &[DestinationKind]); 17] = {
         ("api_version", &[Salesforce]),
         ("bulk_threshold", &[Salesforce]),
         ("bulk_poll_ms", &[Salesforce]),
-        ("token_url", &[HubSpot, Salesforce]),
     ]
 };
 const MAPPING_OPTIONS: &str = "token, token_env, client_id, client_secret, refresh_token";
@@ -142,7 +141,8 @@ pub struct DestinationConfig {
     pub hubspot: Option<HubSpotOptions>,
     /// Type 'salesforce' only.
     pub salesforce: Option<SalesforceOptions>,
-    /// Where an OAuth access token is refreshed (hubspot and salesforce; `None` for others).
+    /// Where an OAuth access token is refreshed: `token_url`, or the vendor's for hubspot and
+    /// salesforce.
     pub token_url: Option<String>,
 }
 

@@ -580,7 +580,8 @@ BEGIN
                     HINT = format('Its owner can run: GRANT SELECT ON retl_models.%I TO %I;', source_name, caller::text);
     END IF;
     PERFORM retl._check_mappings(name, source_name, mappings);
-    PERFORM retl._check_destination_fields(name, destination, caller, retl._sync_fields(mode, mappings, source_name));
+    PERFORM retl._check_destination_fields(name, destination, caller, retl._sync_fields(mode, mappings, source_name),
+                                           m.primary_key);
     schedule := retl._check_schedule(name, schedule, time_zone);
     INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused,
                             schedule, time_zone, next_run_at)
@@ -669,7 +670,8 @@ BEGIN
     END IF;
     IF alter_sync.destination IS NOT NULL OR alter_sync.mappings IS NOT NULL OR reset_mappings OR alter_sync.mode IS NOT NULL THEN
         SELECT * INTO s FROM retl.syncs WHERE id = s.id;
-        PERFORM retl._check_destination_fields(s.name, s.destination, s.owner, retl._sync_fields(s.mode, s.mappings, source_name));
+        PERFORM retl._check_destination_fields(s.name, s.destination, s.owner, retl._sync_fields(s.mode, s.mappings, source_name),
+                                               (SELECT m.primary_key FROM retl.models m WHERE m.id = s.model_id));
     END IF;
     PERFORM retl._refresh_sources(s.id);
     PERFORM retl._wake_worker_at_commit();

@@ -1,6 +1,7 @@
 -- pg_reverse_etl 0.3.0 -> 0.4.0: HubSpot and Salesforce destinations. Runs record the API
 -- usage destinations report (runs.api_usage, shown in sync_status), and create_sync and
--- alter_sync check a sync's fields against the destination through a worker.
+-- alter_sync check a sync's fields against the destination (templates locally; HubSpot
+-- properties and Salesforce describe through a worker).
 \echo Use "ALTER EXTENSION pg_reverse_etl UPDATE TO '0.4.0'" to load this file. \quit
 
 ALTER TABLE retl.runs ADD COLUMN api_usage text;
@@ -11,12 +12,13 @@ CREATE  FUNCTION "_check_destination_fields"(
 	"sync_name" TEXT, /* & str */
 	"destination" TEXT, /* & str */
 	"owner" oid, /* pg_sys :: Oid */
-	"fields" TEXT[] /* Vec < Option < String > > */
+	"fields" TEXT[], /* Vec < Option < String > > */
+	"key_columns" TEXT[] /* Vec < Option < String > > */
 ) RETURNS void
 STRICT VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_check_destination_fields_wrapper';
-REVOKE ALL ON FUNCTION retl._check_destination_fields(text, text, oid, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION retl._check_destination_fields(text, text, oid, text[], text[]) FROM PUBLIC;
 
 CREATE FUNCTION retl._sync_fields(mode text, mappings jsonb, source_name text) RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -76,7 +78,8 @@ BEGIN
                     HINT = format('Its owner can run: GRANT SELECT ON retl_models.%I TO %I;', source_name, caller::text);
     END IF;
     PERFORM retl._check_mappings(name, source_name, mappings);
-    PERFORM retl._check_destination_fields(name, destination, caller, retl._sync_fields(mode, mappings, source_name));
+    PERFORM retl._check_destination_fields(name, destination, caller, retl._sync_fields(mode, mappings, source_name),
+                                           m.primary_key);
     schedule := retl._check_schedule(name, schedule, time_zone);
     INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused,
                             schedule, time_zone, next_run_at)
@@ -141,7 +144,8 @@ BEGIN
     END IF;
     IF alter_sync.destination IS NOT NULL OR alter_sync.mappings IS NOT NULL OR reset_mappings OR alter_sync.mode IS NOT NULL THEN
         SELECT * INTO s FROM retl.syncs WHERE id = s.id;
-        PERFORM retl._check_destination_fields(s.name, s.destination, s.owner, retl._sync_fields(s.mode, s.mappings, source_name));
+        PERFORM retl._check_destination_fields(s.name, s.destination, s.owner, retl._sync_fields(s.mode, s.mappings, source_name),
+                                               (SELECT m.primary_key FROM retl.models m WHERE m.id = s.model_id));
     END IF;
     PERFORM retl._refresh_sources(s.id);
     PERFORM retl._wake_worker_at_commit();

@@ -118,9 +118,16 @@ pub fn installed_version() -> String {
 /// Refuses fields the destination does not have or cannot write (asked through a worker; only
 /// for connectors that can describe their fields).
 #[pg_extern(volatile)]
-fn _check_destination_fields(sync_name: &str, destination: &str, owner: pg_sys::Oid, fields: Vec<Option<String>>) {
+fn _check_destination_fields(
+    sync_name: &str,
+    destination: &str,
+    owner: pg_sys::Oid,
+    fields: Vec<Option<String>>,
+    key_columns: Vec<Option<String>>,
+) {
     let fields = fields.into_iter().flatten().collect();
-    crate::probe::check_fields(sync_name, destination, owner, fields).or_report();
+    let key_columns = key_columns.into_iter().flatten().collect();
+    crate::probe::check_fields(sync_name, destination, owner, fields, key_columns).or_report();
 }
 
 /// Hands sync `sync_id` to the workers, which create and commit the run themselves, and waits
@@ -192,7 +199,7 @@ COMMENT ON FUNCTION retl.preview(text) IS
 REVOKE ALL ON FUNCTION retl._run_and_wait(bigint, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION retl._await_run(bigint, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION retl._check_readable(text, oid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION retl._check_destination_fields(text, text, oid, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION retl._check_destination_fields(text, text, oid, text[], text[]) FROM PUBLIC;
 "#,
     name = "api_comments",
     requires = ["run", preview, _await_run, _check_destination_fields]

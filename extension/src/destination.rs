@@ -99,8 +99,8 @@ pub fn load(client: &SpiClient, server: &str, owner: pg_sys::Oid) -> Result<Dest
         (Some(secrets), Some(token_url)) => Some(OAuthClient { token_url: token_url.clone(), secrets }),
         (Some(_), None) => {
             return Err(misconfigured(OptionsError::Conflict(format!(
-                "\"client_id\" and \"client_secret\" of the user mapping are for destinations of type 'hubspot' or \
-                 'salesforce', not '{}'",
+                "\"client_id\" and \"client_secret\" of the user mapping need the server's \"token_url\" (the OAuth \
+                 token endpoint) on a destination of type '{}'",
                 config.kind.as_str()
             ))))
         }

@@ -19,14 +19,25 @@ const WORKER_GRACE: Duration = Duration::from_secs(15);
 /// The worker answers "not visible": the server or mapping is not committed yet.
 const NOT_VISIBLE: &str = "\u{0}not visible";
 
-/// Checks `fields` against destination `server_name` for sync `sync` owned by `owner`.
-/// Destinations whose connector cannot describe its fields pass unchecked.
-pub fn check_fields(sync: &str, server_name: &str, owner: pg_sys::Oid, fields: Vec<String>) -> Result<(), RetlError> {
+/// Checks `fields` (and the model's `key_columns`) against destination `server_name` for sync
+/// `sync` owned by `owner`: locally when the connector can (templates), else through a worker
+/// when the connector can describe the destination's fields.
+pub fn check_fields(
+    sync: &str,
+    server_name: &str,
+    owner: pg_sys::Oid,
+    fields: Vec<String>,
+    key_columns: Vec<String>,
+) -> Result<(), RetlError> {
     if !settings::CHECK_DESTINATION.get() {
         return Ok(());
     }
     let Some((server, config)) = server_config(server_name)? else { return Ok(()) };
-    if connector::for_config(&config).describe_request(None).is_none() {
+    let local = connector::for_config(&config);
+    if let Err(problem) = local.check_fields_locally(&key_columns, &fields) {
+        return Err(RetlError::DestinationFields { sync: sync.to_string(), destination: server_name.to_string(), problem });
+    }
+    if local.describe_request(None).is_none() {
         return Ok(());
     }
     let unchecked = |problem: String| RetlError::DestinationUnchecked {

@@ -181,6 +181,26 @@ impl Destination for Http {
         }
     }
 
+    /// Renders the templates for a record with exactly the sync's key columns and fields (all
+    /// null): Liquid is strict about unknown variables, so a template naming a field the sync
+    /// does not send fails here, at create_sync, instead of rejecting every record later.
+    fn check_fields_locally(&self, key_columns: &[String], fields: &[String]) -> Result<(), String> {
+        let object = |names: &[String]| Value::Object(names.iter().map(|n| (n.clone(), Value::Null)).collect());
+        let record = OutboxRecord {
+            id: 1,
+            op: Op::Upsert,
+            key: object(key_columns),
+            fields: Some(object(fields)),
+            destination_id: Some(String::new()),
+        };
+        let ctx = BatchContext { sync_name: "sync", run_id: 1, idempotency_key: String::new() };
+        match self.build_request(&ctx, &[record], Some("token")) {
+            // Only unknown names are certain; other failures may depend on real values.
+            Err(e) if e.contains("Unknown index") || e.contains("Unknown variable") => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
         let mut vars = if self.per_batch {
             json!({"records": records.iter().map(record_vars).collect::<Vec<_>>()})
@@ -277,6 +297,23 @@ impl Destination for Http {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn templates_are_checked_against_the_syncs_fields() {
+        let cfg = crate::options::parse_server_options(&[
+            ("type".into(), "http".into()),
+            ("url".into(), "https://api.example.com/users/{{ key.id }}".into()),
+            ("body".into(), r#"{"email": {{ fields.email | json }}, "n": {{ fields.score | plus: 1 }}}"#.into()),
+        ])
+        .unwrap();
+        let http = Http::new(&cfg.url, cfg.http.as_ref().unwrap()).unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(http.check_fields_locally(&names(&["id"]), &names(&["email", "score"])), Ok(()));
+        let err = http.check_fields_locally(&names(&["id"]), &names(&["mail", "score"])).unwrap_err();
+        assert!(err.starts_with("body template: ") && err.contains("email"), "{err}");
+        let err = http.check_fields_locally(&names(&["user_id"]), &names(&["email", "score"])).unwrap_err();
+        assert!(err.starts_with("url template: ") && err.contains("id"), "{err}");
+    }
+
     use super::*;
     use crate::options::parse_server_options;
 

@@ -3,7 +3,9 @@
 //! inputs; mirror deletes go to `batch/archive` by HubSpot record id, which the identity map
 //! learned from earlier upserts. A 207 multi-status answer refuses single records; each input
 //! carries its outbox id as `objectWriteTraceId`, so results and errors are matched to records
-//! exactly, whatever order HubSpot answers in.
+//! exactly, whatever order HubSpot answers in. A delete of a key whose HubSpot id is unknown
+//! (a delete sync, or a key delivered before the identity map existed) first looks the id up
+//! with `batch/read` by the same unique property.
 
 use super::{
     classify_failure, describe, quoted_list, BatchContext, Destination, FieldProblem, HttpRequest, HttpResponse, RecordResult,
@@ -20,13 +22,15 @@ const MAX_BATCH: usize = 100;
 const EXCERPT: usize = 300;
 const UPSERT: u8 = 0;
 const ARCHIVE: u8 = 1;
+/// Deletes whose HubSpot id must be looked up first.
+const LOOKUP: u8 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum HubSpotError {
     #[error("the record has no value for \"{0}\", the property HubSpot matches records by (the server's id_property): map a column of that name")]
     MissingIdValue(String),
-    #[error("no HubSpot record id is known for this key (it was not created by this sync, or the identity map was reset): archive it in HubSpot or resync")]
-    UnknownRecordId,
+    #[error("no HubSpot record id is known for this key and it has no \"{0}\" value to look it up by: make the model's key that property")]
+    UnknownRecordId(String),
 }
 
 pub struct HubSpot {
@@ -44,14 +48,59 @@ impl HubSpot {
         }
     }
 
-    /// The value HubSpot matches the record by: the `id_property` column, else a one-column key.
+    /// The value HubSpot matches the record by: the `id_property` column (in the fields or the
+    /// key), else a one-column key.
     fn id_value(&self, record: &OutboxRecord) -> Option<String> {
-        let from_fields = record.fields.as_ref().and_then(|f| f.get(&self.opts.id_property)).filter(|v| !v.is_null());
+        let property = &self.opts.id_property;
+        let from_fields = record.fields.as_ref().and_then(|f| f.get(property)).filter(|v| !v.is_null());
         let from_key = match record.key.as_object() {
-            Some(key) if key.len() == 1 => key.values().next().filter(|v| !v.is_null()),
+            Some(key) if key.contains_key(property) => key.get(property),
+            Some(key) if key.len() == 1 => key.values().next(),
             _ => None,
         };
-        from_fields.or(from_key).map(property_value).filter(|v| !v.is_empty())
+        from_fields.or(from_key.filter(|v| !v.is_null())).map(property_value).filter(|v| !v.is_empty())
+    }
+
+    fn lookup_body(&self, records: &[OutboxRecord]) -> Value {
+        let inputs: Vec<Value> = records.iter().map(|r| json!({ "id": self.id_value(r).unwrap_or_default() })).collect();
+        json!({
+            "idProperty": self.opts.id_property,
+            "inputs": inputs,
+            "properties": [self.opts.id_property],
+            "propertiesWithHistory": [],
+        })
+    }
+
+    /// The ids `batch/read` found; keys it did not find have nothing to archive.
+    fn lookup_results(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
+        let json: Value = serde_json::from_slice(&resp.body).unwrap_or_default();
+        let mut found: HashMap<String, String> = HashMap::new();
+        for result in json["results"].as_array().into_iter().flatten() {
+            if let (Some(value), Some(id)) = (result["properties"][&self.opts.id_property].as_str(), result["id"].as_str()) {
+                found.insert(value.to_lowercase(), id.to_string());
+            }
+        }
+        let missing: Vec<String> = json["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["category"] == "OBJECT_NOT_FOUND")
+            .flat_map(|e| e["context"]["ids"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(str::to_lowercase))
+            .collect();
+        ResponseOutcome::PerRecord(
+            records
+                .iter()
+                .map(|r| {
+                    let value = self.id_value(r).unwrap_or_default().to_lowercase();
+                    match found.get(&value) {
+                        Some(id) => RecordResult::Resolved(id.clone()),
+                        None if missing.contains(&value) => RecordResult::Ack,
+                        None => RecordResult::Retry { message: format!("HubSpot's lookup (HTTP {}) did not mention this record", resp.status) },
+                    }
+                })
+                .collect(),
+        )
     }
 
     fn upsert_body(&self, records: &[OutboxRecord]) -> Value {
@@ -160,7 +209,9 @@ impl Destination for HubSpot {
 
     fn precheck(&self, record: &OutboxRecord) -> Result<(), String> {
         match record.op {
-            Op::Delete if record.destination_id.is_none() => Err(HubSpotError::UnknownRecordId.to_string()),
+            Op::Delete if record.destination_id.is_none() && self.id_value(record).is_none() => {
+                Err(HubSpotError::UnknownRecordId(self.opts.id_property.clone()).to_string())
+            }
             Op::Delete => Ok(()),
             _ if self.id_value(record).is_none() => Err(HubSpotError::MissingIdValue(self.opts.id_property.clone()).to_string()),
             _ => Ok(()),
@@ -168,20 +219,22 @@ impl Destination for HubSpot {
     }
 
     fn request_group(&self, record: &OutboxRecord) -> u8 {
-        if record.op == Op::Delete {
-            ARCHIVE
-        } else {
-            UPSERT
+        match (record.op, &record.destination_id) {
+            (Op::Delete, Some(_)) => ARCHIVE,
+            (Op::Delete, None) => LOOKUP,
+            _ => UPSERT,
         }
     }
 
     fn build_request(&self, _: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
-        let archive = records.first().is_some_and(|r| r.op == Op::Delete);
-        let body = if archive {
-            let inputs: Vec<Value> = records.iter().map(|r| json!({ "id": r.destination_id })).collect();
-            json!({ "inputs": inputs })
-        } else {
-            self.upsert_body(records)
+        let group = records.first().map_or(UPSERT, |r| self.request_group(r));
+        let (endpoint, body) = match group {
+            ARCHIVE => {
+                let inputs: Vec<Value> = records.iter().map(|r| json!({ "id": r.destination_id })).collect();
+                ("archive", json!({ "inputs": inputs }))
+            }
+            LOOKUP => ("read", self.lookup_body(records)),
+            _ => ("upsert", self.upsert_body(records)),
         };
         let mut headers = vec![("Content-Type".to_string(), "application/json".to_string())];
         if let Some(token) = token {
@@ -189,7 +242,7 @@ impl Destination for HubSpot {
         }
         Ok(HttpRequest {
             method: reqwest::Method::POST,
-            url: format!("{}/batch/{}", self.base, if archive { "archive" } else { "upsert" }),
+            url: format!("{}/batch/{endpoint}", self.base),
             headers,
             body: body.to_string().into_bytes(),
         })
@@ -199,6 +252,7 @@ impl Destination for HubSpot {
         let json: Value = serde_json::from_slice(&resp.body).unwrap_or_default();
         match resp.status {
             204 => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
+            200 | 207 if records.first().is_some_and(|r| self.request_group(r) == LOOKUP) => self.lookup_results(records, resp),
             200 | 201 | 207 => self.batch_results(records, resp),
             // Any 401 may be an expired OAuth token (HubSpot says EXPIRED_AUTHENTICATION, but not
             // always): worth one refresh when there is a way to refresh.
@@ -326,14 +380,41 @@ mod tests {
         let req = h.build_request(&ctx(), &[del], None).unwrap();
         assert_eq!(req.url, "http://hs/crm/v3/objects/contacts/batch/archive");
         assert_eq!(serde_json::from_slice::<Value>(&req.body).unwrap(), json!({"inputs": [{"id": "1001"}]}));
+        let mut composite = rec(9, Op::Delete, None, None);
+        composite.key = json!({"a": 1, "b": 2});
         assert_eq!(
-            h.precheck(&rec(9, Op::Delete, None, None)).unwrap_err(),
-            "no HubSpot record id is known for this key (it was not created by this sync, or the identity map was \
-             reset): archive it in HubSpot or resync"
+            h.precheck(&composite).unwrap_err(),
+            "no HubSpot record id is known for this key and it has no \"email\" value to look it up by: make the \
+             model's key that property"
         );
         let mut no_email = rec(10, Op::Upsert, None, None);
         no_email.key = json!({"a": 1, "b": 2});
         assert!(h.precheck(&no_email).unwrap_err().starts_with("the record has no value for \"email\""));
+    }
+
+    #[test]
+    fn deletes_of_unknown_ids_are_looked_up_by_the_unique_property() {
+        let h = hubspot();
+        let mut del = rec(3, Op::Delete, None, None);
+        del.key = json!({"email": "A@x.io"});
+        let mut gone = rec(4, Op::Delete, None, None);
+        gone.key = json!({"email": "b@x.io"});
+        assert_eq!(h.request_group(&del), LOOKUP);
+        let req = h.build_request(&ctx(), &[del.clone(), gone.clone()], None).unwrap();
+        assert_eq!(req.url, "http://hs/crm/v3/objects/contacts/batch/read");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&req.body).unwrap(),
+            json!({"idProperty": "email", "inputs": [{"id": "A@x.io"}, {"id": "b@x.io"}], "properties": ["email"], "propertiesWithHistory": []})
+        );
+        let answer = resp(
+            207,
+            json!({"results": [{"id": "1001", "properties": {"email": "a@x.io"}}],
+                   "errors": [{"category": "OBJECT_NOT_FOUND", "context": {"ids": ["b@x.io"]}}]}),
+        );
+        assert_eq!(
+            h.classify(&[del, gone], &answer),
+            ResponseOutcome::PerRecord(vec![RecordResult::Resolved("1001".into()), RecordResult::Ack])
+        );
     }
 
     #[test]

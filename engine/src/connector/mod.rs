@@ -61,6 +61,9 @@ pub enum RecordResult {
     Retry {
         message: String,
     },
+    /// The request only looked the record up: send it again at once, now with the
+    /// destination's id for it (e.g. a HubSpot delete of a key the identity map never learned).
+    Resolved(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +101,16 @@ pub trait Destination: Send + Sync {
     /// different endpoints).
     fn request_group(&self, _record: &OutboxRecord) -> u8 {
         0
+    }
+    /// The most records of this request group in one request, when less than
+    /// `max_batch_size` (e.g. an endpoint that takes one record per call).
+    fn group_batch_size(&self, _group: u8) -> usize {
+        usize::MAX
+    }
+    /// What is wrong with these fields that shows without asking the destination (e.g. a
+    /// template naming a field the sync does not send).
+    fn check_fields_locally(&self, _key_columns: &[String], _fields: &[String]) -> Result<(), String> {
+        Ok(())
     }
     /// The request that describes the destination's fields, for connectors that can check a
     /// sync's fields before it runs (HubSpot properties, Salesforce describe).
@@ -148,7 +161,10 @@ pub fn batches(dest: &dyn Destination, records: &[OutboxRecord], batch_size: usi
     }
     groups
         .into_iter()
-        .flat_map(|(_, members)| members.chunks(batch_size.max(1)).map(<[OutboxRecord]>::to_vec).collect::<Vec<_>>())
+        .flat_map(|(group, members)| {
+            let size = batch_size.min(dest.group_batch_size(group)).max(1);
+            members.chunks(size).map(<[OutboxRecord]>::to_vec).collect::<Vec<_>>()
+        })
         .collect()
 }
 

@@ -3,7 +3,8 @@
 //! never holds back the others. With `external_id`, inserts and updates are upserts by that
 //! field; without it, records are created and later updated by the Id Salesforce assigned
 //! (kept in the identity map) or by an `Id` column of the model. Deletes go through the
-//! collections delete by Id. Large runs use Bulk API 2.0 (see `bulk`).
+//! collections delete by Id, or, for a key whose Id was never learned (a delete sync), one by
+//! one by external id. Large runs use Bulk API 2.0 (see `bulk`).
 
 pub mod bulk;
 
@@ -23,6 +24,8 @@ const UPSERT: u8 = 0;
 const UPDATE: u8 = 1;
 const CREATE: u8 = 2;
 const DELETE: u8 = 3;
+/// Deletes of keys without a known Id: one request each, by external id.
+const DELETE_BY_EXTERNAL_ID: u8 = 4;
 /// Per-record failures that say "try again", not "this record is wrong".
 const TRANSIENT_CODES: [&str; 4] =
     ["UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "REQUEST_RUNNING_TOO_LONG", "ALL_OR_NONE_OPERATION_ROLLED_BACK"];
@@ -33,7 +36,7 @@ const ALREADY_GONE: [&str; 2] = ["ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_K
 pub enum SalesforceError {
     #[error("the record has no value for \"{0}\", the external-id field Salesforce upserts by: map a column of that name")]
     MissingExternalId(String),
-    #[error("no Salesforce Id is known for this key (it was not created by this sync, or the identity map was reset): delete it in Salesforce or resync")]
+    #[error("no Salesforce Id is known for this key and the server has no external_id to delete it by: set external_id, or make the model's key the Id")]
     UnknownRecordId,
 }
 
@@ -58,7 +61,28 @@ impl Salesforce {
 
     fn external_value<'a>(&self, record: &'a OutboxRecord) -> Option<&'a Value> {
         let field = self.opts.external_id.as_deref()?;
-        record.fields.as_ref().and_then(|f| f.get(field)).or_else(|| single_key(record)).filter(|v| !v.is_null())
+        record
+            .fields
+            .as_ref()
+            .and_then(|f| f.get(field))
+            .or_else(|| record.key.get(field))
+            .or_else(|| single_key(record))
+            .filter(|v| !v.is_null())
+    }
+
+    /// `.../sobjects/{object}/{external_id}/{value}`, the value escaped as one path segment.
+    fn by_external_id_url(&self, record: &OutboxRecord) -> Result<String, String> {
+        let field = self.opts.external_id.as_deref().unwrap_or_default();
+        let value = match self.external_value(record) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => return Err(SalesforceError::MissingExternalId(field.to_string()).to_string()),
+        };
+        let mut url = url::Url::parse(&self.api).map_err(|e| e.to_string())?;
+        url.path_segments_mut()
+            .map_err(|()| "the server's url cannot take a path".to_string())?
+            .extend(["sobjects", self.opts.object.as_str(), field, value.as_str()]);
+        Ok(url.to_string())
     }
 
     /// The record's Salesforce Id: the one Salesforce gave it, or an `Id` column/key.
@@ -123,7 +147,9 @@ impl Destination for Salesforce {
 
     fn precheck(&self, record: &OutboxRecord) -> Result<(), String> {
         match (record.op, self.opts.external_id.as_deref()) {
-            (Op::Delete, _) if self.record_id(record).is_none() => Err(SalesforceError::UnknownRecordId.to_string()),
+            (Op::Delete, _) if self.record_id(record).is_none() && self.external_value(record).is_none() => {
+                Err(SalesforceError::UnknownRecordId.to_string())
+            }
             (Op::Delete, _) => Ok(()),
             (_, Some(field)) if self.external_value(record).is_none() => {
                 Err(SalesforceError::MissingExternalId(field.to_string()).to_string())
@@ -134,7 +160,8 @@ impl Destination for Salesforce {
 
     fn request_group(&self, record: &OutboxRecord) -> u8 {
         match (record.op, &self.opts.external_id) {
-            (Op::Delete, _) => DELETE,
+            (Op::Delete, _) if self.record_id(record).is_some() => DELETE,
+            (Op::Delete, _) => DELETE_BY_EXTERNAL_ID,
             (_, Some(_)) => UPSERT,
             _ if self.record_id(record).is_some() => UPDATE,
             _ => CREATE,
@@ -150,6 +177,10 @@ impl Destination for Salesforce {
             json!({ "allOrNone": false, "records": records }).to_string().into_bytes()
         };
         let (method, url, body) = match (group, self.opts.external_id.as_deref()) {
+            (DELETE_BY_EXTERNAL_ID, _) => {
+                let record = records.first().ok_or("no record")?;
+                (reqwest::Method::DELETE, self.by_external_id_url(record)?, Vec::new())
+            }
             (DELETE, _) => {
                 let ids: Vec<String> = records.iter().filter_map(|r| self.record_id(r)).collect();
                 (reqwest::Method::DELETE, format!("{collection}?ids={}&allOrNone=false", ids.join(",")), Vec::new())
@@ -171,6 +202,25 @@ impl Destination for Salesforce {
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
         let error = first_error(&resp.body).unwrap_or_default();
         let code = error["errorCode"].as_str().unwrap_or_default();
+        if records.first().is_some_and(|r| self.request_group(r) == DELETE_BY_EXTERNAL_ID) {
+            match resp.status {
+                // Deleted now, or no such record (any more): either way it is gone.
+                204 => return ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
+                404 if error["message"] == "The requested resource does not exist" => {
+                    return ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()])
+                }
+                300 => {
+                    return ResponseOutcome::PerRecord(vec![
+                        RecordResult::Rejected {
+                            status: Some(300),
+                            message: "several Salesforce records have this external id; delete them in Salesforce".into()
+                        };
+                        records.len()
+                    ])
+                }
+                _ => {}
+            }
+        }
         match resp.status {
             200 => {
                 let Some(items) = serde_json::from_slice::<Value>(&resp.body).ok().and_then(|v| v.as_array().cloned()) else {
@@ -232,6 +282,14 @@ impl Destination for Salesforce {
                 RecordResult::Rejected { status: Some(status), message: describe(resp, EXCERPT) };
                 records.len()
             ])),
+        }
+    }
+
+    fn group_batch_size(&self, group: u8) -> usize {
+        if group == DELETE_BY_EXTERNAL_ID {
+            1
+        } else {
+            MAX_BATCH
         }
     }
 
@@ -374,6 +432,19 @@ mod tests {
         assert_eq!(delete.url, "https://acme.my.salesforce.com/services/data/v62.0/composite/sobjects?ids=003B&allOrNone=false");
         assert!(delete.body.is_empty());
         assert!(s.precheck(&rec(4, Op::Delete, None, None)).unwrap_err().starts_with("no Salesforce Id is known"));
+        // With an external id, an unknown Id is no obstacle: the record is deleted by it.
+        let by_ext = sf(Some("External_Id__c"));
+        let mut unknown = rec(5, Op::Delete, None, None);
+        unknown.key = json!({"External_Id__c": "k 5/x"});
+        assert_eq!(by_ext.request_group(&unknown), DELETE_BY_EXTERNAL_ID);
+        assert_eq!(by_ext.group_batch_size(DELETE_BY_EXTERNAL_ID), 1);
+        let req = by_ext.build_request(&ctx(), &[unknown.clone()], None).unwrap();
+        assert_eq!(
+            (req.method, req.url.as_str()),
+            (reqwest::Method::DELETE, "https://acme.my.salesforce.com/services/data/v62.0/sobjects/Contact/External_Id__c/k%205%2Fx")
+        );
+        let gone = HttpResponse { status: 404, headers: vec![], body: br#"[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]"#.to_vec() };
+        assert_eq!(by_ext.classify(&[unknown], &gone), ResponseOutcome::PerRecord(vec![RecordResult::Ack]));
     }
 
     #[test]

@@ -63,6 +63,7 @@ impl Deliverer {
                             report.error.get_or_insert(message);
                             report.unresolved.push(record.id);
                         }
+                        RecordResult::Resolved(_) => report.unresolved.push(record.id),
                     }
                 }
                 report

@@ -146,15 +146,16 @@ pub fn parse_salesforce(opts: &[(String, String)]) -> Result<SalesforceOptions, 
     })
 }
 
-/// The OAuth token endpoint: `token_url`, or the vendor's default under `url`.
+/// The OAuth token endpoint: `token_url`, or the vendor's default under `url` (webhook and http
+/// destinations have none: OAuth there needs `token_url`).
 pub fn token_url(opts: &[(String, String)], kind: DestinationKind, url: &str) -> Result<Option<String>, OptionsError> {
     let default = match kind {
-        DestinationKind::HubSpot => format!("{url}/oauth/v1/token"),
-        DestinationKind::Salesforce => format!("{url}/services/oauth2/token"),
-        _ => return Ok(None),
+        DestinationKind::HubSpot => Some(format!("{url}/oauth/v1/token")),
+        DestinationKind::Salesforce => Some(format!("{url}/services/oauth2/token")),
+        _ => None,
     };
     match get(opts, "token_url") {
-        None => Ok(Some(default)),
+        None => Ok(default),
         Some(v) if url::Url::parse(v).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) => {
             Ok(Some(v.to_string()))
         }
