@@ -197,6 +197,24 @@ fn rate_limited_requests_are_waited_out() {
 }
 
 #[test]
+fn the_rate_limit_keeps_within_hubspots_rolling_ten_second_window() {
+    // HubSpot's 100 requests per rolling 10 s at the default 9/s, scaled down to 20 per 10 s at
+    // 1.5/s so the test takes seconds: a burst of 1.5 plus 15 in any 10 s never exceeds 20.
+    let hs = FakeHubSpot::start("pat-8");
+    hs.set_rolling_limit(20);
+    let mut s = set_up(&hs, 25, "token 'pat-8'");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    s.client
+        .batch_execute(&format!("ALTER SERVER {} OPTIONS (ADD batch_size '1', ADD rate_limit '1.5')", s.server))
+        .unwrap();
+    hs.clear_calls();
+    let run = run_sync(&mut s.client, &s.sync);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 25, 25), "{run:?}");
+    assert!(hs.calls().iter().all(|c| c.status == 200), "no 429: {:?}", calls(&hs));
+    assert_eq!(held(&hs), expected(&mut s));
+}
+
+#[test]
 fn an_expired_token_is_refreshed_once_and_a_bad_refresh_token_fails_the_run_without_secrets() {
     let hs = FakeHubSpot::start("at-initial");
     hs.configure_oauth("client-1", "cs-secret-1", "rt-secret-1");

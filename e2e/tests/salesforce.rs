@@ -197,6 +197,14 @@ fn outages_are_retried_and_the_daily_limit_fails_the_run_keeping_the_rows() {
     let run = run_sync(&mut s.client, &s.sync);
     assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 3, 3), "{run:?}");
     assert_eq!(calls(&sf), [("PATCH".into(), UPSERT.into(), 503), ("PATCH".into(), UPSERT.into(), 503), ("PATCH".into(), UPSERT.into(), 200)]);
+    // Salesforce's REST API does not document 429, but a proxy or a future limit may send one:
+    // it is waited out like a 503.
+    sf.clear_calls();
+    sf.fail_next(1, 429);
+    s.client.batch_execute(&format!("UPDATE {} SET score = 8 WHERE id = 2", s.table)).unwrap();
+    let throttled = run_sync(&mut s.client, &s.sync);
+    assert_eq!((throttled.status.as_str(), throttled.delivered, throttled.api_calls), ("succeeded", 1, 2), "{throttled:?}");
+    assert_eq!(calls(&sf), [("PATCH".into(), UPSERT.into(), 429), ("PATCH".into(), UPSERT.into(), 200)]);
 
     sf.set_api_limit(sf.api_usage().0);
     s.client.batch_execute(&format!("UPDATE {} SET score = 9 WHERE id = 1", s.table)).unwrap();

@@ -16,6 +16,32 @@ const MAX_BATCH: usize = 1000;
 const EXCERPT: usize = 300;
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 
+/// Why a record could not be turned into a request (it is rejected without a call).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HttpError {
+    /// A template could not be rendered for this record (`part`: url, method, body, header X).
+    #[error("{part} template: {problem}")]
+    Render { part: String, problem: String },
+    #[error("url template rendered {0:?}, not an http or https URL")]
+    BadUrl(String),
+    #[error("method template rendered {0:?}, not one of GET, POST, PUT, PATCH, DELETE")]
+    BadMethod(String),
+    #[error("body template rendered invalid JSON ({problem}): {text}")]
+    BadJson { problem: String, text: String },
+    #[error("a form-encoded body must be a JSON object")]
+    FormNotObject,
+    #[error("header {0} rendered a line break")]
+    HeaderLineBreak(String),
+}
+
+impl HttpError {
+    /// A template named a variable the record does not have (the one failure that does not
+    /// depend on the values).
+    fn is_unknown_name(&self) -> bool {
+        matches!(self, HttpError::Render { problem, .. } if problem.contains("Unknown index") || problem.contains("Unknown variable"))
+    }
+}
+
 pub struct Http {
     url: Template,
     method: Template,
@@ -84,7 +110,7 @@ fn record_vars(r: &OutboxRecord) -> Value {
 
 /// `{"a": 1, "m": {"k": "v"}}` -> `a=1&m[k]=v` (nested objects in brackets, the convention of
 /// Stripe and most form APIs; arrays as `a[]=`; null as empty).
-fn form_encode(value: &Value) -> Result<String, String> {
+fn form_encode(value: &Value) -> Result<String, HttpError> {
     fn walk(prefix: &str, value: &Value, out: &mut url::form_urlencoded::Serializer<'_, String>) {
         match value {
             Value::Object(map) => {
@@ -110,7 +136,7 @@ fn form_encode(value: &Value) -> Result<String, String> {
         }
     }
     if !value.is_object() {
-        return Err("a form-encoded body must be a JSON object".into());
+        return Err(HttpError::FormNotObject);
     }
     let mut out = url::form_urlencoded::Serializer::new(String::new());
     walk("", value, &mut out);
@@ -126,6 +152,80 @@ fn malformed(status: u16, message: String) -> ResponseOutcome {
 }
 
 impl Http {
+    /// The request for these records, or why there is none.
+    fn request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, HttpError> {
+        let mut vars = if self.per_batch {
+            json!({"records": records.iter().map(record_vars).collect::<Vec<_>>()})
+        } else {
+            let Some(record) = records.first() else {
+                return Err(HttpError::Render { part: "url".into(), problem: "no record to send".into() });
+            };
+            record_vars(record)
+        };
+        vars["sync"] = json!(ctx.sync_name);
+        vars["run_id"] = json!(ctx.run_id);
+        vars["token"] = json!(token);
+
+        let url = self.url.render(&vars).map_err(|problem| HttpError::Render { part: "url".into(), problem })?;
+        let valid_url = url::Url::parse(url.trim())
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .unwrap_or(false);
+        if !valid_url {
+            return Err(HttpError::BadUrl(excerpt(&url)));
+        }
+        let method = self.method.render(&vars).map_err(|problem| HttpError::Render { part: "method".into(), problem })?;
+        let method = method.trim().to_ascii_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(HttpError::BadMethod(excerpt(&method)));
+        }
+
+        // GET and DELETE carry no body (a delete's fields are null, so a body template naming
+        // fields could not even be rendered for it).
+        let bodiless = method == "GET" || method == "DELETE";
+        let body_json = match &self.body {
+            _ if bodiless => Value::Null,
+            Some(body) => {
+                let text = body.render(&vars).map_err(|problem| HttpError::Render { part: "body".into(), problem })?;
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|e| HttpError::BadJson { problem: e.to_string(), text: excerpt(&text) })?
+            }
+            None if self.per_batch => json!({"sync": ctx.sync_name, "run_id": ctx.run_id, "records": vars["records"]}),
+            None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"], "destination_id": vars["destination_id"]}),
+        };
+        let (content_type, body) = if bodiless {
+            ("application/json", Vec::new())
+        } else if self.form {
+            ("application/x-www-form-urlencoded", form_encode(&body_json)?.into_bytes())
+        } else {
+            ("application/json", serde_json::to_vec(&body_json).expect("JSON values always serialise"))
+        };
+
+        let mut headers = vec![
+            ("Content-Type".to_string(), content_type.to_string()),
+            ("User-Agent".to_string(), crate::USER_AGENT.to_string()),
+            ("Idempotency-Key".to_string(), ctx.idempotency_key.clone()),
+        ];
+        for (name, value) in &self.headers {
+            let value = value.render(&vars).map_err(|problem| HttpError::Render { part: format!("header {name}"), problem })?;
+            if value.contains(['\r', '\n']) {
+                return Err(HttpError::HeaderLineBreak(name.clone()));
+            }
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            headers.push((name.clone(), value));
+        }
+        if let Some(token) = token {
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("Authorization")) {
+                headers.push(("Authorization".to_string(), format!("Bearer {token}")));
+            }
+        }
+        Ok(HttpRequest {
+            method: reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| HttpError::BadMethod(method.clone()))?,
+            url: url.trim().to_string(),
+            headers,
+            body,
+        })
+    }
+
     /// Acknowledged, with the destination's id when `result_id` finds one (a string or number).
     fn acknowledge(&self, item: &Value) -> RecordResult {
         match self.result_id.as_deref().and_then(|p| item.pointer(p)) {
@@ -194,82 +294,15 @@ impl Destination for Http {
             destination_id: Some(String::new()),
         };
         let ctx = BatchContext { sync_name: "sync", run_id: 1, idempotency_key: String::new() };
-        match self.build_request(&ctx, &[record], Some("token")) {
+        match self.request(&ctx, &[record], Some("token")) {
             // Only unknown names are certain; other failures may depend on real values.
-            Err(e) if e.contains("Unknown index") || e.contains("Unknown variable") => Err(e),
+            Err(e) if e.is_unknown_name() => Err(e.to_string()),
             _ => Ok(()),
         }
     }
 
     fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
-        let mut vars = if self.per_batch {
-            json!({"records": records.iter().map(record_vars).collect::<Vec<_>>()})
-        } else {
-            let record = records.first().ok_or("no record to send")?;
-            record_vars(record)
-        };
-        vars["sync"] = json!(ctx.sync_name);
-        vars["run_id"] = json!(ctx.run_id);
-        vars["token"] = json!(token);
-
-        let url = self.url.render(&vars).map_err(|e| format!("url template: {e}"))?;
-        let valid_url = url::Url::parse(url.trim())
-            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .unwrap_or(false);
-        if !valid_url {
-            return Err(format!("url template rendered {:?}, not an http or https URL", excerpt(&url)));
-        }
-        let method = self.method.render(&vars).map_err(|e| format!("method template: {e}"))?;
-        let method = method.trim().to_ascii_uppercase();
-        if !METHODS.contains(&method.as_str()) {
-            return Err(format!("method template rendered {:?}, not one of {}", excerpt(&method), METHODS.join(", ")));
-        }
-
-        // GET and DELETE carry no body (a delete's fields are null, so a body template naming
-        // fields could not even be rendered for it).
-        let bodiless = method == "GET" || method == "DELETE";
-        let body_json = match &self.body {
-            _ if bodiless => Value::Null,
-            Some(body) => {
-                let text = body.render(&vars).map_err(|e| format!("body template: {e}"))?;
-                serde_json::from_str::<Value>(&text)
-                    .map_err(|e| format!("body template rendered invalid JSON ({e}): {}", excerpt(&text)))?
-            }
-            None if self.per_batch => json!({"sync": ctx.sync_name, "run_id": ctx.run_id, "records": vars["records"]}),
-            None => json!({"op": vars["op"], "key": vars["key"], "fields": vars["fields"], "destination_id": vars["destination_id"]}),
-        };
-        let (content_type, body) = if bodiless {
-            ("application/json", Vec::new())
-        } else if self.form {
-            ("application/x-www-form-urlencoded", form_encode(&body_json)?.into_bytes())
-        } else {
-            ("application/json", serde_json::to_vec(&body_json).expect("JSON values always serialise"))
-        };
-
-        let mut headers = vec![
-            ("Content-Type".to_string(), content_type.to_string()),
-            ("User-Agent".to_string(), crate::USER_AGENT.to_string()),
-            ("Idempotency-Key".to_string(), ctx.idempotency_key.clone()),
-        ];
-        for (name, value) in &self.headers {
-            let value = value.render(&vars).map_err(|e| format!("header {name}: {e}"))?;
-            if value.contains(['\r', '\n']) {
-                return Err(format!("header {name} rendered a line break"));
-            }
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-            headers.push((name.clone(), value));
-        }
-        if let Some(token) = token {
-            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("Authorization")) {
-                headers.push(("Authorization".to_string(), format!("Bearer {token}")));
-            }
-        }
-        Ok(HttpRequest {
-            method: reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?,
-            url: url.trim().to_string(),
-            headers,
-            body,
-        })
+        self.request(ctx, records, token).map_err(|e| e.to_string())
     }
 
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
