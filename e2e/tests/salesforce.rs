@@ -78,30 +78,7 @@ fn calls(sf: &FakeSalesforce) -> Vec<(String, String, u16)> {
     sf.calls().into_iter().map(|c| (c.method, c.path, c.status)).collect()
 }
 
-fn identities(s: &mut Setup) -> BTreeMap<i64, String> {
-    s.client
-        .query(
-            "SELECT (i.key->>'id')::bigint, i.destination_id FROM retl.identities i JOIN retl.syncs y ON y.id = i.sync_id WHERE y.name = $1",
-            &[&s.sync],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
 
-fn row_errors(s: &mut Setup) -> Vec<(String, Option<i32>, String)> {
-    s.client
-        .query(
-            "SELECT e.key->>'id', e.http_status, e.response FROM retl.row_errors e JOIN retl.syncs y ON y.id = e.sync_id \
-              WHERE y.name = $1 ORDER BY 1",
-            &[&s.sync],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
-}
 
 #[test]
 fn contacts_are_upserted_by_external_id_200_at_a_time_then_updated_and_deleted_by_id() {
@@ -114,15 +91,19 @@ fn contacts_are_upserted_by_external_id_200_at_a_time_then_updated_and_deleted_b
     let first = run_sync(&mut s.client, &s.sync);
     assert_eq!((first.status.as_str(), first.delivered, first.api_calls), ("succeeded", 250, 2), "{first:?}");
     assert_eq!(calls(&sf), [("PATCH".into(), UPSERT.into(), 200), ("PATCH".into(), UPSERT.into(), 200)]);
-    let body = sf.calls()[0].body.clone().unwrap();
-    assert_eq!(body["allOrNone"], json!(false));
-    assert_eq!(body["records"].as_array().unwrap().len(), 200);
+    // The two requests go out concurrently: in either order.
+    let bodies: Vec<Value> = sf.calls().into_iter().map(|c| c.body.unwrap()).collect();
+    assert!(bodies.iter().all(|b| b["allOrNone"] == json!(false)));
+    let mut sizes: Vec<usize> = bodies.iter().map(|b| b["records"].as_array().unwrap().len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, [50, 200]);
+    let first_contact = bodies.iter().flat_map(|b| b["records"].as_array().unwrap().iter()).find(|r| r["External_Id__c"] == "c-1");
     assert_eq!(
-        body["records"][0],
-        json!({"attributes": {"type": "Contact"}, "External_Id__c": "c-1", "LastName": "Lee 1", "Email": "lee1@example.com", "Health_Score__c": 0.25})
+        first_contact,
+        Some(&json!({"attributes": {"type": "Contact"}, "External_Id__c": "c-1", "LastName": "Lee 1", "Email": "lee1@example.com", "Health_Score__c": 0.25}))
     );
     assert_eq!(held(&sf), expected(&mut s));
-    let ids = identities(&mut s);
+    let ids = identities(&mut s.client, &s.sync);
     assert_eq!(ids.len(), 250);
     assert_eq!(sf.records("Contact")[&ids[&9]]["External_Id__c"], "c-9");
     // The org's API usage, as Salesforce reported it on the last response, is in the status.
@@ -158,7 +139,7 @@ fn contacts_are_upserted_by_external_id_200_at_a_time_then_updated_and_deleted_b
     want.sort();
     assert_eq!(deleted, want);
     assert_eq!(held(&sf), expected(&mut s));
-    assert_eq!(identities(&mut s).len(), 248);
+    assert_eq!(identities(&mut s.client, &s.sync).len(), 248);
 }
 
 #[test]
@@ -175,7 +156,7 @@ fn per_record_errors_reject_only_those_contacts() {
     let run = run_sync(&mut s.client, &s.sync);
     assert_eq!((run.status.as_str(), run.delivered, run.failed, run.api_calls), ("partial", 3, 2, 1), "{run:?}");
     assert_eq!(
-        row_errors(&mut s),
+        row_errors(&mut s.client, &s.sync),
         [
             ("2".to_string(), None, "REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (fields: LastName)".to_string()),
             ("4".to_string(), None, "INVALID_EMAIL_ADDRESS: Email: invalid email address: not-an-email (fields: Email)".to_string()),
@@ -376,13 +357,13 @@ fn large_runs_go_through_one_bulk_api_job_and_its_failed_results_become_row_erro
     assert_eq!(csv.lines().count(), 9);
     assert_eq!(csv.lines().find(|l| l.starts_with("c-6,")), Some("c-6,lee6@example.com,1.5,#N/A"));
     assert_eq!(
-        row_errors(&mut s),
+        row_errors(&mut s.client, &s.sync),
         [("6".to_string(), None, "REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (fields: LastName)".to_string())]
     );
     let mut want = expected(&mut s);
     want.remove("c-6");
     assert_eq!(held(&sf), want);
-    assert_eq!(identities(&mut s).len(), 7);
+    assert_eq!(identities(&mut s.client, &s.sync).len(), 7);
     // Below the threshold, changes go through sObject Collections again.
     sf.clear_calls();
     s.client.batch_execute(&format!("UPDATE {} SET last_name = 'Kim' WHERE id = 6", s.table)).unwrap();

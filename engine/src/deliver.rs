@@ -212,19 +212,9 @@ impl Run<'_> {
                 ResponseOutcome::PerRecord(results) if results.len() == pending.len() => {
                     let mut retry = Vec::new();
                     let mut resolved = Vec::new();
-                    for (mut record, result) in pending.into_iter().zip(results) {
+                    for (record, result) in pending.into_iter().zip(results) {
+                        let Some((mut record, result)) = self.book(&mut report, record, result) else { continue };
                         match result {
-                            RecordResult::Ack => report.acked.push(record.id),
-                            RecordResult::AckWithId(destination_id) => {
-                                report.acked.push(record.id);
-                                report.destination_ids.push((record.id, destination_id));
-                            }
-                            RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
-                                id: record.id,
-                                status,
-                                message: self.redact(&message),
-                                attempts: report.api_calls,
-                            }),
                             RecordResult::Retry { message } => {
                                 if retry.is_empty() {
                                     last_error = format!("record {}: {message}", record.id);
@@ -235,6 +225,7 @@ impl Run<'_> {
                                 record.destination_id = Some(destination_id);
                                 resolved.push(record);
                             }
+                            _ => unreachable!("book() keeps acknowledgements and rejections"),
                         }
                     }
                     if !resolved.is_empty() {
@@ -328,6 +319,26 @@ impl Run<'_> {
             }
         }
         report
+    }
+
+    /// Books an acknowledgement (with the destination's id, if any) or a rejection in the
+    /// report; gives back the record with any other outcome for the caller to handle.
+    fn book(&self, report: &mut BatchReport, record: OutboxRecord, result: RecordResult) -> Option<(OutboxRecord, RecordResult)> {
+        match result {
+            RecordResult::Ack => report.acked.push(record.id),
+            RecordResult::AckWithId(destination_id) => {
+                report.acked.push(record.id);
+                report.destination_ids.push((record.id, destination_id));
+            }
+            RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
+                id: record.id,
+                status,
+                message: self.redact(&message),
+                attempts: report.api_calls,
+            }),
+            other => return Some((record, other)),
+        }
+        None
     }
 
     fn give_up(&self, mut report: BatchReport, pending: &[OutboxRecord], error: String) -> BatchReport {

@@ -217,3 +217,30 @@ pub fn db_error(e: &postgres::Error) -> (String, String, Option<String>, Option<
         db.hint().map(str::to_string),
     )
 }
+
+/// The sync's identity map: key `id` -> the destination's id for it.
+pub fn identities(client: &mut Client, sync: &str) -> std::collections::BTreeMap<i64, String> {
+    client
+        .query(
+            "SELECT (i.key->>'id')::bigint, i.destination_id FROM retl.identities i JOIN retl.syncs y ON y.id = i.sync_id WHERE y.name = $1",
+            &[&sync],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The sync's row errors: (key `id`, http_status, response), by key.
+pub fn row_errors(client: &mut Client, sync: &str) -> Vec<(String, Option<i32>, String)> {
+    client
+        .query(
+            "SELECT e.key->>'id', e.http_status, e.response FROM retl.row_errors e JOIN retl.syncs y ON y.id = e.sync_id \
+              WHERE y.name = $1 ORDER BY 1",
+            &[&sync],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}

@@ -3,7 +3,7 @@
 //! expired token once; a step that fails leaves every record unresolved (sent again by the next
 //! run: upserts by external id are idempotent), and an open job is aborted.
 
-use super::{send, BatchReport, Deliverer, DeliveryLimits, Rejection, Run, STOP_POLL};
+use super::{send, BatchReport, Deliverer, DeliveryLimits, Run, STOP_POLL};
 use crate::connector::salesforce::bulk::{BulkError, JobState};
 use crate::connector::{HttpRequest, HttpResponse, RecordResult, Salesforce};
 use crate::oauth::Auth;
@@ -46,24 +46,14 @@ impl Deliverer {
         let mut job = None;
         match run.bulk_job(sf, &records, &mut report, &mut job).await {
             Ok(results) => {
-                for (record, result) in records.iter().zip(results) {
-                    match result {
-                        RecordResult::Ack => report.acked.push(record.id),
-                        RecordResult::AckWithId(id) => {
-                            report.acked.push(record.id);
-                            report.destination_ids.push((record.id, id));
-                        }
-                        RecordResult::Rejected { status, message } => report.rejected.push(Rejection {
-                            id: record.id,
-                            status,
-                            message: run.redact(&message),
-                            attempts: 1,
-                        }),
-                        RecordResult::Retry { message } => {
+                for (record, result) in records.into_iter().zip(results) {
+                    match run.book(&mut report, record, result) {
+                        Some((record, RecordResult::Retry { message })) => {
                             report.error.get_or_insert(message);
                             report.unresolved.push(record.id);
                         }
-                        RecordResult::Resolved(_) => report.unresolved.push(record.id),
+                        Some((record, _)) => report.unresolved.push(record.id),
+                        None => {}
                     }
                 }
                 report
