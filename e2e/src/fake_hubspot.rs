@@ -28,6 +28,7 @@
 //! `authorization_code` grant. A read request asking for them is refused with a 400 that says so,
 //! rather than answered wrongly.
 
+use crate::http_util::{form_fields, request_header};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -503,14 +504,6 @@ fn problems_details(problems: &[PropertyProblem]) -> Vec<Value> {
         .collect()
 }
 
-fn header(request: &Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
-}
-
 fn media_type_is(content_type: Option<&str>, expected: &str) -> bool {
     content_type.is_some_and(|c| {
         c.split(';')
@@ -521,37 +514,10 @@ fn media_type_is(content_type: Option<&str>, expected: &str) -> bool {
     })
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    // Not an escape: kept literally, as lenient form decoders do.
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `application/x-www-form-urlencoded` fields, first occurrence wins (as servlet containers do).
 fn parse_form(body: &str) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = Vec::new();
-    for pair in body.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k), percent_decode(v));
+    for (k, v) in form_fields(body) {
         if !fields.iter().any(|(n, _)| *n == k) {
             fields.push((k, v));
         }
@@ -582,8 +548,8 @@ fn serve(mut request: Request, state: &Mutex<State>) {
         method: method.clone(),
         route: path.split('?').next().unwrap_or_default().to_string(),
         query: path.split_once('?').map_or("", |(_, q)| q).to_string(),
-        content_type: header(&request, "Content-Type"),
-        authorization: header(&request, "Authorization"),
+        content_type: request_header(&request, "Content-Type"),
+        authorization: request_header(&request, "Authorization"),
         raw,
     };
     let mut st = lock(state);
@@ -1523,78 +1489,20 @@ fn mask_secrets(mut body: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use crate::http_util::client::{send, Reply};
+    use crate::http_util::percent_decode;
 
     const TOKEN: &str = "pat-na1-test";
 
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    }
-
-    impl Reply {
-        fn json(&self) -> Value {
-            serde_json::from_str(&self.body)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-        }
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        }
-    }
-
-    /// Minimal HTTP/1.1 client: one request per connection, response read to EOF.
-    fn send(
-        fake: &FakeHubSpot,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Reply {
-        let host = fake.base_url().trim_start_matches("http://").to_string();
-        let mut s = TcpStream::connect(&host).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (n, v) in headers {
-            req.push_str(&format!("{n}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response head");
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        }
+    /// `127.0.0.1:PORT`, where [`send`] reaches the fake.
+    fn addr(fake: &FakeHubSpot) -> String {
+        fake.base_url().trim_start_matches("http://").to_string()
     }
 
     fn post_as(fake: &FakeHubSpot, token: &str, path: &str, body: &Value) -> Reply {
         let auth = format!("Bearer {token}");
         send(
-            fake,
+            &addr(fake),
             "POST",
             path,
             &[
@@ -1620,7 +1528,7 @@ mod tests {
 
     fn form_post(fake: &FakeHubSpot, form: &str) -> Reply {
         send(
-            fake,
+            &addr(fake),
             "POST",
             "/oauth/v1/token",
             &[("Content-Type", "application/x-www-form-urlencoded")],
@@ -1918,7 +1826,7 @@ mod tests {
             .starts_with("Duplicate IDs found in batch input"));
         let auth = format!("Bearer {TOKEN}");
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/crm/v3/objects/contacts/batch/upsert",
             &[
@@ -1929,7 +1837,7 @@ mod tests {
         );
         assert_eq!(r.status, 400);
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/crm/v3/objects/contacts/batch/upsert",
             &[("Authorization", &auth), ("Content-Type", "text/plain")],
@@ -1958,7 +1866,7 @@ mod tests {
         );
         assert_eq!(
             send(
-                &fake,
+                &addr(&fake),
                 "GET",
                 "/crm/v3/objects/contacts/batch/upsert",
                 &[("Authorization", &auth)],
@@ -2023,7 +1931,7 @@ mod tests {
             let mut headers = vec![("Content-Type", "application/json")];
             headers.extend(auth.map(|a| ("Authorization", a)));
             let r = send(
-                &fake,
+                &addr(&fake),
                 "POST",
                 "/crm/v3/objects/contacts/batch/upsert",
                 &headers,
@@ -2040,7 +1948,7 @@ mod tests {
             assert!(r.header("X-HubSpot-RateLimit-Max").is_some());
         }
         assert_eq!(
-            send(&fake, "GET", "/crm/v3/properties/contacts", &[], "").status,
+            send(&addr(&fake), "GET", "/crm/v3/properties/contacts", &[], "").status,
             401
         );
         assert!(fake.objects("contacts").is_empty());
@@ -2086,7 +1994,7 @@ mod tests {
         );
         assert_eq!(r.json()["status"], "BAD_GRANT_TYPE");
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/oauth/v1/token",
             &[("Content-Type", "application/json")],
@@ -2210,7 +2118,7 @@ mod tests {
         let fake = FakeHubSpot::start(TOKEN);
         let auth = format!("Bearer {TOKEN}");
         let r = send(
-            &fake,
+            &addr(&fake),
             "GET",
             "/crm/v3/properties/contacts?archived=false",
             &[("Authorization", &auth)],
@@ -2247,7 +2155,7 @@ mod tests {
         assert_eq!(stage["options"][2]["value"], "marketingqualifiedlead");
         assert_eq!(find("health_score")["type"], "number");
         let r = send(
-            &fake,
+            &addr(&fake),
             "GET",
             "/crm/v3/properties/0-2",
             &[("Authorization", &auth)],
@@ -2262,7 +2170,7 @@ mod tests {
             .unwrap();
         assert_eq!(domain["hasUniqueValue"], true);
         let r = send(
-            &fake,
+            &addr(&fake),
             "GET",
             "/crm/v3/properties/nope",
             &[("Authorization", &auth)],
@@ -2274,7 +2182,7 @@ mod tests {
         );
         assert_eq!(
             send(
-                &fake,
+                &addr(&fake),
                 "GET",
                 "/crm/v4/whatever",
                 &[("Authorization", &auth)],
@@ -2352,7 +2260,7 @@ mod tests {
         assert_eq!(r.status, 400);
         let auth = format!("Bearer {TOKEN}");
         let r = send(
-            &fake,
+            &addr(&fake),
             "GET",
             "/crm/v3/properties/p_accounts",
             &[("Authorization", &auth)],
@@ -2686,7 +2594,7 @@ mod tests {
         assert_eq!(post_as(&fake, "wrong", READ, &ok).status, 401);
         let auth = format!("Bearer {TOKEN}");
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             READ,
             &[("Authorization", &auth), ("Content-Type", "text/plain")],
@@ -2694,7 +2602,7 @@ mod tests {
         );
         assert_eq!(r.status, 415);
         assert_eq!(
-            send(&fake, "GET", READ, &[("Authorization", &auth)], "").status,
+            send(&addr(&fake), "GET", READ, &[("Authorization", &auth)], "").status,
             405
         );
         assert_eq!(
@@ -2709,7 +2617,7 @@ mod tests {
 
     #[test]
     fn form_decoding() {
-        assert_eq!(percent_decode("a+b%20c%2B%zz%4"), "a b c+%zz%4");
+        assert_eq!(percent_decode("a+b%20c%2B%zz%4", true), "a b c+%zz%4");
         assert_eq!(
             parse_form("a=1&&b=&a=2&c"),
             [

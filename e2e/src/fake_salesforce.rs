@@ -20,6 +20,7 @@
 //! update reports ENTITY_IS_DELETED as Salesforce does. Every request, refused ones included,
 //! is journaled with its final status.
 
+use crate::http_util::{form_fields, percent_decode, request_header};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -814,14 +815,6 @@ impl Reply {
     }
 }
 
-fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
-}
-
 fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
     let url = request.url().to_string();
     let mut raw = Vec::new();
@@ -830,9 +823,9 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
     let req = Req {
         method: request.method().as_str().to_string(),
         path: path.to_string(),
-        query: parse_form(query),
-        content_type: header(&request, "Content-Type"),
-        authorization: header(&request, "Authorization"),
+        query: form_fields(query),
+        content_type: request_header(&request, "Content-Type"),
+        authorization: request_header(&request, "Authorization"),
         body: String::from_utf8_lossy(&raw).into_owned(),
     };
     let mut st = state.lock().unwrap();
@@ -865,7 +858,7 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
 fn journal_body(req: &Req) -> Option<Value> {
     match req.media_type().as_str() {
         "application/x-www-form-urlencoded" => {
-            let fields = parse_form(&req.body).into_iter().map(|(k, v)| {
+            let fields = form_fields(&req.body).into_iter().map(|(k, v)| {
                 let secret = matches!(k.as_str(), "client_secret" | "refresh_token" | "password");
                 (k, Value::String(if secret { "***".to_string() } else { v }))
             });
@@ -896,7 +889,7 @@ impl State {
         if req.media_type() != "application/x-www-form-urlencoded" {
             return oauth_error("unsupported_grant_type", "grant type not supported");
         }
-        let form = parse_form(&req.body);
+        let form = form_fields(&req.body);
         let get = |name: &str| {
             form.iter()
                 .find(|(k, _)| k == name)
@@ -2208,40 +2201,6 @@ fn canonical_id(raw: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------
 // Small codecs: form-urlencoded, CSV, time
 
-/// `a=1&b=x%20y+z` → [("a","1"), ("b","x y z")].
-fn parse_form(text: &str) -> Vec<(String, String)> {
-    text.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k, true), percent_decode(v, true))
-        })
-        .collect()
-}
-
-/// `%XX` escapes decoded; `+` is a space in form bodies (`plus_is_space`) but not in paths.
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' if plus_is_space => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// RFC 4180 CSV with the job's delimiter. Rows end with LF, or CRLF when `crlf`; a line
 /// ending of the other kind outside quotes is refused the way Bulk API 2.0 refuses it.
 fn parse_csv(text: &str, delimiter: char, crlf: bool) -> Result<Vec<Vec<String>>, String> {
@@ -2354,73 +2313,14 @@ fn iso_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use crate::http_util::client::{send, Reply};
 
     const TOKEN: &str = "00Dtest!token";
     const V: &str = "/services/data/v62.0";
 
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    }
-
-    impl Reply {
-        fn json(&self) -> Value {
-            serde_json::from_str(&self.body)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-        }
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        }
-    }
-
-    /// Minimal HTTP/1.1 client: one request per connection, response read to EOF.
-    fn send(
-        fake: &FakeSalesforce,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Reply {
-        let addr = fake.base_url().trim_start_matches("http://").to_string();
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (n, v) in headers {
-            req.push_str(&format!("{n}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response head");
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        }
+    /// `127.0.0.1:PORT`, where [`send`] reaches the fake.
+    fn addr(fake: &FakeSalesforce) -> String {
+        fake.base_url().trim_start_matches("http://").to_string()
     }
 
     /// An authenticated API request, with a JSON body when given.
@@ -2428,7 +2328,7 @@ mod tests {
         let auth = format!("Bearer {TOKEN}");
         match body {
             Some(body) => send(
-                fake,
+                &addr(fake),
                 method,
                 path,
                 &[
@@ -2437,7 +2337,7 @@ mod tests {
                 ],
                 &body.to_string(),
             ),
-            None => send(fake, method, path, &[("Authorization", &auth)], ""),
+            None => send(&addr(fake), method, path, &[("Authorization", &auth)], ""),
         }
     }
 
@@ -2632,7 +2532,7 @@ mod tests {
 
         let auth = format!("Bearer {TOKEN}");
         let r = send(
-            &fake,
+            &addr(&fake),
             "PATCH",
             &up,
             &[
@@ -2646,7 +2546,7 @@ mod tests {
             (400, Some("JSON_PARSER_ERROR"))
         );
         let r = send(
-            &fake,
+            &addr(&fake),
             "PATCH",
             &up,
             &[("Authorization", &auth), ("Content-Type", "text/plain")],
@@ -2889,7 +2789,14 @@ mod tests {
             503
         );
         assert_eq!(
-            send(&fake, "DELETE", &row("External_Id__c", "a%20b"), &[], "").status,
+            send(
+                &addr(&fake),
+                "DELETE",
+                &row("External_Id__c", "a%20b"),
+                &[],
+                ""
+            )
+            .status,
             401
         );
         assert_eq!(fake.records("Contact").len(), 1);
@@ -2986,10 +2893,10 @@ mod tests {
             r.json(),
             json!([{ "message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID" }])
         );
-        assert_eq!(send(&fake, "GET", &describe, &[], "").status, 401);
+        assert_eq!(send(&addr(&fake), "GET", &describe, &[], "").status, 401);
 
         let form = [("Content-Type", "application/x-www-form-urlencoded")];
-        let token = |body: &str| send(&fake, "POST", "/services/oauth2/token", &form, body);
+        let token = |body: &str| send(&addr(&fake), "POST", "/services/oauth2/token", &form, body);
         let r = token("grant_type=client_credentials&client_id=cid&client_secret=s3cret");
         assert_eq!(
             (r.status, r.json()["error"].as_str()),
@@ -3016,7 +2923,7 @@ mod tests {
             (400, Some("unsupported_grant_type"))
         );
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/services/oauth2/token",
             &[("Content-Type", "application/json")],
@@ -3038,7 +2945,14 @@ mod tests {
         assert!(answer["issued_at"].as_str().unwrap().parse::<u64>().is_ok());
         let fresh = format!("Bearer {}", answer["access_token"].as_str().unwrap());
         assert_eq!(
-            send(&fake, "GET", &describe, &[("Authorization", &fresh)], "").status,
+            send(
+                &addr(&fake),
+                "GET",
+                &describe,
+                &[("Authorization", &fresh)],
+                ""
+            )
+            .status,
             200
         );
 
@@ -3047,7 +2961,14 @@ mod tests {
         let other = format!("Bearer {}", r.json()["access_token"].as_str().unwrap());
         assert_ne!(other, fresh);
         assert_eq!(
-            send(&fake, "GET", &describe, &[("Authorization", &other)], "").status,
+            send(
+                &addr(&fake),
+                "GET",
+                &describe,
+                &[("Authorization", &other)],
+                ""
+            )
+            .status,
             200
         );
 
@@ -3229,7 +3150,7 @@ mod tests {
         let batches = format!("{V}/jobs/ingest/{id}/batches");
         let put = |body: &str| {
             send(
-                &fake,
+                &addr(&fake),
                 "PUT",
                 &batches,
                 &[("Authorization", &auth), ("Content-Type", "text/csv")],
@@ -3349,7 +3270,7 @@ mod tests {
             let id = create(spec).json()["id"].as_str().unwrap().to_string();
             let batches = format!("{jobs}/{id}/batches");
             let put = send(
-                &fake,
+                &addr(&fake),
                 "PUT",
                 &batches,
                 &[("Authorization", &auth), ("Content-Type", content_type)],
@@ -3454,7 +3375,7 @@ mod tests {
         );
         let batches = format!("{jobs}/{id}/batches");
         let r = send(
-            &fake,
+            &addr(&fake),
             "PUT",
             &batches,
             &[("Authorization", &auth), ("Content-Type", "text/csv")],
@@ -3582,9 +3503,13 @@ mod tests {
         assert_eq!(canonical_id("003-0000"), None);
 
         assert_eq!(
-            parse_form("a=1&b=x%20y+z&c=%2C&d"),
+            form_fields("a=1&b=x%20y+z&c=%2C&d"),
             [("a", "1"), ("b", "x y z"), ("c", ","), ("d", "")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(
+            percent_decode("a+b%20%C3%A9%FF%4", false),
+            "a+b \u{e9}\u{FFFD}%4"
         );
         for ok in [
             "2026-01-31T12:00:00Z",

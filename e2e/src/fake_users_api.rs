@@ -10,6 +10,7 @@
 //! form-encoded, RFC 6749 §4.4) issues a new API key when OAuth is configured; `expire_keys`
 //! makes every key issued so far answer 401.
 
+use crate::http_util::{percent_decode, request_header};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,14 +116,6 @@ impl Drop for FakeUsersApi {
     }
 }
 
-fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
-}
-
 fn check_user(body: &Value) -> Result<(), (u16, String)> {
     let object = body.as_object().ok_or((400, "body must be a JSON object".to_string()))?;
     if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "email" | "name" | "score")) {
@@ -152,7 +145,7 @@ fn valid_user(body: Option<&Value>) -> Result<&Value, (u16, String)> {
 /// `POST /oauth/token`: a new key for the configured client (client-credentials grant only).
 fn token(request: &tiny_http::Request, form: &str, st: &mut State) -> (u16, Value) {
     st.token_calls += 1;
-    if !header(request, "Content-Type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
+    if !request_header(request, "Content-Type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
         return (400, json!({"error": "invalid_request", "error_description": "form-encoded body required"}));
     }
     let fields: BTreeMap<String, String> = url_decode_pairs(form);
@@ -170,28 +163,10 @@ fn token(request: &tiny_http::Request, form: &str, st: &mut State) -> (u16, Valu
     }
 }
 
-/// `a=1&b=x%20y` -> {a: 1, b: "x y"} ('+' is a space).
+/// `a=1&b=x%20y` -> {a: 1, b: "x y"} ('+' is a space; a pair without '=' is ignored, the last
+/// of a repeated name wins).
 fn url_decode_pairs(form: &str) -> BTreeMap<String, String> {
-    let decode = |s: &str| {
-        let bytes = s.replace('+', " ").into_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            match (bytes[i], bytes.get(i + 1..i + 3)) {
-                (b'%', Some(hex)) => match u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                },
-                (b, _) => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let decode = |s: &str| percent_decode(s, true);
     form.split('&').filter_map(|p| p.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
 }
 
@@ -208,7 +183,7 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
     } else if st.throttle_next > 0 {
         st.throttle_next -= 1;
         (429, json!({"error": "slow down"}))
-    } else if !header(&request, "X-Api-Key").is_some_and(|k| st.keys.contains(&k)) {
+    } else if !request_header(&request, "X-Api-Key").is_some_and(|k| st.keys.contains(&k)) {
         (401, json!({"error": "missing or wrong X-Api-Key"}))
     } else {
         match (method.as_str(), id) {
@@ -224,7 +199,7 @@ fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
                 }
             }
             ("PUT", Some(id)) => {
-                if !header(&request, "Content-Type").is_some_and(|c| c.starts_with("application/json")) {
+                if !request_header(&request, "Content-Type").is_some_and(|c| c.starts_with("application/json")) {
                     (415, json!({"error": "Content-Type must be application/json"}))
                 } else {
                     match valid_user(body.as_ref()) {

@@ -616,75 +616,16 @@ fn apply(st: &mut State, rule: Option<&RejectionRule>, r: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use crate::http_util::client::{send, Reply};
 
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    }
-
-    impl Reply {
-        fn json(&self) -> Value {
-            serde_json::from_str(&self.body)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-        }
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        }
-    }
-
-    /// Minimal HTTP/1.1 client: one request per connection, response read to EOF.
-    fn send(
-        fake: &FakeWebhook,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Reply {
-        let mut s = TcpStream::connect(fake.addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            fake.addr(),
-            body.len()
-        );
-        for (n, v) in headers {
-            req.push_str(&format!("{n}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response head");
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        }
+    /// `127.0.0.1:PORT`, where [`send`] reaches the fake.
+    fn addr(fake: &FakeWebhook) -> String {
+        fake.addr().to_string()
     }
 
     fn post(fake: &FakeWebhook, idem: &str, body: &Value) -> Reply {
         send(
-            fake,
+            &addr(fake),
             "POST",
             "/hook",
             &[
@@ -739,7 +680,7 @@ mod tests {
         let fake = FakeWebhook::start();
         let body = batch(json!([{"op": "upsert", "key": {"id": 1}, "fields": {}}]));
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/hook",
             &[("Content-Type", "application/json")],
@@ -758,7 +699,7 @@ mod tests {
         let body = batch(json!([{"op": "upsert", "key": {"id": 1}, "fields": {}}])).to_string();
         for auth in ["Bearer wrong", "bearer t0p", "t0p", "Bearer t0p2"] {
             let r = send(
-                &fake,
+                &addr(&fake),
                 "POST",
                 "/hook",
                 &[
@@ -773,7 +714,7 @@ mod tests {
         }
         assert!(fake.records().is_empty());
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/hook",
             &[
@@ -789,11 +730,11 @@ mod tests {
     #[test]
     fn routing_and_content_type() {
         let fake = FakeWebhook::start();
-        assert_eq!(send(&fake, "POST", "/other", &[], "").status, 404);
-        let r = send(&fake, "GET", "/hook", &[], "");
+        assert_eq!(send(&addr(&fake), "POST", "/other", &[], "").status, 404);
+        let r = send(&addr(&fake), "GET", "/hook", &[], "");
         assert_eq!((r.status, r.header("Allow")), (405, Some("POST")));
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/hook",
             &[("Content-Type", "text/plain"), ("Idempotency-Key", "k")],
@@ -801,7 +742,7 @@ mod tests {
         );
         assert_eq!(r.status, 415);
         // Inspection endpoints are off unless asked for.
-        assert_eq!(send(&fake, "GET", "/_records", &[], "").status, 404);
+        assert_eq!(send(&addr(&fake), "GET", "/_records", &[], "").status, 404);
     }
 
     #[test]
@@ -838,7 +779,7 @@ mod tests {
         }
         assert_eq!(post(&fake, "bad", &json!([1])).status, 400);
         let r = send(
-            &fake,
+            &addr(&fake),
             "POST",
             "/hook",
             &[
@@ -989,11 +930,11 @@ mod tests {
             &batch(json!([{"op": "upsert", "key": {"b": 1, "a": 2}, "fields": {"x": 1}}])),
         );
         assert_eq!(
-            send(&fake, "GET", "/_records", &[], "").json(),
+            send(&addr(&fake), "GET", "/_records", &[], "").json(),
             json!({r#"{"a":2,"b":1}"#: {"x": 1}})
         );
         assert_eq!(
-            send(&fake, "GET", "/_requests", &[], "").json(),
+            send(&addr(&fake), "GET", "/_requests", &[], "").json(),
             json!({"count": 1, "records_sent": 1})
         );
         assert_eq!(*seen.lock().unwrap(), [200]);

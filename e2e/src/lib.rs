@@ -6,6 +6,7 @@ pub mod fake_hubspot;
 pub mod fake_salesforce;
 pub mod fake_users_api;
 pub mod fake_webhook;
+mod http_util;
 
 pub use cluster::{connect, connect_as, error_text, unique, wait_until};
 pub use fake_webhook::{

@@ -386,3 +386,84 @@ fn a_delete_sync_looks_up_contacts_it_never_created_and_archives_them() {
     assert_eq!(hs.archived("contacts"), vec![id_of("user2@example.com")]);
     assert_eq!(hs.objects("contacts").len(), 2);
 }
+
+/// Where `value` breaks `schema` (a subset of JSON Schema as OpenAPI uses it: `$ref`, `type`,
+/// `required`, `properties`, `additionalProperties`, `items`); members a schema does not list
+/// count as violations too, so nothing we send goes unchecked.
+fn violations(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let target = spec.pointer(reference.trim_start_matches('#')).unwrap_or_else(|| panic!("no {reference}"));
+        return violations(spec, target, value, at, out);
+    }
+    let ok = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        out.push(format!("{at}: {value} is not of type {}", schema["type"]));
+        return;
+    }
+    for name in schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        if value.get(name).is_none() {
+            out.push(format!("{at}: required member {name} is missing"));
+        }
+    }
+    if let Some(members) = value.as_object() {
+        for (name, member) in members {
+            match (schema["properties"].get(name), &schema["additionalProperties"]) {
+                (Some(sub), _) => violations(spec, sub, member, &format!("{at}.{name}"), out),
+                (None, extra) if extra.is_object() => violations(spec, extra, member, &format!("{at}.{name}"), out),
+                (None, _) => out.push(format!("{at}: member {name} is not in the schema")),
+            }
+        }
+    }
+    for (i, item) in value.as_array().into_iter().flatten().enumerate() {
+        violations(spec, &schema["items"], item, &format!("{at}[{i}]"), out);
+    }
+}
+
+#[test]
+fn every_request_matches_hubspots_published_schema_when_the_spec_is_at_hand() {
+    // The vendor spec is reference data outside the project: without it, nothing to compare.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/specs/hubspot/crm-contacts-v3.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("{} not found: skipped", path.display());
+        return;
+    };
+    let spec: Value = serde_json::from_str(&text).unwrap();
+    let hs = FakeHubSpot::start("pat-9");
+    let mut s = set_up(&hs, 3, "token 'pat-9'");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    run_sync(&mut s.client, &s.sync);
+    s.client.batch_execute(&format!("DELETE FROM {} WHERE id = 1", s.table)).unwrap();
+    run_sync(&mut s.client, &s.sync);
+    let (erase, erase_model, eraser) = (format!("{}_erase", s.table), format!("{}_erase", s.model), format!("{}_erase", s.sync));
+    s.client
+        .batch_execute(&format!(
+            "CREATE TABLE {erase} (email text PRIMARY KEY); INSERT INTO {erase} VALUES ('user2@example.com');
+             SELECT retl.create_model(name => '{erase_model}', query => 'SELECT email FROM {erase}', primary_key => '{{email}}');"
+        ))
+        .unwrap();
+    s.client
+        .execute("SELECT retl.create_sync(name => $1, model => $2, destination => $3, mode => 'delete')", &[&eraser, &erase_model, &s.server])
+        .unwrap();
+    let _drop_eraser = DropSyncs(vec![eraser.clone()]);
+    run_sync(&mut s.client, &eraser);
+
+    let mut checked = std::collections::BTreeSet::new();
+    for call in hs.calls().into_iter().filter(|c| c.method == "POST") {
+        let operation = &spec["paths"][&call.path]["post"];
+        let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+        assert!(schema.is_object(), "{} is not in the spec", call.path);
+        let mut out = Vec::new();
+        violations(&spec, schema, call.body.as_ref().unwrap(), "body", &mut out);
+        assert!(out.is_empty(), "{}: {out:?}", call.path);
+        checked.insert(call.path.rsplit('/').next().unwrap().to_string());
+    }
+    assert_eq!(checked, ["archive", "read", "upsert"].into_iter().map(String::from).collect());
+}
