@@ -467,3 +467,40 @@ fn every_request_matches_hubspots_published_schema_when_the_spec_is_at_hand() {
     }
     assert_eq!(checked, ["archive", "read", "upsert"].into_iter().map(String::from).collect());
 }
+
+#[test]
+fn companies_are_upserted_by_domain_by_default() {
+    let hs = FakeHubSpot::start("pat-10");
+    let mut client = connect();
+    ensure_extension(&mut client);
+    let base = unique("hsco");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (domain text PRIMARY KEY, name text, annualrevenue bigint);
+             INSERT INTO {table} VALUES ('acme.example', 'Acme', 5000000), ('globex.example', 'Globex', NULL);
+             SELECT retl.create_model(name => '{model}', query => 'SELECT * FROM {table}', primary_key => '{{domain}}');
+             CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'hubspot', url '{url}', object 'companies');
+             CREATE USER MAPPING FOR CURRENT_USER SERVER {server} OPTIONS (token 'pat-10');",
+            url = hs.base_url(),
+        ))
+        .unwrap();
+    client.execute("SELECT retl.create_sync(name => $1, model => $2, destination => $3)", &[&sync, &model, &server]).unwrap();
+    let _drop = DropSyncs(vec![sync.clone()]);
+    let run = run_sync(&mut client, &sync);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 2, 1), "{run:?}");
+    let body = hs.calls().last().unwrap().body.clone().unwrap();
+    assert!(body["inputs"].as_array().unwrap().iter().all(|i| i["idProperty"] == "domain"), "{body}");
+    let held: BTreeMap<String, (Value, Value)> = hs
+        .objects("companies")
+        .values()
+        .map(|p| (p["domain"].as_str().unwrap().to_string(), (p["name"].clone(), p.get("annualrevenue").cloned().unwrap_or(Value::Null))))
+        .collect();
+    assert_eq!(
+        held,
+        BTreeMap::from([
+            ("acme.example".into(), (json!("Acme"), json!("5000000"))),
+            ("globex.example".into(), (json!("Globex"), Value::Null)),
+        ])
+    );
+}
