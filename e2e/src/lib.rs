@@ -2,8 +2,12 @@
 //! ([`FakeWebhook`]) and helpers to drive the Postgres test cluster ([`cluster`]).
 
 pub mod cluster;
+pub mod fake_customerio;
 pub mod fake_hubspot;
+pub mod fake_meta;
 pub mod fake_salesforce;
+pub mod fake_slack;
+pub mod fake_stripe;
 pub mod fake_users_api;
 pub mod fake_webhook;
 mod http_util;

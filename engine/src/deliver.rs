@@ -153,6 +153,10 @@ impl Run<'_> {
         let mut report = BatchReport::default();
         let mut last_error = String::new();
         pending.retain(|record| match self.dest.precheck(record) {
+            Ok(()) if self.dest.skip(record) => {
+                report.acked.push(record.id);
+                false
+            }
             Ok(()) => true,
             Err(message) => {
                 report.rejected.push(Rejection { id: record.id, status: None, message, attempts: 0 });

@@ -1,8 +1,10 @@
 //! Validation of the foreign-data-wrapper options. It runs at DDL time (the validator of
 //! CREATE SERVER / USER MAPPING), so every message says what is wrong and how to fix it.
 
+mod engagement;
 mod saas;
 
+pub use engagement::{MetaOptions, SlackOptions};
 pub use saas::{HubSpotOptions, OAuthSecrets, SalesforceOptions, UserMapping};
 
 use std::fmt;
@@ -10,15 +12,15 @@ use std::time::Duration;
 
 const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
      max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id, \
-     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url";
+     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id";
 /// Options that only some destination types take (every other option is common to all).
-const TYPE_OPTIONS: [(&str, &[DestinationKind]); 16] = {
+const TYPE_OPTIONS: [(&str, &[DestinationKind]); 19] = {
     use DestinationKind::*;
     [
         ("method", &[Http]),
         ("headers", &[Http]),
         ("body", &[Http]),
-        ("per", &[Http]),
+        ("per", &[Http, Slack]),
         ("encoding", &[Http]),
         ("success", &[Http]),
         ("results", &[Http]),
@@ -28,14 +30,17 @@ const TYPE_OPTIONS: [(&str, &[DestinationKind]); 16] = {
         ("object", &[HubSpot, Salesforce]),
         ("id_property", &[HubSpot]),
         ("external_id", &[Salesforce]),
-        ("api_version", &[Salesforce]),
+        ("api_version", &[Salesforce, MetaAudience]),
         ("bulk_threshold", &[Salesforce]),
         ("bulk_poll_ms", &[Salesforce]),
+        ("channel", &[Slack]),
+        ("text", &[Slack]),
+        ("audience_id", &[MetaAudience]),
     ]
 };
 const MAPPING_OPTIONS: &str = "token, token_env, client_id, client_secret, refresh_token";
 const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
-const SUPPORTED_TYPES: &str = "webhook, http, hubspot, salesforce";
+const SUPPORTED_TYPES: &str = "webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionsError {
@@ -81,6 +86,14 @@ pub enum DestinationKind {
     HubSpot,
     /// Salesforce sObjects (sObject Collections, Bulk API 2.0 for large runs).
     Salesforce,
+    /// Slack messages (incoming webhook or chat.postMessage).
+    Slack,
+    /// Stripe customers (fields and metadata).
+    Stripe,
+    /// Customer.io people (Track API identify and delete).
+    CustomerIo,
+    /// Meta custom audience membership (hashed identifiers).
+    MetaAudience,
 }
 
 impl DestinationKind {
@@ -90,6 +103,10 @@ impl DestinationKind {
             DestinationKind::Http => "http",
             DestinationKind::HubSpot => "hubspot",
             DestinationKind::Salesforce => "salesforce",
+            DestinationKind::Slack => "slack",
+            DestinationKind::Stripe => "stripe",
+            DestinationKind::CustomerIo => "customerio",
+            DestinationKind::MetaAudience => "meta_audience",
         }
     }
 }
@@ -141,6 +158,10 @@ pub struct DestinationConfig {
     pub hubspot: Option<HubSpotOptions>,
     /// Type 'salesforce' only.
     pub salesforce: Option<SalesforceOptions>,
+    /// Type 'slack' only.
+    pub slack: Option<SlackOptions>,
+    /// Type 'meta_audience' only.
+    pub meta: Option<MetaOptions>,
     /// Where an OAuth access token is refreshed: `token_url`, or the vendor's for hubspot and
     /// salesforce.
     pub token_url: Option<String>,
@@ -195,13 +216,17 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         None => {
             return Err(OptionsError::Missing {
                 option: "type",
-                hint: "one of: webhook, http, hubspot, salesforce",
+                hint: "one of: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience",
             })
         }
         Some("webhook") => DestinationKind::Webhook,
         Some("http") => DestinationKind::Http,
         Some("hubspot") => DestinationKind::HubSpot,
         Some("salesforce") => DestinationKind::Salesforce,
+        Some("slack") => DestinationKind::Slack,
+        Some("stripe") => DestinationKind::Stripe,
+        Some("customerio") => DestinationKind::CustomerIo,
+        Some("meta_audience") => DestinationKind::MetaAudience,
         Some(other) => return Err(OptionsError::UnknownType(other.to_string())),
     };
     for (option, kinds) in TYPE_OPTIONS {
@@ -217,6 +242,7 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
     let url = match (get(opts, "url"), kind) {
         (Some(url), _) => url,
         (None, DestinationKind::HubSpot) => saas::HUBSPOT_URL,
+        (None, kind) if engagement::default_url(kind, opts).is_some() => engagement::default_url(kind, opts).unwrap_or_default(),
         (None, DestinationKind::Salesforce) => {
             return Err(OptionsError::Missing {
                 option: "url",
@@ -250,13 +276,9 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         });
     }
     // A trailing slash would double up when paths are appended.
-    let url = if matches!(kind, DestinationKind::HubSpot | DestinationKind::Salesforce) {
-        url.trim_end_matches('/')
-    } else {
-        url
-    };
+    let url = if matches!(kind, DestinationKind::Webhook | DestinationKind::Http) { url } else { url.trim_end_matches('/') };
     let rate_limit = match get(opts, "rate_limit") {
-        None => saas::default_rate_limit(kind),
+        None => saas::default_rate_limit(kind).or(engagement::default_rate_limit(kind)),
         Some(value) => match value.trim().parse::<f64>() {
             // The comparison also rejects NaN.
             Ok(r) if r > 0.0 && r <= 10_000.0 => Some(r),
@@ -278,6 +300,11 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
             DestinationKind::Salesforce => {
                 int(opts, "batch_size", 1..=200, 200, "an integer between 1 and 200 (the sObject Collections limit)")?
             }
+            DestinationKind::MetaAudience => {
+                int(opts, "batch_size", 1..=10_000, 10_000, "an integer between 1 and 10000 (Meta's limit per request)")?
+            }
+            // Only a digest (per 'run') batches; one message per row ignores it.
+            DestinationKind::Slack => int(opts, "batch_size", 1..=1000, 1000, "an integer between 1 and 1000")?,
             _ => int(opts, "batch_size", 1..=1000, 100, "an integer between 1 and 1000")?,
         } as usize,
         rate_limit,
@@ -305,6 +332,14 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         },
         salesforce: match kind {
             DestinationKind::Salesforce => Some(saas::parse_salesforce(opts)?),
+            _ => None,
+        },
+        slack: match kind {
+            DestinationKind::Slack => Some(engagement::parse_slack(opts)?),
+            _ => None,
+        },
+        meta: match kind {
+            DestinationKind::MetaAudience => Some(engagement::parse_meta(opts)?),
             _ => None,
         },
         token_url: saas::token_url(opts, kind, url)?,
@@ -555,6 +590,8 @@ mod tests {
                 http: None,
                 hubspot: None,
                 salesforce: None,
+                slack: None,
+                meta: None,
                 token_url: None,
             }
         );
@@ -589,7 +626,7 @@ mod tests {
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
              rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
              encoding, success, results, result_ok, result_error, result_id, object, id_property, external_id, \
-             api_version, bulk_threshold, bulk_poll_ms, token_url"
+             api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id"
         );
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
@@ -626,11 +663,11 @@ mod tests {
         }
         assert_eq!(
             server_err(&[("url", "https://example.com")]),
-            "option \"type\" is required (one of: webhook, http, hubspot, salesforce)"
+            "option \"type\" is required (one of: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience)"
         );
         assert_eq!(
             server_err(&[("type", "hubspt"), ("url", "https://example.com")]),
-            "unknown destination type \"hubspt\" (supported: webhook, http, hubspot, salesforce)"
+            "unknown destination type \"hubspt\" (supported: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience)"
         );
         assert_eq!(
             server_err(&[("type", "webhook")]),

@@ -43,17 +43,27 @@ impl Deliveries {
                     .and_then(|t| t.first().get_one())
                     .map_err(|e| e.to_string())?
                     .unwrap_or(0);
-                Ok((sync, dest, batch_no))
+                // The destination fields the sync writes: its mappings' keys, or every column.
+                let fields: Vec<String> = match &sync.mappings {
+                    Some(mappings) => mappings.iter().map(|(field, _)| field.clone()).collect(),
+                    None => client
+                        .select("SELECT unnest(retl._model_columns($1))", None, &[sync.source.clone().into()])
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .filter_map(|row| row.get::<String>(1).ok().flatten())
+                        .collect(),
+                };
+                Ok((sync, dest, batch_no, fields))
             })
         });
-        let (sync, dest, mut batch_no) = match loaded {
+        let (sync, dest, mut batch_no, fields) = match loaded {
             Ok(v) => v,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);
                 return;
             }
         };
-        let connector = connector::for_config(&dest.config);
+        let connector = connector::for_sync(&dest.config, &fields);
         let batch_size = dest.config.batch_size.min(connector.max_batch_size()).max(1);
         let limits = DeliveryLimits::from_config(&dest.config);
         let deliverer = match Deliverer::new(dest.config.timeout) {

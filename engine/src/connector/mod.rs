@@ -1,14 +1,22 @@
 //! The contract every destination implements: turn a batch into one HTTP request, and turn
 //! the response into per-record outcomes. Connectors do no I/O; `deliver` does.
 
+mod customerio;
 mod http;
 mod hubspot;
+mod meta;
 pub mod salesforce;
+mod slack;
+mod stripe;
 mod webhook;
 
+pub use customerio::CustomerIo;
 pub use http::Http;
 pub use hubspot::HubSpot;
+pub use meta::MetaAudience;
 pub use salesforce::Salesforce;
+pub use slack::Slack;
+pub use stripe::Stripe;
 pub use webhook::Webhook;
 
 use crate::options::{DestinationConfig, DestinationKind};
@@ -92,6 +100,11 @@ pub trait Destination: Send + Sync {
     fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>)
         -> Result<HttpRequest, String>;
     fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome;
+    /// Records the destination has no use for (e.g. a deleted row for a message channel): they
+    /// are acknowledged without a call.
+    fn skip(&self, _record: &OutboxRecord) -> bool {
+        false
+    }
     /// Why this record cannot be sent at all (e.g. it lacks the field the destination matches
     /// records by): it is rejected without a call, and the rest of its batch goes on.
     fn precheck(&self, _record: &OutboxRecord) -> Result<(), String> {
@@ -249,6 +262,27 @@ pub fn redact_all(text: &str, secrets: &[String]) -> String {
 /// The connector for a destination's options (validated by `options::parse_server_options`,
 /// so templates parse).
 pub fn for_config(cfg: &DestinationConfig) -> Box<dyn Destination> {
+    for_sync(cfg, &[])
+}
+
+/// `for_config` for one sync, whose destination fields some connectors need (Stripe unsets
+/// the metadata keys a sync writes when a row leaves it).
+pub fn for_sync(cfg: &DestinationConfig, sync_fields: &[String]) -> Box<dyn Destination> {
+    match cfg.kind {
+        DestinationKind::Slack => {
+            if let Some(slack) = &cfg.slack {
+                return Box::new(Slack::new(&cfg.url, slack));
+            }
+        }
+        DestinationKind::Stripe => return Box::new(Stripe::new(&cfg.url, sync_fields)),
+        DestinationKind::CustomerIo => return Box::new(CustomerIo::new(&cfg.url)),
+        DestinationKind::MetaAudience => {
+            if let Some(meta) = &cfg.meta {
+                return Box::new(MetaAudience::new(&cfg.url, meta));
+            }
+        }
+        _ => {}
+    }
     match (&cfg.kind, &cfg.http, &cfg.hubspot, &cfg.salesforce) {
         (DestinationKind::Http, Some(http), _, _) => match Http::new(&cfg.url, http) {
             Ok(connector) => Box::new(connector),
