@@ -90,6 +90,13 @@ fn membership_follows_the_model_with_hashed_identifiers_only() {
     meta.clear_calls();
     let third = run_sync(&mut s.client, &s.sync);
     assert_eq!((third.delivered, third.api_calls), (0, 0));
+
+    // A member's phone changes: removed by the old hashes, added by the new ones.
+    s.client.batch_execute(&format!("UPDATE {} SET phone = '+1 650 555 0199' WHERE id = 1", s.table)).unwrap();
+    let fourth = run_sync(&mut s.client, &s.sync);
+    assert_eq!((fourth.status.as_str(), fourth.delivered, fourth.api_calls), ("succeeded", 1, 2), "{fourth:?}");
+    assert_eq!(meta.calls().into_iter().map(|c| c.method).collect::<Vec<_>>(), ["DELETE", "POST"]);
+    assert_eq!(meta.members(AUDIENCE), expected(&mut s));
     no_raw_pii(&meta);
 }
 

@@ -4,7 +4,8 @@
 //! `email` and `phone`, normalised as Meta requires (email trimmed and lower-cased, phone
 //! digits only without leading zeros) and SHA-256 hashed in the worker: raw PII never leaves
 //! the database. The hashes of an added row are kept in the identity map, so its removal
-//! sends exactly what was added.
+//! sends exactly what was added, and a member whose email or phone changed is first removed by
+//! its old hashes, then added by its new ones.
 
 use super::{classify_failure, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
 use crate::options::MetaOptions;
@@ -17,6 +18,8 @@ const MAX_BATCH: usize = 10_000;
 const EXCERPT: usize = 300;
 const ADD: u8 = 0;
 const REMOVE: u8 = 1;
+/// Members whose identifiers changed: removed by their old hashes, then added again.
+const REPLACE: u8 = 2;
 /// The identifiers, in the order of the payload's schema.
 const FIELDS: [&str; 2] = ["email", "phone"];
 const SCHEMA: [&str; 2] = ["EMAIL", "PHONE"];
@@ -40,13 +43,23 @@ impl MetaAudience {
         MetaAudience { url: format!("{url}/v{}/{}/users", opts.api_version, opts.audience_id) }
     }
 
-    /// The row's hashed identifiers in schema order ("" where it has none); from the identity
-    /// map for a removal, else from its fields (or key).
+    /// The row's hashed identifiers in schema order ("" where it has none): for a removal the
+    /// ones that were added (identity map), else its current ones.
     fn hashed_row(record: &OutboxRecord) -> Option<Vec<String>> {
-        if let Some(known) = &record.destination_id {
-            let row: Vec<String> = known.split(',').map(str::to_string).collect();
-            return (row.len() == FIELDS.len()).then_some(row);
+        match record.op {
+            Op::Delete => Self::added_row(record).or_else(|| Self::current_row(record)),
+            _ => Self::current_row(record),
         }
+    }
+
+    /// The hashes this sync added for the row, from the identity map.
+    fn added_row(record: &OutboxRecord) -> Option<Vec<String>> {
+        let row: Vec<String> = record.destination_id.as_ref()?.split(',').map(str::to_string).collect();
+        (row.len() == FIELDS.len()).then_some(row)
+    }
+
+    /// The hashes of the row's email and phone now (fields, or key).
+    fn current_row(record: &OutboxRecord) -> Option<Vec<String>> {
         let value = |name: &str| {
             record.fields.as_ref().and_then(|f| f.get(name)).or_else(|| record.key.get(name)).and_then(Value::as_str).map(str::to_string)
         };
@@ -90,10 +103,10 @@ impl Destination for MetaAudience {
     }
 
     fn request_group(&self, record: &OutboxRecord) -> u8 {
-        if record.op == Op::Delete {
-            REMOVE
-        } else {
-            ADD
+        match (record.op, Self::added_row(record)) {
+            (Op::Delete, _) => REMOVE,
+            (_, Some(added)) if Some(&added) != Self::current_row(record).as_ref() => REPLACE,
+            _ => ADD,
         }
     }
 
@@ -105,8 +118,12 @@ impl Destination for MetaAudience {
     }
 
     fn build_request(&self, _: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
-        let remove = records.first().is_some_and(|r| r.op == Op::Delete);
-        let data: Vec<Vec<String>> = records.iter().filter_map(Self::hashed_row).collect();
+        let group = records.first().map_or(ADD, |r| self.request_group(r));
+        let remove = group != ADD;
+        let data: Vec<Vec<String>> = match group {
+            REPLACE => records.iter().filter_map(Self::added_row).collect(),
+            _ => records.iter().filter_map(Self::hashed_row).collect(),
+        };
         let body = json!({"payload": {"schema": SCHEMA, "data": data}});
         let mut headers = vec![("Content-Type".to_string(), "application/json".to_string())];
         if let Some(token) = token {
@@ -121,6 +138,12 @@ impl Destination for MetaAudience {
         if resp.status == 200 && json["error"].is_null() {
             // Rows Meta found invalid are named (by entry) in its samples.
             let invalid = json["invalid_entry_samples"].as_object().cloned().unwrap_or_default();
+            if records.first().is_some_and(|r| self.request_group(r) == REPLACE) {
+                // The old hashes are gone: now add the new ones (the request is sent at once).
+                return ResponseOutcome::PerRecord(
+                    records.iter().map(|r| RecordResult::Resolved(Self::current_row(r).unwrap_or_default().join(","))).collect(),
+                );
+            }
             return ResponseOutcome::PerRecord(
                 records
                     .iter()
@@ -213,6 +236,25 @@ mod tests {
         assert_eq!(req.method.as_str(), "DELETE");
         let body: Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(body["payload"]["data"][0][0].as_str(), known.split(',').next());
+    }
+
+    #[test]
+    fn a_changed_identifier_is_removed_then_added() {
+        let m = meta();
+        let old = MetaAudience::current_row(&rec(1, Op::Upsert, Some("a@x.io"), None, None)).unwrap().join(",");
+        let changed = rec(1, Op::Upsert, Some("b@x.io"), None, Some(&old));
+        assert_eq!(m.request_group(&changed), REPLACE);
+        let req = m.build_request(&ctx(), std::slice::from_ref(&changed), None).unwrap();
+        assert_eq!(req.method.as_str(), "DELETE");
+        assert_eq!(serde_json::from_slice::<Value>(&req.body).unwrap()["payload"]["data"][0][0].as_str(), old.split(',').next());
+        let ok = HttpResponse { status: 200, headers: vec![], body: br#"{"num_received":1}"#.to_vec() };
+        let new = MetaAudience::current_row(&changed).unwrap().join(",");
+        assert_eq!(m.classify(std::slice::from_ref(&changed), &ok), ResponseOutcome::PerRecord(vec![RecordResult::Resolved(new.clone())]));
+        // Sent again with the new hashes as its destination id: an add.
+        let resolved = OutboxRecord { destination_id: Some(new), ..changed };
+        assert_eq!(m.request_group(&resolved), ADD);
+        let unchanged = rec(2, Op::Upsert, Some("a@x.io"), None, Some(&old));
+        assert_eq!(m.request_group(&unchanged), ADD);
     }
 
     #[test]
