@@ -1,6 +1,7 @@
 //! Worker lifecycle: SIGTERM stops a worker within a second without losing in-flight work,
 //! SIGHUP reloads settings, and DROP EXTENSION / ALTER EXTENSION ... UPDATE while the workers
-//! run crash nothing (they wait quietly until the catalog fits their library again).
+//! run crash nothing (they wait quietly until the catalog fits their library again); a table
+//! dropped with CASCADE under an on-change sync leaves the other syncs working.
 //!
 //! The last test drops the extension in the workers' database: `make e2e` runs test files one
 //! after another, and every other file creates the extension when it is missing.
@@ -167,4 +168,38 @@ fn drop_extension_and_update_while_the_workers_run() {
     let run = g.run();
     assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 3));
     assert_eq!(worker_pids(&mut g.client), before);
+}
+
+#[test]
+fn a_table_dropped_with_cascade_does_not_break_other_syncs_and_its_model_can_still_be_dropped() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    ensure_extension(&mut c);
+    let base = unique("casc");
+    let (gone, kept) = (format!("{base}_gone"), format!("{base}_kept"));
+    let define = |c: &mut postgres::Client, name: &str| {
+        c.batch_execute(&format!(
+            "CREATE TABLE {name} (id bigint PRIMARY KEY, v text); INSERT INTO {name} VALUES (1, 'a');
+             SELECT retl.create_model(name => '{name}_m', query => 'SELECT * FROM {name}', primary_key => '{{id}}');
+             CREATE SERVER {name}_d FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+             SELECT retl.create_sync(name => '{name}_s', model => '{name}_m', destination => '{name}_d', schedule => 'on change');",
+            url = fake.url()
+        ))
+        .unwrap();
+    };
+    define(&mut c, &gone);
+    let _drop = DropSyncs(vec![format!("{gone}_s"), format!("{kept}_s")]);
+    // The table goes, and with it the model's view (CASCADE); the sync is left behind.
+    c.batch_execute(&format!("DROP TABLE {gone} CASCADE")).unwrap();
+    // Another on-change sync can still be defined, and gets its triggers.
+    define(&mut c, &kept);
+    let triggers: i64 = c
+        .query_one(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{kept}'::regclass AND tgname LIKE 'retl%'"), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 5, "retl_on_change and the four retl_changed_keys triggers");
+    // The orphan sync and its model can be dropped although the view is gone.
+    c.batch_execute(&format!("SELECT retl.drop_sync('{gone}_s'); SELECT retl.drop_model('{gone}_m');")).unwrap();
+    let left: i64 = c.query_one("SELECT count(*) FROM retl.models WHERE name = $1", &[&format!("{gone}_m")]).unwrap().get(0);
+    assert_eq!(left, 0);
 }

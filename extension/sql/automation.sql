@@ -208,8 +208,11 @@ DECLARE
     event text;
     transition text;
 BEGIN
+    -- Only tables that still exist: one dropped with CASCADE leaves its relid in sync_sources
+    -- (until the sync is altered or dropped), and must not stop every other sync's triggers.
     FOR t IN SELECT DISTINCT src.relid
                FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+               JOIN pg_class c ON c.oid = src.relid
               WHERE s.schedule = 'on change'
                 AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_on_change')
     LOOP
@@ -228,7 +231,8 @@ BEGIN
     -- Each of the four that is missing (also when one was dropped by hand).
     FOR t, event, transition IN
         SELECT DISTINCT src.relid, e.event, e.transition
-          FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id,
+          FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+          JOIN pg_class c ON c.oid = src.relid,
                (VALUES ('insert', 'REFERENCING NEW TABLE AS new_rows'),
                        ('update', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
                        ('delete', 'REFERENCING OLD TABLE AS old_rows'),

@@ -433,7 +433,8 @@ BEGIN
         RAISE EXCEPTION 'model % is still used by %', retl._q(m.name), users
               USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs and audiences first.';
     END IF;
-    EXECUTE format('DROP VIEW retl_models.%I', m.name);
+    -- IF EXISTS: dropping the model's tables with CASCADE took the view with them.
+    EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', m.name);
     DELETE FROM retl.models WHERE id = m.id;
 END $$;
 COMMENT ON FUNCTION retl.drop_model(text, boolean) IS 'Drop a model that no sync or audience uses.';
@@ -496,7 +497,8 @@ BEGIN
         RAISE EXCEPTION 'audience % is still used by %', retl._q(a.name), users
               USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs first.';
     END IF;
-    EXECUTE format('DROP VIEW retl_models.%I', a.name);
+    -- IF EXISTS: dropping the model's tables with CASCADE took the view with them.
+    EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', a.name);
     DELETE FROM retl.audiences WHERE id = a.id;
 END $$;
 COMMENT ON FUNCTION retl.drop_audience(text, boolean) IS 'Drop an audience that no sync uses.';

@@ -1,7 +1,9 @@
 -- pg_reverse_etl 0.3.0 -> 0.4.0: HubSpot and Salesforce destinations. Runs record the API
 -- usage destinations report (runs.api_usage, shown in sync_status), and create_sync and
 -- alter_sync check a sync's fields against the destination (templates locally; HubSpot
--- properties and Salesforce describe through a worker).
+-- properties and Salesforce describe through a worker). A table dropped with CASCADE under
+-- an on-change sync no longer breaks every other sync's triggers, and a model or audience
+-- whose view went with its tables can still be dropped.
 \echo Use "ALTER EXTENSION pg_reverse_etl UPDATE TO '0.4.0'" to load this file. \quit
 
 ALTER TABLE retl.runs ADD COLUMN api_usage text;
@@ -149,6 +151,110 @@ BEGIN
     END IF;
     PERFORM retl._refresh_sources(s.id);
     PERFORM retl._wake_worker_at_commit();
+END $$;
+
+CREATE OR REPLACE FUNCTION retl.drop_model(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m retl.models;
+    users text;
+BEGIN
+    SELECT * INTO m FROM retl.models WHERE models.name = drop_model.name FOR UPDATE;
+    IF NOT FOUND THEN
+        IF if_exists THEN RETURN; END IF;
+        RAISE EXCEPTION 'model % does not exist', retl._q(name) USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('model', m.name, m.owner);
+    SELECT string_agg(retl._q(s.name), ', ') INTO users FROM retl.syncs s WHERE s.model_id = m.id;
+    IF users IS NULL THEN
+        SELECT string_agg(retl._q(a.name), ', ') INTO users FROM retl.audiences a WHERE a.model_id = m.id;
+    END IF;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'model % is still used by %', retl._q(m.name), users
+              USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs and audiences first.';
+    END IF;
+    -- IF EXISTS: dropping the model's tables with CASCADE took the view with them.
+    EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', m.name);
+    DELETE FROM retl.models WHERE id = m.id;
+END $$;
+
+CREATE OR REPLACE FUNCTION retl.drop_audience(name text, if_exists boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    a retl.audiences;
+    users text;
+BEGIN
+    SELECT * INTO a FROM retl.audiences WHERE audiences.name = drop_audience.name FOR UPDATE;
+    IF NOT FOUND THEN
+        IF if_exists THEN RETURN; END IF;
+        RAISE EXCEPTION 'audience % does not exist', retl._q(name) USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_owner('audience', a.name, a.owner);
+    SELECT string_agg(retl._q(s.name), ', ') INTO users FROM retl.syncs s WHERE s.audience_id = a.id;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'audience % is still used by %', retl._q(a.name), users
+              USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Drop those syncs first.';
+    END IF;
+    -- IF EXISTS: dropping the model's tables with CASCADE took the view with them.
+    EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', a.name);
+    DELETE FROM retl.audiences WHERE id = a.id;
+END $$;
+
+CREATE OR REPLACE FUNCTION retl._refresh_change_triggers() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t oid;
+    event text;
+    transition text;
+BEGIN
+    -- Only tables that still exist: one dropped with CASCADE leaves its relid in sync_sources
+    -- (until the sync is altered or dropped), and must not stop every other sync's triggers.
+    FOR t IN SELECT DISTINCT src.relid
+               FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+               JOIN pg_class c ON c.oid = src.relid
+              WHERE s.schedule = 'on change'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = src.relid AND g.tgname = 'retl_on_change')
+    LOOP
+        EXECUTE format('CREATE TRIGGER retl_on_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %1$s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION retl._on_change(); '
+                       'ALTER TABLE %1$s ENABLE ALWAYS TRIGGER retl_on_change', t::regclass);
+    END LOOP;
+    FOR t IN SELECT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname = 'retl_on_change' AND g.tgfoid = 'retl._on_change()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.relid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER retl_on_change ON %s', t::regclass);
+    END LOOP;
+
+    -- Each of the four that is missing (also when one was dropped by hand).
+    FOR t, event, transition IN
+        SELECT DISTINCT src.relid, e.event, e.transition
+          FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+          JOIN pg_class c ON c.oid = src.relid,
+               (VALUES ('insert', 'REFERENCING NEW TABLE AS new_rows'),
+                       ('update', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                       ('delete', 'REFERENCING OLD TABLE AS old_rows'),
+                       ('truncate', '')) AS e(event, transition)
+         WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_trigger g
+                            WHERE g.tgrelid = src.relid AND g.tgname = 'retl_changed_keys_' || e.event)
+    LOOP
+        EXECUTE format('CREATE TRIGGER %1$I AFTER %2$s ON %3$s %4$s FOR EACH STATEMENT EXECUTE FUNCTION retl._log_changed_keys(); '
+                       'ALTER TABLE %3$s ENABLE ALWAYS TRIGGER %1$I',
+                       'retl_changed_keys_' || event, upper(event), t::regclass, transition);
+    END LOOP;
+    FOR t IN SELECT DISTINCT g.tgrelid FROM pg_trigger g
+              WHERE g.tgname LIKE 'retl\_changed\_keys\_%' AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+                AND NOT EXISTS (SELECT 1 FROM retl.sync_sources src JOIN retl.syncs s ON s.id = src.sync_id
+                                 WHERE s.schedule = 'on change' AND src.key_attnums IS NOT NULL AND src.relid = g.tgrelid)
+    LOOP
+        FOR event IN SELECT g.tgname FROM pg_trigger g
+                      WHERE g.tgrelid = t AND g.tgfoid = 'retl._log_changed_keys()'::regprocedure
+        LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', event, t::regclass);
+        END LOOP;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE VIEW retl.sync_status AS
