@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod fake_customerio;
 pub mod fake_hubspot;
+pub mod fake_intercom;
 pub mod fake_meta;
 pub mod fake_salesforce;
 pub mod fake_slack;

@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use retl_e2e::fake_customerio::FakeCustomerIo;
+use retl_e2e::fake_intercom::FakeIntercom;
 use retl_e2e::fake_meta::FakeMeta;
 use retl_e2e::fake_slack::FakeSlack;
 use retl_e2e::fake_stripe::FakeStripe;
@@ -59,6 +60,10 @@ impl Recipe {
             }
         }
         for model in &self.models {
+            let audiences = "SELECT retl.drop_audience(a.name) FROM retl.audiences a JOIN retl.models m ON m.id = a.model_id WHERE m.name = $1";
+            if let Err(e) = self.client.execute(audiences, &[model]) {
+                eprintln!("drop audiences of {model}: {e:?}");
+            }
             if let Err(e) = self.client.execute("SELECT retl.drop_model($1, if_exists => true)", &[model]) {
                 eprintln!("drop_model {model}: {e:?}");
             }
@@ -162,4 +167,30 @@ fn meta_high_value_users_as_a_custom_audience() {
         .map(|row| (row.get(0), row.get(1)))
         .unwrap();
     assert_eq!(members.into_iter().next().unwrap(), vec![hashed.0, hashed.1]);
+}
+
+#[test]
+fn intercom_churn_risk_as_a_tag_on_existing_contacts() {
+    let ic = FakeIntercom::start("ic-recipe");
+    for id in ["1", "2", "3"] {
+        ic.add_contact(id, &format!("c{id}@example.com"));
+    }
+    let mut r = Recipe::run(
+        "intercom",
+        &[("type 'intercom',", format!("type 'intercom', url '{}',", ic.base_url())), ("your-intercom-access-token", "ic-recipe".into())],
+        "CREATE TABLE customers (id bigint PRIMARY KEY, churn_risk numeric);
+         INSERT INTO customers VALUES (1, 0.9), (2, 0.2), (3, 0.75);",
+        vec!["churn_risk_to_intercom"],
+        vec!["customer_risk"],
+        vec!["intercom_tags"],
+    );
+    let tagged = |ic: &FakeIntercom| -> Vec<String> {
+        ic.contacts().into_iter().filter(|(_, c)| c["tags"].as_array().unwrap().contains(&json!("churn_risk"))).map(|(k, _)| k).collect()
+    };
+    let run = run_sync(&mut r.client, "churn_risk_to_intercom");
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 2), "{run:?}");
+    assert_eq!(tagged(&ic), ["1", "3"]);
+    r.client.batch_execute("UPDATE customers SET churn_risk = 0.1 WHERE id = 3").unwrap();
+    run_sync(&mut r.client, "churn_risk_to_intercom");
+    assert_eq!(tagged(&ic), ["1"]);
 }

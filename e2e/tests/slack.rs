@@ -142,3 +142,17 @@ fn a_digest_per_run_through_an_incoming_webhook() {
     assert_eq!(code, "42703");
     assert!(message.contains("text template: ") && message.contains("name"), "{message}");
 }
+
+#[test]
+fn the_default_rate_keeps_within_slacks_one_message_per_second_per_channel() {
+    let slack = FakeSlack::start("xoxb-5");
+    slack.add_channel("C0001", "sales");
+    slack.enforce_channel_rate(true);
+    let mut s = set_up(&slack, 4, "text 'Hi {{ fields.name }}', channel 'C0001'", "xoxb-5", "insert");
+    let _drop = DropSyncs(vec![s.sync.clone()]);
+    let run = run_sync(&mut s.client, &s.sync);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 4, 4), "{run:?}");
+    assert!(slack.calls().iter().all(|c| c.status == 200), "no 429: {:?}", slack.calls().iter().map(|c| c.status).collect::<Vec<_>>());
+    assert_eq!(slack.messages("C0001").len(), 4);
+    let _ = &s.table;
+}

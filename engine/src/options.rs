@@ -4,7 +4,7 @@
 mod engagement;
 mod saas;
 
-pub use engagement::{MetaOptions, SlackOptions};
+pub use engagement::{IntercomObject, IntercomOptions, MetaOptions, SlackOptions};
 pub use saas::{HubSpotOptions, OAuthSecrets, SalesforceOptions, UserMapping};
 
 use std::fmt;
@@ -12,9 +12,9 @@ use std::time::Duration;
 
 const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
      max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id, \
-     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id";
+     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag";
 /// Options that only some destination types take (every other option is common to all).
-const TYPE_OPTIONS: [(&str, &[DestinationKind]); 19] = {
+const TYPE_OPTIONS: [(&str, &[DestinationKind]); 20] = {
     use DestinationKind::*;
     [
         ("method", &[Http]),
@@ -27,20 +27,21 @@ const TYPE_OPTIONS: [(&str, &[DestinationKind]); 19] = {
         ("result_ok", &[Http]),
         ("result_error", &[Http]),
         ("result_id", &[Http]),
-        ("object", &[HubSpot, Salesforce]),
+        ("object", &[HubSpot, Salesforce, Intercom]),
         ("id_property", &[HubSpot]),
         ("external_id", &[Salesforce]),
-        ("api_version", &[Salesforce, MetaAudience]),
+        ("api_version", &[Salesforce, MetaAudience, Intercom]),
         ("bulk_threshold", &[Salesforce]),
         ("bulk_poll_ms", &[Salesforce]),
         ("channel", &[Slack]),
         ("text", &[Slack]),
         ("audience_id", &[MetaAudience]),
+        ("tag", &[Intercom]),
     ]
 };
 const MAPPING_OPTIONS: &str = "token, token_env, client_id, client_secret, refresh_token";
 const WRAPPER_OPTIONS: &str = "none (put destination settings on CREATE SERVER and credentials on CREATE USER MAPPING)";
-const SUPPORTED_TYPES: &str = "webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience";
+const SUPPORTED_TYPES: &str = "webhook, http, hubspot, salesforce, slack, stripe, intercom, customerio, meta_audience";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionsError {
@@ -90,6 +91,8 @@ pub enum DestinationKind {
     Slack,
     /// Stripe customers (fields and metadata).
     Stripe,
+    /// Intercom contacts and companies, and audience membership as a tag.
+    Intercom,
     /// Customer.io people (Track API identify and delete).
     CustomerIo,
     /// Meta custom audience membership (hashed identifiers).
@@ -105,6 +108,7 @@ impl DestinationKind {
             DestinationKind::Salesforce => "salesforce",
             DestinationKind::Slack => "slack",
             DestinationKind::Stripe => "stripe",
+            DestinationKind::Intercom => "intercom",
             DestinationKind::CustomerIo => "customerio",
             DestinationKind::MetaAudience => "meta_audience",
         }
@@ -162,6 +166,8 @@ pub struct DestinationConfig {
     pub slack: Option<SlackOptions>,
     /// Type 'meta_audience' only.
     pub meta: Option<MetaOptions>,
+    /// Type 'intercom' only.
+    pub intercom: Option<IntercomOptions>,
     /// Where an OAuth access token is refreshed: `token_url`, or the vendor's for hubspot and
     /// salesforce.
     pub token_url: Option<String>,
@@ -216,7 +222,7 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         None => {
             return Err(OptionsError::Missing {
                 option: "type",
-                hint: "one of: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience",
+                hint: "one of: webhook, http, hubspot, salesforce, slack, stripe, intercom, customerio, meta_audience",
             })
         }
         Some("webhook") => DestinationKind::Webhook,
@@ -225,6 +231,7 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         Some("salesforce") => DestinationKind::Salesforce,
         Some("slack") => DestinationKind::Slack,
         Some("stripe") => DestinationKind::Stripe,
+        Some("intercom") => DestinationKind::Intercom,
         Some("customerio") => DestinationKind::CustomerIo,
         Some("meta_audience") => DestinationKind::MetaAudience,
         Some(other) => return Err(OptionsError::UnknownType(other.to_string())),
@@ -232,9 +239,12 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
     for (option, kinds) in TYPE_OPTIONS {
         if get(opts, option).is_some() && !kinds.contains(&kind) {
             let names: Vec<String> = kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
+            let names = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => names.join(""),
+            };
             return Err(OptionsError::Conflict(format!(
-                "\"{option}\" is for destinations of type {} only, not '{}'",
-                names.join(" or "),
+                "\"{option}\" is for destinations of type {names} only, not '{}'",
                 kind.as_str()
             )));
         }
@@ -340,6 +350,10 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
         },
         meta: match kind {
             DestinationKind::MetaAudience => Some(engagement::parse_meta(opts)?),
+            _ => None,
+        },
+        intercom: match kind {
+            DestinationKind::Intercom => Some(engagement::parse_intercom(opts)?),
             _ => None,
         },
         token_url: saas::token_url(opts, kind, url)?,
@@ -592,6 +606,7 @@ mod tests {
                 salesforce: None,
                 slack: None,
                 meta: None,
+                intercom: None,
                 token_url: None,
             }
         );
@@ -626,7 +641,7 @@ mod tests {
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
              rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
              encoding, success, results, result_ok, result_error, result_id, object, id_property, external_id, \
-             api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id"
+             api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag"
         );
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
@@ -663,11 +678,11 @@ mod tests {
         }
         assert_eq!(
             server_err(&[("url", "https://example.com")]),
-            "option \"type\" is required (one of: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience)"
+            "option \"type\" is required (one of: webhook, http, hubspot, salesforce, slack, stripe, intercom, customerio, meta_audience)"
         );
         assert_eq!(
             server_err(&[("type", "hubspt"), ("url", "https://example.com")]),
-            "unknown destination type \"hubspt\" (supported: webhook, http, hubspot, salesforce, slack, stripe, customerio, meta_audience)"
+            "unknown destination type \"hubspt\" (supported: webhook, http, hubspot, salesforce, slack, stripe, intercom, customerio, meta_audience)"
         );
         assert_eq!(
             server_err(&[("type", "webhook")]),

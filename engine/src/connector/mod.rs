@@ -4,6 +4,7 @@
 mod customerio;
 mod http;
 mod hubspot;
+mod intercom;
 mod meta;
 pub mod salesforce;
 mod slack;
@@ -13,6 +14,7 @@ mod webhook;
 pub use customerio::CustomerIo;
 pub use http::Http;
 pub use hubspot::HubSpot;
+pub use intercom::Intercom;
 pub use meta::MetaAudience;
 pub use salesforce::Salesforce;
 pub use slack::Slack;
@@ -276,6 +278,11 @@ pub fn for_sync(cfg: &DestinationConfig, sync_fields: &[String]) -> Box<dyn Dest
         }
         DestinationKind::Stripe => return Box::new(Stripe::new(&cfg.url, sync_fields)),
         DestinationKind::CustomerIo => return Box::new(CustomerIo::new(&cfg.url)),
+        DestinationKind::Intercom => {
+            if let Some(intercom) = &cfg.intercom {
+                return Box::new(Intercom::new(&cfg.url, intercom));
+            }
+        }
         DestinationKind::MetaAudience => {
             if let Some(meta) = &cfg.meta {
                 return Box::new(MetaAudience::new(&cfg.url, meta));

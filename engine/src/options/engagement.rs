@@ -7,6 +7,10 @@ pub const SLACK_WEBHOOK_URL: &str = "https://hooks.slack.com/services";
 pub const STRIPE_URL: &str = "https://api.stripe.com";
 pub const CUSTOMERIO_URL: &str = "https://track.customer.io";
 pub const META_URL: &str = "https://graph.facebook.com";
+pub const INTERCOM_URL: &str = "https://api.intercom.io";
+const INTERCOM_VERSION: &str = "2.14";
+/// Intercom allows 10,000 calls per minute per app (and 25,000 per workspace).
+const INTERCOM_RATE: f64 = 150.0;
 const META_API_VERSION: &str = "21.0";
 
 /// Slack posts about one message per second per channel.
@@ -31,6 +35,21 @@ pub struct SlackOptions {
     pub digest: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum IntercomObject {
+    Contacts,
+    Companies,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntercomOptions {
+    pub object: IntercomObject,
+    /// Mirror audience membership as this tag on existing contacts, instead of writing them.
+    pub tag: Option<String>,
+    /// The Intercom-Version header.
+    pub version: String,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetaOptions {
     pub audience_id: String,
@@ -45,6 +64,7 @@ pub fn default_url(kind: DestinationKind, opts: &[(String, String)]) -> Option<&
         DestinationKind::Stripe => Some(STRIPE_URL),
         DestinationKind::CustomerIo => Some(CUSTOMERIO_URL),
         DestinationKind::MetaAudience => Some(META_URL),
+        DestinationKind::Intercom => Some(INTERCOM_URL),
         _ => None,
     }
 }
@@ -55,6 +75,7 @@ pub fn default_rate_limit(kind: DestinationKind) -> Option<f64> {
         DestinationKind::Stripe => Some(STRIPE_RATE),
         DestinationKind::CustomerIo => Some(CUSTOMERIO_RATE),
         DestinationKind::MetaAudience => Some(META_RATE),
+        DestinationKind::Intercom => Some(INTERCOM_RATE),
         _ => None,
     }
 }
@@ -88,6 +109,38 @@ pub fn parse_slack(opts: &[(String, String)]) -> Result<SlackOptions, OptionsErr
         }
     };
     Ok(SlackOptions { channel, text: text.to_string(), digest })
+}
+
+pub fn parse_intercom(opts: &[(String, String)]) -> Result<IntercomOptions, OptionsError> {
+    let object = match get(opts, "object") {
+        None | Some("contacts") => IntercomObject::Contacts,
+        Some("companies") => IntercomObject::Companies,
+        Some(other) => {
+            return Err(OptionsError::Invalid {
+                option: "object",
+                value: other.to_string(),
+                expected: "'contacts' (the default) or 'companies'",
+            })
+        }
+    };
+    let tag = match get(opts, "tag") {
+        None => None,
+        Some(_) if object == IntercomObject::Companies => {
+            return Err(OptionsError::Conflict("\"tag\" mirrors membership on contacts: it needs object 'contacts'".into()))
+        }
+        Some(t) if !t.trim().is_empty() && t.len() <= 190 => Some(t.to_string()),
+        Some(t) => {
+            return Err(OptionsError::Invalid { option: "tag", value: t.to_string(), expected: "a tag name (1 to 190 characters)" })
+        }
+    };
+    let version = match get(opts, "api_version") {
+        None => INTERCOM_VERSION.to_string(),
+        Some(v) if v.split('.').count() == 2 && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) => v.to_string(),
+        Some(v) => {
+            return Err(OptionsError::Invalid { option: "api_version", value: v.to_string(), expected: "an Intercom API version such as '2.14'" })
+        }
+    };
+    Ok(IntercomOptions { object, tag, version })
 }
 
 pub fn parse_meta(opts: &[(String, String)]) -> Result<MetaOptions, OptionsError> {
@@ -151,6 +204,24 @@ mod tests {
         let meta = parse_server_options(&opts(&[("type", "meta_audience"), ("audience_id", "2385")])).unwrap();
         assert_eq!((meta.url.as_str(), meta.batch_size), ("https://graph.facebook.com", 10_000));
         assert_eq!(meta.meta.unwrap(), MetaOptions { audience_id: "2385".into(), api_version: "21.0".into() });
+    }
+
+    #[test]
+    fn intercom_options() {
+        let cfg = parse_server_options(&opts(&[("type", "intercom"), ("tag", "churn_risk")])).unwrap();
+        assert_eq!((cfg.url.as_str(), cfg.rate_limit), ("https://api.intercom.io", Some(150.0)));
+        assert_eq!(
+            cfg.intercom.unwrap(),
+            IntercomOptions { object: IntercomObject::Contacts, tag: Some("churn_risk".into()), version: "2.14".into() }
+        );
+        assert_eq!(
+            err(&[("type", "intercom"), ("object", "companies"), ("tag", "x")]),
+            "option \"tag\" mirrors membership on contacts: it needs object 'contacts'"
+        );
+        assert_eq!(
+            err(&[("type", "intercom"), ("object", "leads")]),
+            "option \"object\" must be 'contacts' (the default) or 'companies', got \"leads\""
+        );
     }
 
     #[test]

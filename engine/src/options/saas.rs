@@ -251,7 +251,7 @@ mod tests {
         );
         assert_eq!(
             err(&[("type", "webhook"), ("url", "https://x.example"), ("object", "contacts")]),
-            "option \"object\" is for destinations of type 'hubspot' or 'salesforce' only, not 'webhook'"
+            "option \"object\" is for destinations of type 'hubspot', 'salesforce' or 'intercom' only, not 'webhook'"
         );
     }
 
