@@ -75,6 +75,23 @@ fn contacts_are_created_updated_and_archived_with_their_custom_attributes() {
     ic.clear_calls();
     let third = run_sync(&mut s.client, &s.sync);
     assert_eq!((third.delivered, third.api_calls), (0, 0));
+
+    // u3 comes back: its archived contact is unarchived and updated, not duplicated.
+    s.client.batch_execute(&format!("INSERT INTO {} VALUES ('u3', 'u3@example.com', 'pro', 0.3)", s.table)).unwrap();
+    let fourth = run_sync(&mut s.client, &s.sync);
+    assert_eq!((fourth.status.as_str(), fourth.delivered, fourth.api_calls), ("succeeded", 1, 3), "{fourth:?}");
+    let trail: Vec<(String, String, u16)> = ic.calls().into_iter().map(|c| (c.method, c.path, c.status)).collect();
+    assert_eq!(
+        trail,
+        [
+            ("POST".to_string(), "/contacts".to_string(), 409),
+            ("POST".to_string(), format!("/contacts/{}/unarchive", ids["u3"]), 200),
+            ("PUT".to_string(), format!("/contacts/{}", ids["u3"]), 200),
+        ]
+    );
+    let contacts = ic.contacts();
+    assert_eq!((contacts["u3"]["archived"].as_bool(), contacts["u3"]["custom_attributes"]["plan"].as_str()), (Some(false), Some("pro")));
+    assert_eq!(contacts.len(), 3);
 }
 
 /// The identity map of a sync whose key is `external_id` (text).

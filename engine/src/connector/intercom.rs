@@ -4,7 +4,8 @@
 //!   updated by the Intercom id the identity map learned (`PUT /contacts/{id}`); a 409 (the
 //!   contact exists already) names its id, and the row is sent again as an update. Standard
 //!   attributes go top-level, every other field into `custom_attributes`. A row leaving a
-//!   mirror sync archives the contact (reversible, unlike a delete).
+//!   mirror sync archives the contact (reversible, unlike a delete); when it comes back, the
+//!   409 names the archived contact, which is unarchived and then updated.
 //! - Audience membership as a tag (`tag 'name'`): rows entering tag the existing contact with
 //!   that external id, rows leaving untag it (`POST /tags` with `users`, in batches); a contact
 //!   whose id is not known yet is looked up with `POST /contacts/search` first.
@@ -40,6 +41,10 @@ const TAG: u8 = 5;
 const UNTAG: u8 = 6;
 const COMPANY: u8 = 7;
 const DELETE_COMPANY: u8 = 8;
+const UNARCHIVE: u8 = 9;
+/// Marks a destination id (only while a row is being sent) whose contact must be unarchived
+/// before it can be updated.
+const ARCHIVED: &str = "archived:";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum IntercomError {
@@ -186,6 +191,9 @@ impl Destination for Intercom {
     }
 
     fn request_group(&self, record: &OutboxRecord) -> u8 {
+        if record.destination_id.as_deref().is_some_and(|id| id.starts_with(ARCHIVED)) {
+            return UNARCHIVE;
+        }
         let leaving = record.op == Op::Delete;
         let known = record.destination_id.is_some();
         match (self.opts.object, &self.opts.tag, leaving, known) {
@@ -204,11 +212,12 @@ impl Destination for Intercom {
     fn build_request(&self, _: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
         use reqwest::Method;
         let first = records.first().ok_or("no record")?;
-        let id = first.destination_id.as_deref().map(Self::segment).unwrap_or_default();
+        let id = first.destination_id.as_deref().map(|id| Self::segment(id.trim_start_matches(ARCHIVED))).unwrap_or_default();
         Ok(match self.request_group(first) {
             CREATE => self.request(Method::POST, "/contacts", Some(self.attributes(first)), token),
             UPDATE => self.request(Method::PUT, &format!("/contacts/{id}"), Some(self.attributes(first)), token),
             ARCHIVE => self.request(Method::POST, &format!("/contacts/{id}/archive"), None, token),
+            UNARCHIVE => self.request(Method::POST, &format!("/contacts/{id}/unarchive"), None, token),
             LOOKUP_ENTRY | LOOKUP_EXIT => {
                 let ids: Vec<String> = records.iter().filter_map(|r| self.identity(r)).collect();
                 let query = json!({"query": {"field": "external_id", "operator": "IN", "value": ids}, "pagination": {"per_page": 50}});
@@ -243,11 +252,23 @@ impl Destination for Intercom {
             (200, TAG) => ResponseOutcome::PerRecord(
                 records.iter().map(|r| RecordResult::AckWithId(r.destination_id.clone().unwrap_or_default())).collect(),
             ),
+            // Unarchived: now update it.
+            (200, UNARCHIVE) => ResponseOutcome::PerRecord(
+                records
+                    .iter()
+                    .map(|r| RecordResult::Resolved(r.destination_id.as_deref().unwrap_or_default().trim_start_matches(ARCHIVED).to_string()))
+                    .collect(),
+            ),
             (200..=299, _) => ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]),
-            // Created meanwhile (or by someone else): the answer names it; update it instead.
+            // Created meanwhile (or by someone else, or archived when it left): the answer
+            // names it; update it instead, unarchiving it first if need be.
             (409, CREATE) => {
                 let message = Self::error_text(&json, resp);
+                let archived = message.contains("archived contact");
                 match message.rsplit_once("id=").map(|(_, id)| id.trim().trim_end_matches('.').to_string()) {
+                    Some(id) if !id.is_empty() && archived => {
+                        ResponseOutcome::PerRecord(vec![RecordResult::Resolved(format!("{ARCHIVED}{id}")); records.len()])
+                    }
                     Some(id) if !id.is_empty() => ResponseOutcome::PerRecord(vec![RecordResult::Resolved(id); records.len()]),
                     _ => ResponseOutcome::PerRecord(vec![RecordResult::Rejected { status: Some(409), message }; records.len()]),
                 }
@@ -320,6 +341,13 @@ mod tests {
         assert_eq!(ic.build_request(&ctx(), &[known], None).unwrap().url, "http://ic/contacts/abc123");
         let gone = rec(Op::Delete, None, Some("abc123"));
         assert_eq!(ic.build_request(&ctx(), &[gone], None).unwrap().url, "http://ic/contacts/abc123/archive");
+        // Back after it left: the archived contact is unarchived, then updated.
+        let archived = resp(409, json!({"errors": [{"code": "conflict", "message": "An archived contact matching those details already exists with id=abc123"}]}));
+        let back = [rec(Op::Upsert, Some(json!({"email": "a@x.io"})), None)];
+        assert_eq!(ic.classify(&back, &archived), ResponseOutcome::PerRecord(vec![RecordResult::Resolved("archived:abc123".into())]));
+        let unarchive = rec(Op::Upsert, Some(json!({"email": "a@x.io"})), Some("archived:abc123"));
+        assert_eq!(ic.build_request(&ctx(), std::slice::from_ref(&unarchive), None).unwrap().url, "http://ic/contacts/abc123/unarchive");
+        assert_eq!(ic.classify(&[unarchive], &resp(200, json!({"id": "abc123", "archived": false}))), ResponseOutcome::PerRecord(vec![RecordResult::Resolved("abc123".into())]));
     }
 
     #[test]
