@@ -18,13 +18,11 @@
 //! not stored as attributes. A scripted 429 (`throttle_next`) answers the next requests,
 //! before auth, with `Retry-After: 1`.
 
-use crate::http_util::{percent_decode, request_header};
+use crate::http_util::{percent_decode, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tiny_http::{Header, Response, Server};
+use tiny_http::{Header, Response};
 
 /// Customer.io's documented limits for people.
 const MAX_ID_BYTES: usize = 150;
@@ -54,43 +52,25 @@ struct State {
 }
 
 pub struct FakeCustomerIo {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeCustomerIo {
     /// Starts the fake on 127.0.0.1 (a free port), accepting Basic auth `site_id:api_key`.
     pub fn start(site_id: &str, api_key: &str) -> FakeCustomerIo {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Customer.io: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
         let credentials = (site_id.to_string(), api_key.to_string());
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state, &credentials),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeCustomerIo {
-            port,
-            state,
-            stop,
-            server,
-        }
+        let handler_state = state.clone();
+        let server = FakeServer::start("Customer.io", move |request| {
+            serve(request, &handler_state, &credentials)
+        });
+        FakeCustomerIo { state, server }
     }
 
     /// The Track API root (stands for `https://track.customer.io`).
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// The people held: identifier → attributes object (as merged).
@@ -114,13 +94,6 @@ impl FakeCustomerIo {
     /// The next `n` requests get 429 with Retry-After: 1.
     pub fn throttle_next(&self, n: usize) {
         self.state.lock().unwrap().throttle_next = n;
-    }
-}
-
-impl Drop for FakeCustomerIo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 

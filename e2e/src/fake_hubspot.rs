@@ -28,14 +28,13 @@
 //! `authorization_code` grant. A read request asking for them is refused with a 400 that says so,
 //! rather than answered wrongly.
 
-use crate::http_util::{form_fields, request_header};
+use crate::http_util::{form_fields, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, Request, Response};
 
 /// HubSpot's documented limit for every batch endpoint.
 const MAX_BATCH: usize = 100;
@@ -181,11 +180,8 @@ struct State {
 }
 
 pub struct FakeHubSpot {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
-    thread: Option<JoinHandle<()>>,
+    server: FakeServer,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -196,8 +192,6 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl FakeHubSpot {
     /// Starts the fake on 127.0.0.1 with `token` as the one valid access token.
     pub fn start(token: &str) -> FakeHubSpot {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake HubSpot: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let mut objects = BTreeMap::new();
         objects.insert(
             "contacts".to_string(),
@@ -248,34 +242,14 @@ impl FakeHubSpot {
             oauth: None,
             token_calls: 0,
         }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("fake-hubspot".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        match server.recv_timeout(Duration::from_millis(100)) {
-                            Ok(Some(request)) => serve(request, &state),
-                            Ok(None) => {}
-                            Err(_) => return,
-                        }
-                    }
-                })
-                .expect("fake HubSpot: cannot spawn the server thread")
-        };
-        FakeHubSpot {
-            port,
-            state,
-            stop,
-            server,
-            thread: Some(thread),
-        }
+        let handler_state = state.clone();
+        let server = FakeServer::start("HubSpot", move |request| serve(request, &handler_state));
+        FakeHubSpot { state, server }
     }
 
     /// `http://127.0.0.1:PORT`, to use in place of `https://api.hubapi.com`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// Defines (or redefines the properties of) a custom object type such as `p_accounts` or
@@ -361,16 +335,6 @@ impl FakeHubSpot {
     /// POST `/oauth/v1/token` requests received, successful or not.
     pub fn token_calls(&self) -> usize {
         lock(&self.state).token_calls
-    }
-}
-
-impl Drop for FakeHubSpot {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

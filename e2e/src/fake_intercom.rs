@@ -27,13 +27,13 @@
 //! (400 `parameter_not_found` for an undeclared one, 400 `parameter_invalid` for a value of
 //! the wrong type or a text longer than 255 characters).
 
-use crate::http_util::{percent_decode, request_header};
+use crate::http_util::{percent_decode, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Response, Server};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tiny_http::{Header, Response};
 
 /// `Intercom-Version` values the fake serves (2.14 and its recent predecessors).
 const KNOWN_VERSIONS: [&str; 4] = ["2.11", "2.12", "2.13", "2.14"];
@@ -343,42 +343,24 @@ impl State {
 }
 
 pub struct FakeIntercom {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeIntercom {
     /// Starts the fake on 127.0.0.1 (a free port), accepting `Authorization: Bearer <token>`.
     pub fn start(token: &str) -> FakeIntercom {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Intercom: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
         let token = token.to_string();
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state, &token),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeIntercom {
-            port,
-            state,
-            stop,
-            server,
-        }
+        let handler_state = state.clone();
+        let server = FakeServer::start("Intercom", move |request| {
+            serve(request, &handler_state, &token)
+        });
+        FakeIntercom { state, server }
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// Adds a live user directly (no HTTP call, no journal entry) and returns its Intercom id.
@@ -488,13 +470,6 @@ impl FakeIntercom {
     /// The next `n` authenticated requests get 429 `rate_limit_exceeded`.
     pub fn throttle_next(&self, n: usize) {
         self.state.lock().unwrap().throttle_next = n;
-    }
-}
-
-impl Drop for FakeIntercom {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 
@@ -1157,23 +1132,24 @@ fn post_tags(st: &mut State, body: &Map<String, Value>) -> Answer {
     let now = now_secs();
     for (id, untag) in contact_changes {
         let contact = st.contacts.get_mut(&id).expect("resolved above");
-        if untag {
-            contact.tags.remove(&tag_id);
-        } else {
-            contact.tags.insert(tag_id.clone());
-        }
+        set_tagged(&mut contact.tags, &tag_id, !untag);
         contact.updated_at = now;
     }
     for (id, untag) in company_changes {
         let company = st.companies.get_mut(&id).expect("resolved above");
-        if untag {
-            company.tags.remove(&tag_id);
-        } else {
-            company.tags.insert(tag_id.clone());
-        }
+        set_tagged(&mut company.tags, &tag_id, !untag);
         company.updated_at = now;
     }
     Ok(json!({"type": "tag", "id": tag_id, "name": st.tags[&tag_id]}))
+}
+
+/// Puts `tag_id` in `tags`, or takes it out.
+fn set_tagged(tags: &mut BTreeSet<String>, tag_id: &str, tagged: bool) {
+    if tagged {
+        tags.insert(tag_id.to_string());
+    } else {
+        tags.remove(tag_id);
+    }
 }
 
 /// `POST /companies`: create or update by `company_id`.

@@ -43,13 +43,11 @@
 //! "invalid_entry_samples"}` (the `session_id` of a `session` parameter is echoed, otherwise
 //! one is made up). Every request goes into [`FakeMeta::calls`] with its final status.
 
-use crate::http_util::{form_fields, request_header};
+use crate::http_util::{form_fields, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tiny_http::{Header, Response, Server};
+use tiny_http::{Header, Response};
 
 /// Most rows Meta takes in one request.
 const MAX_USERS_PER_REQUEST: usize = 10_000;
@@ -104,44 +102,24 @@ struct State {
 }
 
 pub struct FakeMeta {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeMeta {
     pub fn start(access_token: &str) -> FakeMeta {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Meta: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State {
             token: access_token.to_string(),
             ..State::default()
         }));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeMeta {
-            port,
-            state,
-            stop,
-            server,
-        }
+        let handler_state = state.clone();
+        let server = FakeServer::start("Meta", move |request| serve(request, &handler_state));
+        FakeMeta { state, server }
     }
 
     /// `http://127.0.0.1:PORT`, standing for `https://graph.facebook.com`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// Makes a (customer-file) custom audience known; one already known keeps its members.
@@ -189,13 +167,6 @@ impl FakeMeta {
     /// The access token given to `start` is refused from now on (401, code 190, subcode 463).
     pub fn expire_token(&self) {
         self.state.lock().unwrap().token_expired = true;
-    }
-}
-
-impl Drop for FakeMeta {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 

@@ -20,13 +20,12 @@
 //! update reports ENTITY_IS_DELETED as Salesforce does. Every request, refused ones included,
 //! is journaled with its final status.
 
-use crate::http_util::{form_fields, percent_decode, request_header};
+use crate::http_util::{form_fields, percent_decode, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Response, Server};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tiny_http::{Header, Response};
 
 /// Collections (and the delete `ids` list) take at most this many records.
 const MAX_COLLECTION: usize = 200;
@@ -133,46 +132,27 @@ impl FieldSpec {
 
 /// A fake Salesforce org on 127.0.0.1 (instance URL = `base_url()`).
 pub struct FakeSalesforce {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeSalesforce {
     /// Starts the fake with `token` as the one valid access token, and the built-in
     /// `Contact` and `Account` objects.
     pub fn start(token: &str) -> FakeSalesforce {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Salesforce: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
-        let state = Arc::new(Mutex::new(State::new(
-            token,
-            format!("http://127.0.0.1:{port}"),
-        )));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeSalesforce {
-            port,
-            state,
-            stop,
-            server,
-        }
+        let state = Arc::new(Mutex::new(State::new(token)));
+        // Held until the instance URL is set, so that no request is answered without it.
+        let mut st = state.lock().unwrap();
+        let handler_state = state.clone();
+        let server = FakeServer::start("Salesforce", move |request| serve(request, &handler_state));
+        st.base_url = server.base_url();
+        drop(st);
+        FakeSalesforce { state, server }
     }
 
     /// The instance URL, `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// Adds (or replaces) an object such as `Churn_Risk__c`. An `Id` field is added when
@@ -254,13 +234,6 @@ impl FakeSalesforce {
     /// reports its final state (default 1).
     pub fn set_bulk_polls_until_complete(&self, n: usize) {
         self.state.lock().unwrap().bulk_polls = n;
-    }
-}
-
-impl Drop for FakeSalesforce {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 
@@ -403,7 +376,8 @@ enum Target<'a> {
 }
 
 impl State {
-    fn new(token: &str, base_url: String) -> State {
+    /// A new org; `base_url` is set once the server has its port.
+    fn new(token: &str) -> State {
         let contact = Object::new(
             "Contact",
             "003",
@@ -448,7 +422,7 @@ impl State {
             ],
         );
         State {
-            base_url,
+            base_url: String::new(),
             objects: vec![contact, account],
             records: BTreeMap::new(),
             next_id: 0,

@@ -27,13 +27,12 @@
 //! Block Kit beyond "each block is an object with a `type`, at most 50 blocks". A request that
 //! needs them is refused rather than answered wrongly.
 
-use crate::http_util::{form_fields, request_header};
+use crate::http_util::{form_fields, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response, Server};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tiny_http::{Header, Request, Response};
 
 /// Slack's limit on a message's `text`, in characters.
 const MAX_TEXT: usize = 40_000;
@@ -181,44 +180,26 @@ impl State {
 }
 
 pub struct FakeSlack {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeSlack {
     /// Starts the fake on a free local port; `bot_token` (`xoxb-...`) is the token
     /// `chat.postMessage` accepts.
     pub fn start(bot_token: &str) -> FakeSlack {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Slack: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            let token = bot_token.to_string();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state, &token),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeSlack {
-            port,
-            state,
-            stop,
-            server,
-        }
+        let token = bot_token.to_string();
+        let handler_state = state.clone();
+        let server = FakeServer::start("Slack", move |request| {
+            serve(request, &handler_state, &token)
+        });
+        FakeSlack { state, server }
     }
 
     /// `http://127.0.0.1:PORT`: the Web API lives under `/api/`, webhooks under `/services/`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// A channel `id` (e.g. `C0001`) called `name` (e.g. `sales`, without '#'); adding an
@@ -287,13 +268,6 @@ impl FakeSlack {
     /// The bot token is revoked: `chat.postMessage` answers `token_revoked` from now on.
     pub fn revoke_token(&self) {
         self.state.lock().unwrap().token_revoked = true;
-    }
-}
-
-impl Drop for FakeSlack {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 
@@ -630,6 +604,7 @@ fn serve(mut request: Request, state: &Mutex<State>, bot_token: &str) {
 mod tests {
     use super::*;
     use crate::http_util::client::{send, Reply};
+    use std::time::Duration;
 
     const TOKEN: &str = "xoxb-1-test";
     const HOOK: &str = "T0001/B0001/XXXXXXXXXXXXXXXXXXXXXXXX";

@@ -49,14 +49,13 @@
 //! (connected accounts), `Stripe-Version`, concurrent requests with the same idempotency key
 //! (the fake serves one request at a time) and the 24-hour expiry of idempotency keys.
 
-use crate::http_util::{form_fields, percent_decode, request_header};
+use crate::http_util::{form_fields, percent_decode, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response, Server};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tiny_http::{Header, Request, Response};
 
 const CUSTOMERS_PREFIX: &str = "/v1/customers/";
 /// Stripe's documented metadata limits.
@@ -135,11 +134,8 @@ struct State {
 }
 
 pub struct FakeStripe {
-    port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
-    thread: Option<JoinHandle<()>>,
+    server: FakeServer,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -151,8 +147,6 @@ impl FakeStripe {
     /// Starts the fake on 127.0.0.1 (a free port) with `secret_key` (e.g. `sk_test_abc`) as the
     /// one valid API key.
     pub fn start(secret_key: &str) -> FakeStripe {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake Stripe: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State {
             secret_key: secret_key.to_string(),
             customers: BTreeMap::new(),
@@ -160,34 +154,14 @@ impl FakeStripe {
             throttle_next: 0,
             idempotency: HashMap::new(),
         }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("fake-stripe".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        match server.recv_timeout(Duration::from_millis(100)) {
-                            Ok(Some(request)) => serve(request, &state),
-                            Ok(None) => {}
-                            Err(_) => return,
-                        }
-                    }
-                })
-                .expect("fake Stripe: cannot spawn the server thread")
-        };
-        FakeStripe {
-            port,
-            state,
-            stop,
-            server,
-            thread: Some(thread),
-        }
+        let handler_state = state.clone();
+        let server = FakeServer::start("Stripe", move |request| serve(request, &handler_state));
+        FakeStripe { state, server }
     }
 
     /// `http://127.0.0.1:PORT`, to be used in place of `https://api.stripe.com`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     /// Adds (or resets) customer `id` with `email` and nothing else set.
@@ -231,16 +205,6 @@ impl FakeStripe {
     /// The next `n` requests get 429 `rate_limit` with `Stripe-Should-Retry: true`.
     pub fn throttle_next(&self, n: usize) {
         lock(&self.state).throttle_next = n;
-    }
-}
-
-impl Drop for FakeStripe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -10,13 +10,11 @@
 //! form-encoded, RFC 6749 §4.4) issues a new API key when OAuth is configured; `expire_keys`
 //! makes every key issued so far answer 401.
 
-use crate::http_util::{percent_decode, request_header};
+use crate::http_util::{percent_decode, request_header, FakeServer};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tiny_http::{Header, Response, Server};
+use tiny_http::{Header, Response};
 
 #[derive(Clone, Debug)]
 pub struct Call {
@@ -40,36 +38,21 @@ struct State {
 }
 
 pub struct FakeUsersApi {
-    port: u16,
     api_key: String,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    server: Arc<Server>,
+    server: FakeServer,
 }
 
 impl FakeUsersApi {
     pub fn start(api_key: &str) -> FakeUsersApi {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("fake users API: cannot bind"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State { keys: vec![api_key.to_string()], ..State::default() }));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (server, state, stop) = (server.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &state),
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-        FakeUsersApi { port, api_key: api_key.to_string(), state, stop, server }
+        let handler_state = state.clone();
+        let server = FakeServer::start("users API", move |request| serve(request, &handler_state));
+        FakeUsersApi { api_key: api_key.to_string(), state, server }
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.base_url()
     }
 
     pub fn api_key(&self) -> &str {
@@ -106,13 +89,6 @@ impl FakeUsersApi {
     /// The next `n` requests get 429 with Retry-After: 1.
     pub fn throttle_next(&self, n: usize) {
         self.state.lock().unwrap().throttle_next = n;
-    }
-}
-
-impl Drop for FakeUsersApi {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
     }
 }
 

@@ -5,15 +5,14 @@
 //! connector bugs pass the end-to-end tests. Every request is journaled (including
 //! rejected and scripted ones) so tests can assert on what was actually sent.
 
+use crate::http_util::FakeServer;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, Request, Response};
 
 /// A response (or delay) forced onto the next request, ahead of any validation.
 #[derive(Clone, Debug)]
@@ -129,23 +128,6 @@ impl Shared {
     }
 }
 
-/// Stops the server thread when the last clone of the fake goes away.
-struct ServerGuard {
-    server: Arc<Server>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Builder for [`FakeWebhook`].
 pub struct Builder {
     port: u16,
@@ -183,29 +165,18 @@ impl Builder {
     }
 
     pub fn try_start(self) -> io::Result<FakeWebhook> {
-        let listener = TcpListener::bind(("127.0.0.1", self.port))?;
-        let addr = listener.local_addr()?;
-        let server = Arc::new(Server::from_listener(listener, None).map_err(io::Error::other)?);
         let shared = Arc::new(Shared {
             config: self.config,
             state: Mutex::default(),
         });
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (server, shared, stop) = (server.clone(), shared.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("fake-webhook".into())
-                .spawn(move || serve(&server, &shared, &stop))?
-        };
-        let guard = ServerGuard {
-            server,
-            stop,
-            thread: Some(thread),
-        };
+        let handler_shared = shared.clone();
+        let server = FakeServer::try_start("webhook", self.port, move |request| {
+            serve(request, &handler_shared)
+        })?;
         Ok(FakeWebhook {
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], server.port())),
             shared,
-            _guard: Arc::new(guard),
+            _server: Arc::new(server),
         })
     }
 
@@ -220,7 +191,7 @@ impl Builder {
 pub struct FakeWebhook {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    _guard: Arc<ServerGuard>,
+    _server: Arc<FakeServer>,
 }
 
 impl FakeWebhook {
@@ -309,35 +280,27 @@ impl FakeWebhook {
     }
 }
 
-fn serve(server: &Server, shared: &Arc<Shared>, stop: &AtomicBool) {
-    loop {
-        let request = match server.recv() {
-            Ok(r) => r,
-            Err(_) if stop.load(Ordering::SeqCst) => return,
-            // An accept error on one connection must not kill the fake.
-            Err(_) => continue,
-        };
-        let inspection = *request.method() == tiny_http::Method::Get
-            && matches!(request.url(), "/_records" | "/_requests");
-        if shared.config.inspection && inspection {
-            let reply = inspection_reply(shared, request.url());
-            let _ = request.respond(reply);
-            continue;
-        }
-        // The script is consumed in arrival order, here on the accept thread.
-        let scripted = shared.state().script.pop_front();
-        if let Some(Scripted::Delay(d)) = scripted {
-            // A delayed request runs on its own thread so the connector's retry can be
-            // served while the original attempt is still "in flight".
-            let shared = shared.clone();
-            std::thread::spawn(move || {
-                let at = Instant::now();
-                std::thread::sleep(d);
-                handle(&shared, request, None, at);
-            });
-        } else {
-            handle(shared, request, scripted, Instant::now());
-        }
+fn serve(request: Request, shared: &Arc<Shared>) {
+    let inspection = *request.method() == tiny_http::Method::Get
+        && matches!(request.url(), "/_records" | "/_requests");
+    if shared.config.inspection && inspection {
+        let reply = inspection_reply(shared, request.url());
+        let _ = request.respond(reply);
+        return;
+    }
+    // The script is consumed in arrival order, here on the accept thread.
+    let scripted = shared.state().script.pop_front();
+    if let Some(Scripted::Delay(d)) = scripted {
+        // A delayed request runs on its own thread so the connector's retry can be
+        // served while the original attempt is still "in flight".
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let at = Instant::now();
+            std::thread::sleep(d);
+            handle(&shared, request, None, at);
+        });
+    } else {
+        handle(shared, request, scripted, Instant::now());
     }
 }
 

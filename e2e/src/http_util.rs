@@ -1,5 +1,84 @@
-//! Small HTTP helpers shared by the fake servers: request headers, percent-decoding, form
-//! bodies, and (for their unit tests) a minimal HTTP/1.1 client.
+//! Small HTTP helpers shared by the fake servers: the server thread itself ([`FakeServer`]),
+//! request headers, percent-decoding, form bodies, and (for their unit tests) a minimal
+//! HTTP/1.1 client.
+
+use std::io;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tiny_http::{Request, Server};
+
+/// A tiny_http server on 127.0.0.1 whose requests go, one at a time and in arrival order, to a
+/// handler on a thread of its own. Dropping it stops the thread once the requests already
+/// received are handled, and waits for that.
+pub(crate) struct FakeServer {
+    server: Arc<Server>,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeServer {
+    /// Starts on a free port; panics when it cannot. `name` (e.g. `HubSpot`) names the fake
+    /// in that panic and its thread (`fake-hubspot`).
+    pub(crate) fn start(name: &str, handler: impl FnMut(Request) + Send + 'static) -> FakeServer {
+        FakeServer::try_start(name, 0, handler)
+            .unwrap_or_else(|e| panic!("fake {name}: cannot start the server: {e}"))
+    }
+
+    /// Starts on `port` (0: a free one).
+    pub(crate) fn try_start(
+        name: &str,
+        port: u16,
+        mut handler: impl FnMut(Request) + Send + 'static,
+    ) -> io::Result<FakeServer> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let server = Arc::new(Server::from_listener(listener, None).map_err(io::Error::other)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (server, stop) = (server.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("fake-{}", name.to_lowercase().replace(' ', "-")))
+                .spawn(move || loop {
+                    match server.recv() {
+                        Ok(request) => handler(request),
+                        // `drop` sets `stop`, then its `unblock` makes `recv` fail once the
+                        // requests queued before it are handled.
+                        Err(_) if stop.load(Ordering::SeqCst) => return,
+                        // An accept error must not end the fake: open connections may go on.
+                        Err(_) => {}
+                    }
+                })?
+        };
+        Ok(FakeServer {
+            server,
+            port,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// The value of the request header `name`, matched case-insensitively (the first one when
 /// the header is repeated).

@@ -10,7 +10,6 @@ use serde_json::json;
 struct Setup {
     client: postgres::Client,
     table: String,
-    server: String,
     sync: String,
 }
 
@@ -37,7 +36,7 @@ fn set_up(ic: &FakeIntercom, rows: i64, options: &str, token: &str, mappings: &s
             &[&sync, &model, &server, &mappings],
         )
         .unwrap();
-    Setup { client, table, server, sync }
+    Setup { client, table, sync }
 }
 
 #[test]

@@ -144,7 +144,7 @@ fn bad_models_and_syncs_are_refused_clearly() {
     );
     expect(
         &mut client,
-        &format!("SELECT retl.create_model(name => 'Bad Name', query => 'SELECT 1 AS id')"),
+        "SELECT retl.create_model(name => 'Bad Name', query => 'SELECT 1 AS id')",
         "42602",
         "model name \"Bad Name\" is not valid",
     );
