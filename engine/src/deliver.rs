@@ -20,6 +20,9 @@ pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
 /// How often a waiting batch, or one with a request in flight, checks whether it should stop:
 /// the worker must be gone within a second of SIGTERM.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// Most lookups in a row for one batch (Intercom needs two: the conflicting contact's id, then
+/// unarchiving it).
+const MAX_RESOLUTIONS: u32 = 4;
 /// Why a batch stopped when the worker was asked to.
 const SHUTTING_DOWN: &str = "stopped: worker shutting down";
 
@@ -152,6 +155,9 @@ impl Run<'_> {
     async fn batch(&self, mut pending: Vec<OutboxRecord>) -> BatchReport {
         let mut report = BatchReport::default();
         let mut last_error = String::new();
+        // Lookups in a row (a connector resolving a record's destination id, then sending it):
+        // bounded, so a destination that keeps answering with another id cannot loop forever.
+        let mut resolutions = 0;
         pending.retain(|record| match self.dest.precheck(record) {
             Ok(()) if self.dest.skip(record) => {
                 report.acked.push(record.id);
@@ -238,6 +244,11 @@ impl Run<'_> {
                         report.unresolved.extend(retry.iter().map(|r| r.id));
                         if !retry.is_empty() {
                             report.error.get_or_insert_with(|| self.redact(&last_error));
+                        }
+                        resolutions += 1;
+                        if resolutions > MAX_RESOLUTIONS {
+                            let message = format!("{} connector kept resolving destination ids ({MAX_RESOLUTIONS} times)", self.dest.kind());
+                            return self.give_up(report, &resolved, message);
                         }
                         pending = resolved;
                         continue;

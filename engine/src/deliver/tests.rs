@@ -99,7 +99,8 @@ fn handle(mut stream: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) {
     }
     let seen = Seen {
         headers,
-        body: serde_json::from_slice(&raw[head_end..]).unwrap(),
+        // Null for a body that is not JSON (a form-encoded token request).
+        body: serde_json::from_slice(&raw[head_end..]).unwrap_or(Value::Null),
     };
     let n = {
         let mut log = log.lock().unwrap();
@@ -508,4 +509,69 @@ async fn concurrency_is_bounded_by_max_concurrency_and_used() {
     assert_eq!(reports.iter().map(|r| r.acked.len()).sum::<usize>(), 9);
     assert_eq!(seen.lock().unwrap().len(), 9);
     assert_eq!(peak.load(Ordering::SeqCst), 3, "three requests in flight at most, and at once");
+}
+
+/// A webhook whose every success answer "resolves" the records again (a destination that keeps
+/// naming other ids): delivery must stop after a bounded number of lookups.
+struct EndlessLookup(Box<dyn Destination>);
+
+impl Destination for EndlessLookup {
+    fn kind(&self) -> &'static str {
+        "endless"
+    }
+    fn max_batch_size(&self) -> usize {
+        10
+    }
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
+        self.0.build_request(ctx, records, token)
+    }
+    fn classify(&self, records: &[OutboxRecord], _: &HttpResponse) -> ResponseOutcome {
+        ResponseOutcome::PerRecord(records.iter().map(|r| RecordResult::Resolved(format!("id-{}", r.id))).collect())
+    }
+}
+
+#[tokio::test]
+async fn lookups_in_a_row_are_bounded() {
+    let (url, seen) = serve(|_, _| reply(200, "{}"));
+    let dest = EndlessLookup(webhook(&url));
+    let reports = Deliverer::new(Duration::from_secs(3))
+        .unwrap()
+        .deliver(&dest, &limits(5), None, "crm", "crm-uid", 9, &crate::oauth::Auth::fixed(None), vec![records(1..=2)], &|| false)
+        .await;
+    assert_eq!(seen.lock().unwrap().len(), 1 + MAX_RESOLUTIONS as usize);
+    assert_eq!(reports[0].unresolved, vec![1, 2]);
+    assert_eq!(reports[0].error.as_deref(), Some("endless connector kept resolving destination ids (4 times)"));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_once_per_delivery_and_shared_by_the_batches() {
+    use crate::oauth::{Auth, OAuthClient};
+    use crate::options::OAuthSecrets;
+    // The token endpoint and the webhook are the same scripted server: POSTs carrying the old
+    // token get 401, the form post to /token gets a new token, the rest succeed.
+    let (url, seen) = serve(|_, req| {
+        if req.body.is_null() {
+            reply(200, r#"{"access_token": "fresh", "token_type": "bearer"}"#)
+        } else if req.header("authorization") == Some("Bearer stale") {
+            reply(401, "{}")
+        } else {
+            reply(200, "{}")
+        }
+    });
+    let auth = Auth::new(
+        Some("stale".into()),
+        Some(OAuthClient {
+            token_url: url.replace("/hook", "/token"),
+            secrets: OAuthSecrets { client_id: "cid".into(), client_secret: "cs".into(), refresh_token: Some("rt".into()) },
+        }),
+    );
+    let reports = Deliverer::new(Duration::from_secs(3))
+        .unwrap()
+        .deliver(webhook(&url).as_ref(), &limits(5), None, "crm", "crm-uid", 9, &auth, vec![records(1..=2), records(3..=4)], &|| false)
+        .await;
+    assert_eq!(reports.iter().flat_map(|r| r.acked.clone()).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let seen = seen.lock().unwrap();
+    let token_requests = seen.iter().filter(|s| s.body.is_null()).count();
+    assert_eq!(token_requests, 1, "one refresh for both batches");
+    assert_eq!((auth.token().as_deref(), auth.generation()), (Some("fresh"), 1));
 }
