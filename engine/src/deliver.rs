@@ -69,6 +69,9 @@ pub struct BatchReport {
     /// The last API usage the destination reported (see `Destination::usage`).
     pub api_usage: Option<String>,
     pub error: Option<String>,
+    /// Requests that got no answer at all (timeouts, refused or reset connections), even if a
+    /// retry then succeeded: worth a line in the server log, since nothing else records them.
+    pub transport_failures: Vec<String>,
     /// The destination said nothing more will work in this run.
     pub fatal: bool,
 }
@@ -207,11 +210,12 @@ impl Run<'_> {
                     }
                     self.dest.classify(&pending, &response)
                 }
-                Ok(Err(message)) => ResponseOutcome::Transient {
-                    status: None,
-                    retry_after: None,
-                    message,
-                },
+                Ok(Err(message)) => {
+                    if report.transport_failures.len() < 5 {
+                        report.transport_failures.push(self.redact(&message));
+                    }
+                    ResponseOutcome::Transient { status: None, retry_after: None, message }
+                }
             };
             let outcome = match outcome {
                 // Refused credentials may just be an expired OAuth token, whatever the connector.

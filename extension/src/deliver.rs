@@ -152,6 +152,9 @@ impl Deliveries {
         let mut run_error: Option<String> = None;
         for (report, size) in reports.iter().zip(&sizes) {
             batch_no += 1;
+            for failure in &report.transport_failures {
+                log!("pg_reverse_etl: sync {} run {run_id} batch {batch_no}: a request to {} got no answer: {failure}", sync.name, sync.destination);
+            }
             if let Err(message) = record_batch(&sync, run_id, batch_no, *size, report) {
                 run_error.get_or_insert(format!("could not record batch {batch_no}: {message}"));
             }

@@ -471,6 +471,9 @@ async fn connection_refused_is_transient() {
     );
     assert!(!error.contains(TOKEN), "{error}");
     assert_eq!((reports[0].unresolved.clone(), reports[0].api_calls), (vec![1], 2));
+    // Both unanswered attempts are kept for the server log, without the secret.
+    assert_eq!(reports[0].transport_failures.len(), 2);
+    assert!(reports[0].transport_failures.iter().all(|f| f.starts_with("request failed: ") && !f.contains(TOKEN)));
 }
 
 #[test]
