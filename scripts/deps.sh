@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_reverse_etl needs, skipping what is already there:
 # Debian's Postgres 15 server and headers, libclang (bindgen), sudo (to run Postgres as the
-# `postgres` user), cargo-pgrx at the pinned version, and `cargo pgrx init` against Debian's
+# `postgres` user), postgres_exporter (the metrics test), cargo-pgrx at the pinned version, and `cargo pgrx init` against Debian's
 # pg_config.
 set -euo pipefail
 
@@ -19,6 +19,12 @@ if [ -n "$missing" ]; then
     "$(dirname "$0")/cluster.sh" stop || true
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+# The real postgres_exporter, which the metrics test runs with contrib/postgres_exporter.
+if ! dpkg-query -W -f='${Status}' prometheus-postgres-exporter 2>/dev/null | grep -q "install ok installed"; then
+    echo "installing: prometheus-postgres-exporter"
+    [ -n "$missing" ] || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-postgres-exporter >/dev/null
 fi
 
 if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx $PGRX_VERSION" ]; then

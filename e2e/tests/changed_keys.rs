@@ -187,10 +187,21 @@ fn truncate_pause_and_large_statements_plan_the_whole_model() {
     assert_eq!(settle(&mut f, 1), "model");
     assert_eq!(fake.records(), f.model_state());
 
-    // TRUNCATE logs "everything"; the mirror empties the destination.
+    // TRUNCATE logs "everything": the whole model is planned, found empty, and the mass-delete
+    // guard keeps the destination as it is until a run allows the deletes.
     f.exec(&format!("TRUNCATE {}", f.table));
     assert_eq!(settle(&mut f, 2), "model");
-    assert_eq!(f.last_run().deletes, 20);
+    let run = f.last_run();
+    assert_eq!((run.status.as_str(), run.deletes, run.delivered), ("failed", 20, 0));
+    assert_eq!(fake.records().len(), 20);
+    let row = f
+        .client
+        .query_one(
+            "SELECT status, planned_deletes FROM retl.run($1, wait => true, allow_mass_delete => true)",
+            &[&f.sync],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("succeeded".to_string(), 20));
     assert!(fake.records().is_empty());
 
     // One statement touching more keys than retl._changed_keys_limit() (10,000).

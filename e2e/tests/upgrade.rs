@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0 and 0.3.0: syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0 and 0.4.0: syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -12,7 +12,8 @@ use serde_json::json;
 
 const FIRST: &str = "0.1.0";
 const SECOND: &str = "0.2.0";
-const PREVIOUS: &str = "0.3.0";
+const THIRD: &str = "0.3.0";
+const PREVIOUS: &str = "0.4.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -193,7 +194,7 @@ fn a_sync_with_an_identity_map_and_row_errors_survives_the_upgrade_from_0_3_0() 
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{THIRD}'"
     ))
     .unwrap();
     let base = unique("up3");
@@ -259,6 +260,85 @@ fn a_sync_with_an_identity_map_and_row_errors_survives_the_upgrade_from_0_3_0() 
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
 }
 
+#[test]
+fn a_live_mirror_sync_survives_the_upgrade_from_0_4_0_and_is_then_guarded() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up4");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.4.0 API. The installed library is 0.5.0 and its workers wait for the
+    // matching SQL, so the state a 0.4.0 worker leaves (a partial run, rows 1-5 acknowledged,
+    // row 6 rejected) is written as such.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 6) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'mirror');
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, failed, api_calls,
+                                started_at, planned_at, finished_at, plan_scope, api_usage)
+         SELECT id, 'manual', 'partial', 6, 6, 5, 1, 1, now(), now(), now(), 'model', 'api-usage=1/100'
+           FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id), retl._row_hash('v2:id,email,score|' || (m)::text)
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 5;
+         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, http_status, response)
+         SELECT s.id, '{{\"id\": 6}}', r.id, 'upsert', '{{}}', 422, 'refused'
+           FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id WHERE s.name = '{sync}';",
+        url = fake.url()
+    ))
+    .unwrap();
+    for id in 1..=5i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    // State kept; the sync has the 0.5.0 defaults; the row error has no hash yet.
+    let kept = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM retl.snapshots n WHERE n.sync_id = s.id),
+                        (SELECT count(*) FROM retl.row_errors e WHERE e.sync_id = s.id AND e.hash IS NULL),
+                        s.max_delete_percent::text, s.alert_after_failures, s.nulls, st.api_usage, st.last_status,
+                        st.open_alerts
+                   FROM retl.syncs s JOIN retl.sync_status st ON st.sync = s.name WHERE s.name = '{sync}'"
+            ),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            kept.get::<_, i64>(0),
+            kept.get::<_, i64>(1),
+            kept.get::<_, String>(2),
+            kept.get::<_, i32>(3),
+            kept.get::<_, String>(4),
+            kept.get::<_, Option<String>>(5),
+            kept.get::<_, String>(6),
+            kept.get::<_, i64>(7)
+        ),
+        (5, 1, "50".to_string(), 3, "send".to_string(), Some("api-usage=1/100".to_string()), "partial".to_string(), 0)
+    );
+    // The next run sends exactly the row the snapshot lacks and records its schema contract.
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake, 0), [key(6)].into_iter().collect());
+    let contract: String = c.query_one("SELECT model_columns::text FROM retl.runs WHERE id = $1", &[&run.id]).unwrap().get(0);
+    assert_eq!(contract, r#"{"id": "bigint", "email": "text", "score": "integer"}"#);
+    // The upgraded mirror sync is guarded: 4 of 6 deletes are refused, nothing is sent.
+    c.batch_execute(&format!("DELETE FROM {table} WHERE id <= 4")).unwrap();
+    let requests = fake.request_count();
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.deletes, run.delivered), ("failed", 4, 0));
+    assert_eq!((fake.request_count(), fake.records().len()), (requests, 6));
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
+}
+
 /// Every object of the extension, described in a way that differs when anything users or the
 /// workers see differs: columns, defaults, constraints, indexes, view and function
 /// definitions, privileges, comments.
@@ -305,7 +385,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

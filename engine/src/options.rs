@@ -12,7 +12,8 @@ use std::time::Duration;
 
 const SERVER_OPTIONS: &str = "type, url, batch_size, rate_limit, max_concurrency, timeout_ms, max_retries, \
      max_backoff_ms, method, headers, body, per, encoding, success, results, result_ok, result_error, result_id, \
-     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag";
+     object, id_property, external_id, api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag, \
+     daily_row_quota, daily_api_quota";
 /// Options that only some destination types take (every other option is common to all).
 const TYPE_OPTIONS: [(&str, &[DestinationKind]); 20] = {
     use DestinationKind::*;
@@ -301,6 +302,10 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
             }
         },
     };
+    // Read by the planner (daily_row_quota: the row-quota safeguard) and retl.sync_status.
+    for quota in ["daily_row_quota", "daily_api_quota"] {
+        int(opts, quota, 1..=1_000_000_000_000, 1, "a positive whole number per day")?;
+    }
     let ms = |option, range, default, expected| int(opts, option, range, default, expected).map(Duration::from_millis);
     Ok(DestinationConfig {
         kind,
@@ -641,8 +646,18 @@ mod tests {
             "unknown option \"batchsize\" for a retl destination; valid options: type, url, batch_size, \
              rate_limit, max_concurrency, timeout_ms, max_retries, max_backoff_ms, method, headers, body, per, \
              encoding, success, results, result_ok, result_error, result_id, object, id_property, external_id, \
-             api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag"
+             api_version, bulk_threshold, bulk_poll_ms, token_url, channel, text, audience_id, tag, \
+             daily_row_quota, daily_api_quota"
         );
+        assert_eq!(
+            server_err(&with(("daily_row_quota", "0"))),
+            "option \"daily_row_quota\" must be a positive whole number per day, got \"0\""
+        );
+        assert_eq!(
+            server_err(&with(("daily_api_quota", "1e6"))),
+            "option \"daily_api_quota\" must be a positive whole number per day, got \"1e6\""
+        );
+        assert!(parse_server_options(&opts(&with(("daily_row_quota", "250000")))).is_ok());
         assert_eq!(
             server_err(&with(("batch_size", "abc"))),
             "option \"batch_size\" must be an integer between 1 and 1000, got \"abc\""

@@ -63,7 +63,29 @@ CREATE TABLE retl.syncs (
     next_run_at timestamptz,
     -- How the planner hashes rows: 2 (row text, since 0.2.0) or 1 (jsonb text; syncs created
     -- before 0.2.0 keep it, their snapshots hold such hashes).
-    hash_version smallint NOT NULL DEFAULT 2 CHECK (hash_version IN (1, 2))
+    hash_version smallint NOT NULL DEFAULT 2 CHECK (hash_version IN (1, 2)),
+    -- Since 0.5.0. Safeguards every plan checks before it queues anything (plan.rs): at most
+    -- max_rows changes per run; a mirror plan may delete at most max_delete_percent of what
+    -- the sync delivered, a mirror or delete plan at most max_delete_rows rows, and a mirror
+    -- sync's model may not come back empty, unless the run allows it (retl.run(...,
+    -- allow_mass_delete => true)); quota_share: the part of the destination's daily_row_quota
+    -- this sync may use. nulls 'keep' leaves NULL fields out of payloads, so a value in the
+    -- destination is never overwritten with null. Checked by retl._check_sync_settings.
+    max_rows             bigint,
+    max_delete_percent   numeric DEFAULT 50,
+    max_delete_rows      bigint,
+    quota_share          numeric NOT NULL DEFAULT 1,
+    nulls                text NOT NULL DEFAULT 'send',
+    -- Alerts (retl.alerts, retl._evaluate_alerts): the freshness SLA (time since the last
+    -- successful run), failed runs in a row (0: never), rejected share of a run's rows,
+    -- change of the model's row count between runs (percent), rows queued; and the
+    -- destination alerts are also sent to (a slack or webhook destination).
+    freshness            interval,
+    alert_after_failures int NOT NULL DEFAULT 3,
+    alert_row_error_rate numeric,
+    alert_count_change_percent numeric,
+    alert_queue_depth    bigint,
+    alert_destination    text
 );
 COMMENT ON TABLE retl.syncs IS
   'Syncs: a model or audience pushed to a destination (a retl foreign server) in a mode, with field mappings {"destination_field": "model_column"} (NULL: every model column under its own name).';
@@ -136,7 +158,13 @@ CREATE TABLE retl.runs (
     plan_scope       text CHECK (plan_scope IN ('model', 'changed keys')),
     -- The destination's own account of API usage, as last reported during this run (e.g.
     -- Salesforce's Sforce-Limit-Info 'api-usage=25/15000').
-    api_usage        text
+    api_usage        text,
+    -- Since 0.5.0: the safeguards this run may pass (retl.run(..., allow_mass_delete => true,
+    -- allow_schema_change => true)), and the model columns its plan read with their types
+    -- ({"column": "type"}): the schema contract of the next runs once this one succeeded.
+    allow_mass_delete   boolean NOT NULL DEFAULT false,
+    allow_schema_change boolean NOT NULL DEFAULT false,
+    model_columns       jsonb
 );
 CREATE INDEX runs_sync_id_idx ON retl.runs (sync_id, id DESC);
 CREATE INDEX runs_pending_idx ON retl.runs (id) WHERE status IN ('queued', 'delivering');
@@ -209,7 +237,10 @@ CREATE TABLE retl.row_errors (
     attempts        int NOT NULL DEFAULT 1,
     first_failed_at timestamptz NOT NULL DEFAULT now(),
     last_failed_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (sync_id, key)
+    PRIMARY KEY (sync_id, key),
+    -- Since 0.5.0: the hash of the rejected version; retl.discard_failed records it in the
+    -- snapshot, so the row is sent again only once it changes.
+    hash            bytea
 );
 COMMENT ON TABLE retl.row_errors IS
   'Rows the destination rejected (permanent per-record errors) and that are still failing: retried on every run, removed once delivered. attempts counts the runs in which the row failed.';
@@ -219,6 +250,66 @@ GRANT SELECT ON retl.models, retl.audiences, retl.syncs, retl.sync_parents, retl
 ------------------------------------------------------------------------------------------------
 -- Status
 ------------------------------------------------------------------------------------------------
+
+-- Alerts (since 0.5.0): one row per time a condition started to hold for a sync; open while
+-- it holds (resolved_at NULL), resolved by the first evaluation that finds it cleared.
+-- Raised and resolved by retl._evaluate_alerts (workers, every few seconds), announced with
+-- NOTIFY retl_alerts, and sent to the sync's alert destination when it has one.
+CREATE TABLE retl.alerts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sync_id     bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
+    kind        text NOT NULL CHECK (kind IN ('failed_runs', 'freshness', 'row_error_rate', 'row_count_change', 'queue_depth')),
+    message     text NOT NULL,
+    details     jsonb NOT NULL DEFAULT '{}',
+    run_id      bigint,
+    raised_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    resolved_at timestamptz,
+    -- Delivery to the alert destination: when it was sent, or why it could not be.
+    sent_at     timestamptz,
+    send_error  text
+);
+CREATE UNIQUE INDEX alerts_open_idx ON retl.alerts (sync_id, kind) WHERE resolved_at IS NULL;
+CREATE INDEX alerts_sync_idx ON retl.alerts (sync_id, id DESC);
+COMMENT ON TABLE retl.alerts IS
+  'Alerts: failed_runs (alert_after_failures failed runs in a row), freshness (no successful run within the sync''s freshness SLA), row_error_rate (a run rejected more than alert_row_error_rate of its rows), row_count_change (the model''s row count moved by more than alert_count_change_percent since the run before), queue_depth (more than alert_queue_depth rows queued). Open while the condition holds (resolved_at NULL); each raise and resolution is a NOTIFY on channel retl_alerts; sent_at: when it went to the alert destination.';
+GRANT SELECT ON retl.alerts TO PUBLIC;
+
+-- A destination's server option, as text (NULL when not set). Server options hold no
+-- secrets (credentials live in user mappings).
+CREATE FUNCTION retl._server_option(server text, option text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT o.option_value FROM pg_foreign_server s, pg_options_to_table(s.srvoptions) o
+     WHERE s.srvname = server AND o.option_name = option
+$$;
+
+-- The window retl.sync_status computes rates and latencies over (setting retl.status_window).
+CREATE FUNCTION retl._status_window() RETURNS interval
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(nullif(current_setting('retl.status_window', true), ''), '1d')::interval
+$$;
+
+-- One sync's runs and deliveries over the last `status_window`: finished runs, the share of
+-- them that succeeded, the share of rows sent that the destination rejected, and the delivery
+-- latency of rows (from the plan that queued them to the batch the destination acknowledged),
+-- median and 99th percentile.
+CREATE FUNCTION retl._window_stats(sync_id bigint, status_window interval)
+RETURNS TABLE (window_runs bigint, window_success_rate numeric, window_row_error_rate numeric,
+               latency_p50 interval, latency_p99 interval)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH finished AS (SELECT r.status FROM retl.runs r
+                       WHERE r.sync_id = _window_stats.sync_id AND r.finished_at > now() - status_window
+                         AND r.status IN ('succeeded', 'partial', 'failed')),
+         sent AS (SELECT b.finished_at - r.planned_at AS latency, b.acknowledged, b.rejected
+                    FROM retl.runs r JOIN retl.batches b ON b.run_id = r.id
+                   WHERE r.sync_id = _window_stats.sync_id AND b.finished_at > now() - status_window),
+         ranked AS (SELECT latency, sum(acknowledged) OVER (ORDER BY latency) AS upto, sum(acknowledged) OVER () AS total
+                      FROM sent WHERE acknowledged > 0)
+    SELECT (SELECT count(*) FROM finished),
+           (SELECT round(avg((status <> 'failed')::int), 3) FROM finished),
+           (SELECT round(sum(rejected)::numeric / nullif(sum(acknowledged + rejected), 0), 4) FROM sent),
+           (SELECT min(latency) FROM ranked WHERE upto >= 0.5 * total),
+           (SELECT min(latency) FROM ranked WHERE upto >= 0.99 * total)
+$$;
 
 CREATE VIEW retl.sync_status AS
 SELECT s.name                                            AS sync,
@@ -244,7 +335,20 @@ SELECT s.name                                            AS sync,
        (SELECT array_agg(p.name ORDER BY p.name) FROM retl.sync_parents sp JOIN retl.syncs p ON p.id = sp.parent_id
          WHERE sp.sync_id = s.id)                        AS after,
        (SELECT r.api_usage FROM retl.runs r WHERE r.sync_id = s.id AND r.api_usage IS NOT NULL
-         ORDER BY r.id DESC LIMIT 1)                     AS api_usage
+         ORDER BY r.id DESC LIMIT 1)                     AS api_usage,
+       -- Since 0.5.0.
+       s.freshness                                       AS freshness_sla,
+       coalesce(now() - coalesce(ok.finished_at, s.created_at) > s.freshness, false) AS sla_breached,
+       w.window_runs,
+       w.window_success_rate,
+       w.window_row_error_rate,
+       w.latency_p50                                     AS delivery_latency_p50,
+       w.latency_p99                                     AS delivery_latency_p99,
+       day.api_calls                                     AS api_calls_24h,
+       retl._server_option(s.destination, 'daily_api_quota')::bigint AS daily_api_quota,
+       day.rows                                          AS rows_24h,
+       retl._server_option(s.destination, 'daily_row_quota')::bigint AS daily_row_quota,
+       (SELECT count(*) FROM retl.alerts al WHERE al.sync_id = s.id AND al.resolved_at IS NULL) AS open_alerts
   FROM retl.syncs s
   JOIN retl.models m ON m.id = s.model_id
   LEFT JOIN retl.audiences a ON a.id = s.audience_id
@@ -256,9 +360,14 @@ SELECT s.name                                            AS sync,
   LEFT JOIN LATERAL (SELECT round(avg((r.status IN ('succeeded', 'partial'))::int), 3) AS success_rate
                        FROM (SELECT status FROM retl.runs r
                               WHERE r.sync_id = s.id AND r.status IN ('succeeded', 'partial', 'failed')
-                              ORDER BY r.id DESC LIMIT 20) r) recent ON true;
+                              ORDER BY r.id DESC LIMIT 20) r) recent ON true
+  LEFT JOIN LATERAL retl._window_stats(s.id, retl._status_window()) w ON true
+  LEFT JOIN LATERAL (SELECT coalesce(sum(b.api_calls), 0)::bigint AS api_calls,
+                            coalesce(sum(b.acknowledged + b.rejected), 0)::bigint AS rows
+                       FROM retl.runs r JOIN retl.batches b ON b.run_id = r.id
+                      WHERE r.sync_id = s.id AND b.finished_at > now() - interval '1 day') day ON true;
 COMMENT ON VIEW retl.sync_status IS
-  'One row per sync: last run and its outcome, time since the last successful run, success rate of the last 20 finished runs, rows queued, rows failing, rows in the snapshot, and the API usage the destination last reported (e.g. Salesforce api-usage=used/limit).';
+  'One row per sync: last run and its outcome, time since the last successful run against the freshness SLA (sla_breached), success rate of the last 20 finished runs, rows queued, failing and synced; over the status window (setting retl.status_window, default 1 day): runs, success rate, row-error rate (rejected / sent), delivery latency p50/p99 (plan committed to acknowledgement, per row); API calls and rows sent in the last 24 hours against the destination''s daily_api_quota and daily_row_quota, the API usage the destination last reported, and open alerts.';
 GRANT SELECT ON retl.sync_status TO PUBLIC;
 
 ------------------------------------------------------------------------------------------------
@@ -541,7 +650,18 @@ CREATE FUNCTION retl.create_sync(
     paused      boolean DEFAULT false,
     schedule    text DEFAULT 'manual',
     after       text[] DEFAULT NULL,
-    time_zone   text DEFAULT 'UTC'
+    time_zone   text DEFAULT 'UTC',
+    max_rows    bigint DEFAULT NULL,
+    max_delete_percent numeric DEFAULT 50,
+    max_delete_rows bigint DEFAULT NULL,
+    quota_share numeric DEFAULT 1,
+    nulls       text DEFAULT 'send',
+    freshness   interval DEFAULT NULL,
+    alert_after_failures int DEFAULT 3,
+    alert_row_error_rate numeric DEFAULT NULL,
+    alert_count_change_percent numeric DEFAULT NULL,
+    alert_queue_depth bigint DEFAULT NULL,
+    alert_destination text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -586,18 +706,25 @@ BEGIN
                                            m.primary_key);
     schedule := retl._check_schedule(name, schedule, time_zone);
     INSERT INTO retl.syncs (name, model_id, audience_id, destination, mode, mappings, owner, paused,
-                            schedule, time_zone, next_run_at)
+                            schedule, time_zone, next_run_at,
+                            max_rows, max_delete_percent, max_delete_rows, quota_share, nulls, freshness,
+                            alert_after_failures, alert_row_error_rate, alert_count_change_percent,
+                            alert_queue_depth, alert_destination)
     VALUES (name, m.id, a.id, destination, mode, mappings, caller, paused,
-            schedule, time_zone, retl._next_run_at(schedule, time_zone, now()))
+            schedule, time_zone, retl._next_run_at(schedule, time_zone, now()),
+            max_rows, max_delete_percent, max_delete_rows, coalesce(quota_share, 1), coalesce(nulls, 'send'), freshness,
+            coalesce(alert_after_failures, 0), alert_row_error_rate, alert_count_change_percent,
+            alert_queue_depth, alert_destination)
     RETURNING id INTO sync_id;
+    PERFORM retl._check_sync_settings(sync_id);
     PERFORM retl._set_parents(sync_id, after);
     PERFORM retl._refresh_sources(sync_id);
     -- An idle worker sleeps until the earliest schedule it knew of: tell it about this one.
     PERFORM retl._wake_worker_at_commit();
     RETURN sync_id;
 END $$;
-COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean, text, text[], text) IS
-  'Define a sync from a model (or audience) to a destination. mode: insert, update, upsert (default), mirror (also deletes rows that leave the model), delete (the model lists keys to delete). mappings: {"destination_field": "model_column"}, NULL for every column. schedule: manual (default), on change (runs when a commit changes a table the model reads), a 5-field cron expression evaluated in time_zone (default UTC), or an interval such as 5 minutes. after: syncs that must all have succeeded before this one runs. Returns the sync id.';
+COMMENT ON FUNCTION retl.create_sync(text, text, text, text, text, jsonb, boolean, text, text[], text, bigint, numeric, bigint, numeric, text, interval, int, numeric, numeric, bigint, text) IS
+  'Define a sync from a model (or audience) to a destination. mode: insert, update, upsert (default), mirror (also deletes rows that leave the model), delete (the model lists keys to delete). mappings: {"destination_field": "model_column"}, NULL for every column. schedule: manual (default), on change (runs when a commit changes a table the model reads), a 5-field cron expression evaluated in time_zone (default UTC), or an interval such as 5 minutes. after: syncs that must all have succeeded before this one runs. Safeguards, checked by every plan before anything is queued (a refused plan is a failed run): max_rows (changes per run), max_delete_percent (default 50: a mirror run may delete at most this share of what the sync delivered; an empty model is always refused) and max_delete_rows (mirror and delete runs), quota_share (of the destination''s daily_row_quota); nulls: send (default) or keep (NULL fields are left out, never overwriting a destination value). Alerts (retl.alerts): freshness SLA, alert_after_failures (default 3, 0: never), alert_row_error_rate (0..1), alert_count_change_percent, alert_queue_depth, alert_destination (a slack or webhook destination). Returns the sync id.';
 
 CREATE FUNCTION retl._check_mode(mode text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -629,13 +756,36 @@ CREATE FUNCTION retl.alter_sync(
     reset_mappings boolean DEFAULT false,
     schedule    text DEFAULT NULL,
     after       text[] DEFAULT NULL,
-    time_zone   text DEFAULT NULL
+    time_zone   text DEFAULT NULL,
+    max_rows    bigint DEFAULT NULL,
+    max_delete_percent numeric DEFAULT NULL,
+    max_delete_rows bigint DEFAULT NULL,
+    quota_share numeric DEFAULT NULL,
+    nulls       text DEFAULT NULL,
+    freshness   interval DEFAULT NULL,
+    alert_after_failures int DEFAULT NULL,
+    alert_row_error_rate numeric DEFAULT NULL,
+    alert_count_change_percent numeric DEFAULT NULL,
+    alert_queue_depth bigint DEFAULT NULL,
+    alert_destination text DEFAULT NULL,
+    reset       text[] DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s retl.syncs := retl._sync_for_change(name);
     source_name text;
+    unknown text;
 BEGIN
+    SELECT string_agg(retl._q(r), ', ') INTO unknown
+      FROM unnest(reset) r
+     WHERE r IS NULL OR r NOT IN ('max_rows', 'max_delete_percent', 'max_delete_rows', 'quota_share', 'nulls', 'freshness',
+                                  'alert_after_failures', 'alert_row_error_rate', 'alert_count_change_percent',
+                                  'alert_queue_depth', 'alert_destination');
+    IF unknown IS NOT NULL THEN
+        RAISE EXCEPTION 'alter_sync cannot reset %', unknown
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'reset takes the names of safeguard and alert settings: max_rows, max_delete_percent, max_delete_rows, quota_share, nulls, freshness, alert_after_failures, alert_row_error_rate, alert_count_change_percent, alert_queue_depth, alert_destination.';
+    END IF;
     IF mode IS NOT NULL THEN
         PERFORM retl._check_mode(mode);
     END IF;
@@ -664,8 +814,27 @@ BEGIN
            time_zone   = coalesce(alter_sync.time_zone, syncs.time_zone),
            next_run_at = CASE WHEN alter_sync.schedule IS NULL THEN syncs.next_run_at
                               ELSE retl._next_run_at(alter_sync.schedule, alter_sync.time_zone, now()) END,
+           max_rows    = CASE WHEN 'max_rows' = ANY (reset) THEN NULL ELSE coalesce(alter_sync.max_rows, syncs.max_rows) END,
+           max_delete_percent = CASE WHEN 'max_delete_percent' = ANY (reset) THEN 50
+                                     ELSE coalesce(alter_sync.max_delete_percent, syncs.max_delete_percent) END,
+           max_delete_rows = CASE WHEN 'max_delete_rows' = ANY (reset) THEN NULL
+                                  ELSE coalesce(alter_sync.max_delete_rows, syncs.max_delete_rows) END,
+           quota_share = CASE WHEN 'quota_share' = ANY (reset) THEN 1 ELSE coalesce(alter_sync.quota_share, syncs.quota_share) END,
+           nulls       = CASE WHEN 'nulls' = ANY (reset) THEN 'send' ELSE coalesce(alter_sync.nulls, syncs.nulls) END,
+           freshness   = CASE WHEN 'freshness' = ANY (reset) THEN NULL ELSE coalesce(alter_sync.freshness, syncs.freshness) END,
+           alert_after_failures = CASE WHEN 'alert_after_failures' = ANY (reset) THEN 3
+                                       ELSE coalesce(alter_sync.alert_after_failures, syncs.alert_after_failures) END,
+           alert_row_error_rate = CASE WHEN 'alert_row_error_rate' = ANY (reset) THEN NULL
+                                       ELSE coalesce(alter_sync.alert_row_error_rate, syncs.alert_row_error_rate) END,
+           alert_count_change_percent = CASE WHEN 'alert_count_change_percent' = ANY (reset) THEN NULL
+                                             ELSE coalesce(alter_sync.alert_count_change_percent, syncs.alert_count_change_percent) END,
+           alert_queue_depth = CASE WHEN 'alert_queue_depth' = ANY (reset) THEN NULL
+                                    ELSE coalesce(alter_sync.alert_queue_depth, syncs.alert_queue_depth) END,
+           alert_destination = CASE WHEN 'alert_destination' = ANY (reset) THEN NULL
+                                    ELSE coalesce(alter_sync.alert_destination, syncs.alert_destination) END,
            updated_at  = now()
      WHERE id = s.id;
+    PERFORM retl._check_sync_settings(s.id);
     IF after IS NOT NULL THEN
         -- after => '{}' removes every parent.
         PERFORM retl._set_parents(s.id, after);
@@ -678,8 +847,8 @@ BEGIN
     PERFORM retl._refresh_sources(s.id);
     PERFORM retl._wake_worker_at_commit();
 END $$;
-COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text) IS
-  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent). A new destination starts from an empty snapshot and identity map.';
+COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text, bigint, numeric, bigint, numeric, text, interval, int, numeric, numeric, bigint, text, text[]) IS
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent; reset => ''{max_rows, freshness}'' puts safeguard and alert settings back to their defaults). A new destination starts from an empty snapshot and identity map.';
 
 CREATE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -730,7 +899,8 @@ END $$;
 COMMENT ON FUNCTION retl.resume(text) IS 'Resume a paused sync.';
 
 -- Used by retl.run: checks the caller may run the sync, queues the run row, returns it.
-CREATE FUNCTION retl._queue_run(sync text, trigger text) RETURNS retl.runs
+CREATE FUNCTION retl._queue_run(sync text, trigger text, allow_mass_delete boolean, allow_schema_change boolean)
+RETURNS retl.runs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s retl.syncs := retl._sync_for_change(sync);
@@ -740,7 +910,8 @@ BEGIN
         RAISE EXCEPTION 'sync % is paused', retl._q(s.name)
               USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('Resume it with SELECT retl.resume(%L);', s.name);
     END IF;
-    INSERT INTO retl.runs (sync_id, trigger) VALUES (s.id, trigger) RETURNING * INTO r;
+    INSERT INTO retl.runs (sync_id, trigger, allow_mass_delete, allow_schema_change)
+    VALUES (s.id, trigger, coalesce(allow_mass_delete, false), coalesce(allow_schema_change, false)) RETURNING * INTO r;
     RETURN r;
 END $$;
 

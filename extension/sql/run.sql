@@ -1,6 +1,8 @@
 -- retl.run: the one way to start a run by hand (and from dbt post-hooks).
 
-CREATE FUNCTION retl.run(sync text, wait boolean DEFAULT false, timeout interval DEFAULT NULL) RETURNS retl.runs
+CREATE FUNCTION retl.run(sync text, wait boolean DEFAULT false, timeout interval DEFAULT NULL,
+                         allow_mass_delete boolean DEFAULT false, allow_schema_change boolean DEFAULT false)
+RETURNS retl.runs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r retl.runs;
@@ -13,7 +15,7 @@ BEGIN
             RAISE EXCEPTION 'retl.run: timeout needs wait => true' USING ERRCODE = 'invalid_parameter_value';
         END IF;
         -- The run row commits with the caller's transaction; the worker is woken at commit.
-        r := retl._queue_run(sync, 'manual');
+        r := retl._queue_run(sync, 'manual', allow_mass_delete, allow_schema_change);
         PERFORM retl._wake_worker_at_commit();
         RETURN r;
     END IF;
@@ -29,7 +31,8 @@ BEGIN
         timeout_ms := ceil(extract(epoch FROM timeout) * 1000)::bigint;
     END IF;
     -- The worker creates and commits the run row itself, so it can finish while we wait.
-    run_id := retl._await_run(retl._runnable_sync(sync), timeout_ms);
+    run_id := retl._await_run(retl._runnable_sync(sync), timeout_ms, coalesce(allow_mass_delete, false),
+                              coalesce(allow_schema_change, false));
     -- A new statement, so a new snapshot: it sees the run the worker committed meanwhile.
     r := retl._run_summary(run_id);
     IF r.id IS NULL THEN
@@ -50,5 +53,5 @@ BEGIN
     END IF;
     RETURN r;
 END $$;
-COMMENT ON FUNCTION retl.run(text, boolean, interval) IS
-  'Run a sync. wait => false (default): queue the run; the worker starts it when this transaction commits; returns the queued run. wait => true: the worker runs it now and this call returns the finished run, or raises if it failed (SQLSTATE 38000) or did not finish within timeout (57014; the run goes on). The sync itself must be committed.';
+COMMENT ON FUNCTION retl.run(text, boolean, interval, boolean, boolean) IS
+  'Run a sync. wait => false (default): queue the run; the worker starts it when this transaction commits; returns the queued run. wait => true: the worker runs it now and this call returns the finished run, or raises if it failed (SQLSTATE 38000) or did not finish within timeout (57014; the run goes on). The sync itself must be committed. allow_mass_delete => true lets this run pass the mass-delete guard (max_delete_percent, max_delete_rows, an empty model); allow_schema_change => true accepts a mapped column that changed type or disappeared since the last successful run.';

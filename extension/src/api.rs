@@ -133,9 +133,10 @@ fn _check_destination_fields(
 /// Hands sync `sync_id` to the workers, which create and commit the run themselves, and waits
 /// until that run has finished, or `timeout_ms` passed. Returns the run id.
 #[pg_extern(volatile)]
-fn _await_run(sync_id: i64, timeout_ms: Option<i64>) -> i64 {
+fn _await_run(sync_id: i64, timeout_ms: Option<i64>, allow_mass_delete: bool, allow_schema_change: bool) -> i64 {
     let timeout = timeout_ms.map(|ms| std::time::Duration::from_millis(ms.max(1) as u64));
-    crate::waiting::await_run(sync_id, true, timeout).or_report()
+    let overrides = shared::RunOverrides { mass_delete: allow_mass_delete, schema_change: allow_schema_change };
+    crate::waiting::await_run(sync_id, true, overrides, timeout).or_report()
 }
 
 /// Whether a schedule is a cron expression (5 fields or a macro such as @daily).
@@ -197,7 +198,7 @@ COMMENT ON FUNCTION retl.preview(text) IS
   'The changes the next run of a sync would send: op (insert, update, upsert, delete), key and payload. Sends nothing and changes nothing.';
 -- Internals that act for another role: only the extension's own SECURITY DEFINER API calls them.
 REVOKE ALL ON FUNCTION retl._run_and_wait(bigint, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION retl._await_run(bigint, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION retl._await_run(bigint, bigint, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION retl._check_readable(text, oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION retl._check_destination_fields(text, text, oid, text[], text[]) FROM PUBLIC;
 "#,

@@ -275,11 +275,11 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                     .update(
                         "WITH rejected AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, http_status, response)), \
                               moved AS (DELETE FROM retl.outbox o USING rejected r WHERE o.id = r.id \
-                                        RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, r.http_status, r.response) \
-                         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, http_status, response) \
-                         SELECT sync_id, key, run_id, op, payload, http_status, response FROM moved \
+                                        RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, o.hash, r.http_status, r.response) \
+                         INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, hash, http_status, response) \
+                         SELECT sync_id, key, run_id, op, payload, hash, http_status, response FROM moved \
                          ON CONFLICT (sync_id, key) DO UPDATE \
-                         SET run_id = excluded.run_id, op = excluded.op, payload = excluded.payload, \
+                         SET run_id = excluded.run_id, op = excluded.op, payload = excluded.payload, hash = excluded.hash, \
                              http_status = excluded.http_status, response = excluded.response, \
                              attempts = retl.row_errors.attempts + 1, last_failed_at = now()",
                         None,

@@ -42,6 +42,16 @@ pub enum RetlError {
     DestinationFields { sync: String, destination: String, problem: String },
     #[error("could not check the fields of sync \"{sync}\" against destination \"{destination}\": {problem}")]
     DestinationUnchecked { sync: String, destination: String, problem: String },
+    #[error("run would send {planned} changes, more than max_rows {max_rows} of sync \"{sync}\"; nothing was queued. If this is expected, raise the cap: SELECT retl.alter_sync(name => '{sync}', max_rows => ...)")]
+    RowCap { sync: String, planned: i64, max_rows: i64 },
+    #[error("run would delete {what}; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_mass_delete => true)")]
+    MassDelete { sync: String, what: String },
+    #[error("model \"{model}\" of mirror sync \"{sync}\" returned no rows: the run would delete all {delivered} rows the sync delivered; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_mass_delete => true)")]
+    EmptyModel { sync: String, model: String, delivered: i64 },
+    #[error("run would send {planned} rows to destination \"{destination}\" and exceed {whose}: {used} of {limit} rows were sent in the last 24 hours; nothing was queued")]
+    Quota { destination: String, planned: i64, used: i64, limit: i64, whose: String },
+    #[error("model \"{model}\" of sync \"{sync}\" changed since the last successful run (run {run_id}): {changes}; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_schema_change => true)")]
+    SchemaChanged { sync: String, model: String, run_id: i64, changes: String },
     #[error("the pg_reverse_etl library is version {library} but the extension's SQL objects are version {installed}")]
     VersionMismatch { library: &'static str, installed: String },
 }
@@ -84,6 +94,9 @@ impl RetlError {
             RetlError::VersionMismatch { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             RetlError::DestinationFields { .. } => ERRCODE_UNDEFINED_COLUMN,
             RetlError::DestinationUnchecked { .. } => ERRCODE_FDW_UNABLE_TO_ESTABLISH_CONNECTION,
+            RetlError::RowCap { .. } | RetlError::Quota { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            RetlError::MassDelete { .. } | RetlError::EmptyModel { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            RetlError::SchemaChanged { .. } => ERRCODE_DATATYPE_MISMATCH,
         }
     }
 

@@ -4,6 +4,7 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+mod alerts;
 mod api;
 mod changes;
 mod destination;
@@ -13,6 +14,7 @@ mod key_source;
 mod parse;
 mod plan;
 mod probe;
+mod safeguards;
 mod settings;
 mod shared;
 mod transaction;
@@ -42,6 +44,12 @@ pgrx::extension_sql_file!(
     "../sql/automation.sql",
     name = "automation",
     requires = ["catalog", api::_is_cron, api::_cron_next, api::_worker_slots, changes::_on_change, key_source::_key_source]
+);
+
+pgrx::extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["run"]
 );
 
 pgrx::extension_sql_file!(

@@ -4,6 +4,7 @@
 
 use crate::errors::RetlError;
 use crate::identity;
+use crate::safeguards::{self, Allowed, Planned, Safeguards};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
@@ -61,10 +62,12 @@ pub struct SyncDef {
     /// How row hashes are computed (see `materialize_select`); kept per sync because its snapshot
     /// holds hashes of that kind.
     pub hash_version: i16,
+    pub guards: Safeguards,
 }
 
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
-     s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version \
+     s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version, \
+     s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep' \
      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
      LEFT JOIN retl.audiences a ON a.id = s.audience_id";
 
@@ -101,6 +104,13 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
         paused: row.get::<bool>(9).ok().flatten().unwrap_or(false),
         uid: get_text(10),
         hash_version: row.get::<i16>(11).ok().flatten().unwrap_or(1),
+        guards: Safeguards {
+            max_rows: row.get::<i64>(12).ok().flatten(),
+            max_delete_percent: row.get::<f64>(13).ok().flatten(),
+            max_delete_rows: row.get::<i64>(14).ok().flatten(),
+            quota_share: row.get::<f64>(15).ok().flatten().unwrap_or(1.0),
+            keep_nulls_out: row.get::<bool>(16).ok().flatten().unwrap_or(false),
+        },
     })
 }
 
@@ -391,19 +401,62 @@ impl PlanSummary {
     }
 }
 
-/// Plan run `run_id` of `sync` into the outbox (inside the caller's transaction).
-pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, RetlError> {
-    let scope = take_changed_keys(client, sync, run_id);
+/// A plan that did not queue anything: why, and (for a safeguard's refusal) what it would
+/// have queued.
+pub struct PlanFailure {
+    pub error: RetlError,
+    pub summary: Option<PlanSummary>,
+}
+
+impl From<RetlError> for PlanFailure {
+    fn from(error: RetlError) -> Self {
+        PlanFailure { error, summary: None }
+    }
+}
+
+/// What started a run and which safeguards it may pass.
+struct RunInfo {
+    trigger: String,
+    allowed: Allowed,
+}
+
+fn run_info(client: &SpiClient, run_id: i64) -> RunInfo {
+    let table = client
+        .select(
+            "SELECT trigger, allow_mass_delete, allow_schema_change FROM retl.runs WHERE id = $1",
+            Some(1),
+            &[run_id.into()],
+        )
+        .unwrap_or_else(|e| error!("{e}"));
+    let row = table.first();
+    RunInfo {
+        trigger: row.get::<String>(1).ok().flatten().unwrap_or_default(),
+        allowed: Allowed {
+            mass_delete: row.get::<bool>(2).ok().flatten().unwrap_or(false),
+            schema_change: row.get::<bool>(3).ok().flatten().unwrap_or(false),
+        },
+    }
+}
+
+/// Plan run `run_id` of `sync` into the outbox (inside the caller's transaction). On an error
+/// the caller rolls the transaction back: nothing stays queued.
+pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, PlanFailure> {
+    let run = run_info(client, run_id);
+    let columns = safeguards::model_columns(client, sync);
+    safeguards::check_schema(client, sync, &columns, run.allowed)?;
+    let scope = if run.trigger == "retry" { failed_keys(client, sync) } else { take_changed_keys(client, sync, run_id) };
     let rows = materialize(client, sync, &scope)?;
     let rows_in_model = (scope == Scope::Model).then_some(rows);
     // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
     client
         .update("DELETE FROM retl.outbox WHERE sync_id = $1", None, &[sync.id.into()])
         .unwrap_or_else(|e| error!("{e}"));
+    // nulls => 'keep': the fields that are NULL are left out, so the destination keeps its value.
     let sql = format!(
         "WITH diff AS ({diff}), \
               queued AS (INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
-                         SELECT $1, $2, op, key, payload, hash FROM diff RETURNING 1) \
+                         SELECT $1, $2, op, key, CASE WHEN $4 THEN retl._without_nulls(payload) ELSE payload END, hash \
+                           FROM diff RETURNING 1) \
          SELECT count(*) FILTER (WHERE change = 'new'), \
                 count(*) FILTER (WHERE change = 'changed'), \
                 count(*) FILTER (WHERE change = 'gone') \
@@ -415,7 +468,11 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
         Scope::Keys(keys) => Some(keys.as_str()),
     };
     let (new, changed, gone) = client
-        .update(sql.as_str(), None, &[sync.id.into(), run_id.into(), keys.into()])
+        .update(
+            sql.as_str(),
+            None,
+            &[sync.id.into(), run_id.into(), keys.into(), sync.guards.keep_nulls_out.into()],
+        )
         .and_then(|t| t.first().get_three::<i64, i64, i64>())
         .unwrap_or_else(|e| error!("{e}"));
     let (new, changed, gone) = (new.unwrap_or(0), changed.unwrap_or(0), gone.unwrap_or(0));
@@ -425,8 +482,37 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
     } else {
         PlanSummary { rows_in_model, scope: scope.name(), inserts: new, updates: changed, deletes: gone }
     };
+    let planned = Planned { rows_in_model, total: summary.total(), deletes: summary.deletes };
+    if let Err(error) = safeguards::check_plan(client, sync, &sync.guards, &planned, run.allowed) {
+        return Err(PlanFailure { error, summary: Some(summary) });
+    }
+    // The columns this plan read: the schema contract of later runs once this one succeeds.
+    client
+        .update(
+            "UPDATE retl.runs SET model_columns = $2::jsonb WHERE id = $1",
+            None,
+            &[run_id.into(), serde_json::Value::Object(columns).to_string().into()],
+        )
+        .unwrap_or_else(|e| error!("{e}"));
     identity::as_role(sync.owner, || drop_plan_table(client)).unwrap_or_else(|e| error!("{e}"));
     Ok(summary)
+}
+
+/// A retry (retl.retry_failed) plans only the keys the destination rejected, with those still
+/// queued; the change log is left for the next on-change run.
+fn failed_keys(client: &mut SpiClient, sync: &SyncDef) -> Scope {
+    let keys = client
+        .select(
+            "SELECT coalesce(jsonb_agg(DISTINCT key), '[]')::text \
+               FROM (SELECT key FROM retl.row_errors WHERE sync_id = $1 \
+                     UNION ALL SELECT key FROM retl.outbox WHERE sync_id = $1) k",
+            Some(1),
+            &[sync.id.into()],
+        )
+        .and_then(|t| t.first().get_one::<String>())
+        .unwrap_or_else(|e| error!("{e}"))
+        .unwrap_or_else(|| "[]".into());
+    Scope::Keys(keys)
 }
 
 /// The scope of run `run_id`'s plan. Every plan takes the sync's change log; a run caused by a

@@ -15,7 +15,42 @@ pub static LOG_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// when it is created or altered.
 pub static CHECK_DESTINATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// The window retl.sync_status computes rates and latencies over, in minutes.
+pub static STATUS_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(24 * 60);
+/// Runs and resolved alerts older than this (minutes) are deleted; 0 keeps them forever.
+pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60);
+/// The destination alerts of syncs without an alert_destination are sent to.
+pub static ALERT_DESTINATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"retl.status_window",
+        c"Window of the rates and latencies in retl.sync_status and retl.metrics.",
+        c"Success rate, row-error rate and delivery latency are computed over the runs and batches that finished within it.",
+        &STATUS_WINDOW,
+        1,
+        10 * 366 * 24 * 60,
+        GucContext::Userset,
+        GucFlags::UNIT_MIN,
+    );
+    GucRegistry::define_int_guc(
+        c"retl.history_retention",
+        c"How long pg_reverse_etl keeps finished runs, their batches and resolved alerts.",
+        c"Older ones are deleted by the workers about once a minute; a sync's latest run and latest successful run are always kept. 0 keeps everything.",
+        &HISTORY_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
+    GucRegistry::define_string_guc(
+        c"retl.alert_destination",
+        c"Destination (a slack or webhook retl server) that alerts are sent to.",
+        c"For syncs without their own alert_destination; empty sends none (alerts are still rows in retl.alerts and NOTIFYs on channel retl_alerts).",
+        &ALERT_DESTINATION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"retl.check_destination",
         c"Check a sync's fields against the destination at create_sync and alter_sync.",
@@ -57,6 +92,14 @@ pub fn database_name() -> String {
         .get()
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+pub fn history_retention_minutes() -> i32 {
+    HISTORY_RETENTION.get()
+}
+
+pub fn alert_destination() -> String {
+    ALERT_DESTINATION.get().and_then(|s| s.into_string().ok()).unwrap_or_default()
 }
 
 pub fn workers() -> usize {

@@ -48,6 +48,15 @@ pub struct WaitSlot {
     pub run_id: i64,
     pub requester_pid: i32,
     pub trigger_manual: bool,
+    /// The safeguards the run may pass (retl.run(..., allow_mass_delete, allow_schema_change)).
+    pub overrides: RunOverrides,
+}
+
+/// Safeguards a run is allowed to pass (runs.allow_mass_delete, runs.allow_schema_change).
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+pub struct RunOverrides {
+    pub mass_delete: bool,
+    pub schema_change: bool,
 }
 
 #[derive(Copy, Clone, Default)]

@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 /// How long to wait for a (re)starting worker before giving up.
 const WORKER_START_GRACE: Duration = Duration::from_secs(15);
 
-pub fn await_run(sync_id: i64, manual: bool, timeout: Option<Duration>) -> Result<i64, RetlError> {
+pub fn await_run(
+    sync_id: i64,
+    manual: bool,
+    overrides: shared::RunOverrides,
+    timeout: Option<Duration>,
+) -> Result<i64, RetlError> {
     let started = Instant::now();
     while !shared::any_worker_running() {
         if started.elapsed() > WORKER_START_GRACE {
@@ -30,6 +35,7 @@ pub fn await_run(sync_id: i64, manual: bool, timeout: Option<Duration>) -> Resul
             run_id: 0,
             requester_pid: me,
             trigger_manual: manual,
+            overrides,
         };
         i
     };

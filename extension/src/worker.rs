@@ -5,6 +5,7 @@
 //! thread touches Postgres; the tokio runtime is driven with `block_on` between transactions
 //! and only does HTTP.
 
+use crate::alerts;
 use crate::deliver;
 use crate::scheduler::{self, LOCK_NAMESPACE};
 use crate::settings;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 /// Safety net only: commits, schedules and wait-requests set the latch or bound the sleep, so
 /// a worker normally reacts at once; this bounds the delay if a wake-up was ever missed.
-const IDLE_RECHECK: Duration = Duration::from_secs(10);
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
 /// Candidates looked at per pick; enough that busy syncs locked by other workers are skipped.
 const CANDIDATES: i32 = 16;
 
@@ -51,6 +52,8 @@ struct Worker {
     deliver: deliver::Deliveries,
     /// The last catalog problem logged, so it is logged once, not every pass.
     logged_problem: Option<String>,
+    /// When this worker last evaluated alerts and purged history.
+    alerts: alerts::AlertClock,
 }
 
 #[pg_guard]
@@ -69,7 +72,7 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
     shared::set_worker_state(n, WorkerState::Starting, 0, 0);
     log!("pg_reverse_etl worker {} started in database \"{}\"", n + 1, settings::database_name());
 
-    let mut worker = Worker { n, runtime, deliver: deliver::Deliveries::default(), logged_problem: None };
+    let mut worker = Worker { n, runtime, deliver: deliver::Deliveries::default(), logged_problem: None, alerts: Default::default() };
     while !shared::shutdown_requested() {
         let sleep = worker.work();
         if shared::shutdown_requested() {
@@ -133,6 +136,7 @@ impl Worker {
             crate::probe::serve(&self.runtime);
             self.state(WorkerState::Scheduling, 0, 0);
             scheduler::schedule();
+            self.alerts.tick(&self.runtime);
             let Some((run_id, sync_id, status)) = pick_run() else { break };
             // A run that ended is settled with its waiter at the top of the next pass.
             self.work_on(run_id, sync_id, &status);
@@ -233,6 +237,8 @@ fn plan_run(run_id: i64) -> bool {
         log!("pg_reverse_etl: cannot start run {run_id}: {message}");
         return false;
     }
+    // A safeguard's refusal: what the plan would have queued (recorded on the failed run).
+    let mut refused: Option<plan::PlanSummary> = None;
     let planned = transaction(|| {
         Spi::connect_mut(|client| {
             let sync_id = plan::sync_id_of_run(client, run_id)?;
@@ -248,7 +254,10 @@ fn plan_run(run_id: i64) -> bool {
                 return Ok(None);
             }
             report_activity(&format!("retl: sync {} run {run_id}: planning", sync.name));
-            let summary = plan::plan_run(client, &sync, run_id).map_err(|e| e.to_string())?;
+            let summary = plan::plan_run(client, &sync, run_id).map_err(|failure| {
+                refused = failure.summary;
+                failure.error.to_string()
+            })?;
             let total = summary.total();
             client
                 .update(
@@ -283,10 +292,40 @@ fn plan_run(run_id: i64) -> bool {
             false
         }
         Err(message) => {
-            // The plan rolled back: nothing was queued. Record why.
+            // The plan rolled back: nothing was queued. Record why (and, for a safeguard's
+            // refusal, what the plan would have sent).
+            if let Some(summary) = refused {
+                record_refused_plan(run_id, &summary);
+            }
             deliver::finish_run(run_id, Some(&message), false);
             false
         }
+    }
+}
+
+fn record_refused_plan(run_id: i64, summary: &plan::PlanSummary) {
+    let recorded = transaction(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE retl.runs SET planned_at = clock_timestamp(), rows_in_model = $2, planned_inserts = $3, \
+                            planned_updates = $4, planned_deletes = $5, plan_scope = $6 WHERE id = $1",
+                    None,
+                    &[
+                        run_id.into(),
+                        summary.rows_in_model.into(),
+                        summary.inserts.into(),
+                        summary.updates.into(),
+                        summary.deletes.into(),
+                        summary.scope.into(),
+                    ],
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    if let Err(message) = recorded {
+        log!("pg_reverse_etl: cannot record the refused plan of run {run_id}: {message}");
     }
 }
 
@@ -300,21 +339,22 @@ fn accept_wait_requests() {
             for (i, s) in waits.slots.iter_mut().enumerate() {
                 if s.state == SlotState::Requested {
                     s.state = SlotState::Claimed;
-                    claimed = Some((i, s.sync_id, s.trigger_manual));
+                    claimed = Some((i, s.sync_id, s.trigger_manual, s.overrides));
                     break;
                 }
             }
             claimed
         };
-        let Some((slot, sync_id, manual)) = claimed else { return };
+        let Some((slot, sync_id, manual, overrides)) = claimed else { return };
         let trigger = if manual { "manual" } else { "schedule" };
         let created = transaction(|| {
             Spi::connect_mut(|client| {
                 let table = client
                     .update(
-                        "INSERT INTO retl.runs (sync_id, trigger) SELECT id, $2 FROM retl.syncs WHERE id = $1 RETURNING id",
+                        "INSERT INTO retl.runs (sync_id, trigger, allow_mass_delete, allow_schema_change) \
+                         SELECT id, $2, $3, $4 FROM retl.syncs WHERE id = $1 RETURNING id",
                         None,
-                        &[sync_id.into(), trigger.into()],
+                        &[sync_id.into(), trigger.into(), overrides.mass_delete.into(), overrides.schema_change.into()],
                     )
                     .map_err(|e| e.to_string())?;
                 Ok(table.into_iter().next().and_then(|row| row.get::<i64>(1).ok().flatten()))
