@@ -251,6 +251,24 @@ GRANT SELECT ON retl.models, retl.audiences, retl.syncs, retl.sync_parents, retl
 -- Status
 ------------------------------------------------------------------------------------------------
 
+-- Whether `member` is a member of the role named `role_name` (false when no such role: a DBA
+-- may have dropped one of the retl_* roles).
+CREATE FUNCTION retl._has_role(member oid, role_name text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role_name)
+                THEN pg_has_role(member, role_name, 'MEMBER') ELSE false END
+$$;
+
+-- Whether the caller may see an object of `owner`: its owner's members and retl_viewer's
+-- (retl_operator and retl_admin are members of retl_viewer). The row-level security of the
+-- catalog tables and the status views use it.
+CREATE FUNCTION retl._visible(owner regrole) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = owner)
+                THEN pg_has_role(retl._caller(), owner, 'MEMBER') ELSE false END
+           OR retl._has_role(retl._caller(), 'retl_viewer')
+$$;
+
 -- Alerts (since 0.5.0): one row per time a condition started to hold for a sync; open while
 -- it holds (resolved_at NULL), resolved by the first evaluation that finds it cleared.
 -- Raised and resolved by retl._evaluate_alerts (workers, every few seconds), announced with
@@ -365,9 +383,10 @@ SELECT s.name                                            AS sync,
   LEFT JOIN LATERAL (SELECT coalesce(sum(b.api_calls), 0)::bigint AS api_calls,
                             coalesce(sum(b.acknowledged + b.rejected), 0)::bigint AS rows
                        FROM retl.runs r JOIN retl.batches b ON b.run_id = r.id
-                      WHERE r.sync_id = s.id AND b.finished_at > now() - interval '1 day') day ON true;
+                      WHERE r.sync_id = s.id AND b.finished_at > now() - interval '1 day') day ON true
+ WHERE retl._visible(s.owner);
 COMMENT ON VIEW retl.sync_status IS
-  'One row per sync: last run and its outcome, time since the last successful run against the freshness SLA (sla_breached), success rate of the last 20 finished runs, rows queued, failing and synced; over the status window (setting retl.status_window, default 1 day): runs, success rate, row-error rate (rejected / sent), delivery latency p50/p99 (plan committed to acknowledgement, per row); API calls and rows sent in the last 24 hours against the destination''s daily_api_quota and daily_row_quota, the API usage the destination last reported, and open alerts.';
+  'One row per sync: last run and its outcome, time since the last successful run against the freshness SLA (sla_breached), success rate of the last 20 finished runs, rows queued, failing and synced; over the status window (setting retl.status_window, default 1 day): runs, success rate, row-error rate (rejected / sent), delivery latency p50/p99 (plan committed to acknowledgement, per row); API calls and rows sent in the last 24 hours against the destination''s daily_api_quota and daily_row_quota, the API usage the destination last reported, and open alerts. Each user sees the syncs they own; members of retl_viewer see all.';
 GRANT SELECT ON retl.sync_status TO PUBLIC;
 
 ------------------------------------------------------------------------------------------------
@@ -390,14 +409,29 @@ BEGIN
     END IF;
 END $$;
 
--- Raise unless the caller owns (or is a member of the owner of) the object.
+-- Raise unless the caller owns (or is a member of the owner of) the object, or is a member
+-- of retl_admin.
 CREATE FUNCTION retl._check_owner(kind text, name text, owner regrole) RETURNS void
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT pg_has_role(retl._caller(), owner, 'MEMBER') THEN
+    IF NOT (pg_has_role(retl._caller(), owner, 'MEMBER') OR retl._has_role(retl._caller(), 'retl_admin')) THEN
         RAISE EXCEPTION 'must be owner of % %', kind, retl._q(name)
               USING ERRCODE = 'insufficient_privilege',
-                    DETAIL = format('It belongs to role %s.', owner::text);
+                    DETAIL = format('It belongs to role %s.', owner::text),
+                    HINT = 'Members of retl_admin may change every model, audience and sync.';
+    END IF;
+END $$;
+
+-- Raise unless the caller may operate the sync (run, pause, resume, retry, discard): its
+-- owner's members, retl_operator's and retl_admin's.
+CREATE FUNCTION retl._check_operator(name text, owner regrole) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT (pg_has_role(retl._caller(), owner, 'MEMBER') OR retl._has_role(retl._caller(), 'retl_operator')) THEN
+        RAISE EXCEPTION 'must be owner of sync %', retl._q(name)
+              USING ERRCODE = 'insufficient_privilege',
+                    DETAIL = format('It belongs to role %s.', owner::text),
+                    HINT = 'Members of retl_operator may run, pause, resume and retry every sync.';
     END IF;
 END $$;
 
@@ -717,6 +751,7 @@ BEGIN
             alert_queue_depth, alert_destination)
     RETURNING id INTO sync_id;
     PERFORM retl._check_sync_settings(sync_id);
+    PERFORM retl._check_policy(sync_id);
     PERFORM retl._set_parents(sync_id, after);
     PERFORM retl._refresh_sources(sync_id);
     -- An idle worker sleeps until the earliest schedule it knew of: tell it about this one.
@@ -745,6 +780,20 @@ BEGIN
         RAISE EXCEPTION 'sync % does not exist', coalesce(retl._q(sync_name), 'NULL') USING ERRCODE = 'undefined_object';
     END IF;
     PERFORM retl._check_owner('sync', s.name, s.owner);
+    RETURN s;
+END $$;
+
+-- _sync_for_change for operations (run, pause, resume, retry, discard): operators may too.
+CREATE FUNCTION retl._sync_for_operation(sync_name text) RETURNS retl.syncs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s retl.syncs;
+BEGIN
+    SELECT * INTO s FROM retl.syncs WHERE name = sync_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sync % does not exist', coalesce(retl._q(sync_name), 'NULL') USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM retl._check_operator(s.name, s.owner);
     RETURN s;
 END $$;
 
@@ -835,6 +884,7 @@ BEGIN
            updated_at  = now()
      WHERE id = s.id;
     PERFORM retl._check_sync_settings(s.id);
+    PERFORM retl._check_policy(s.id);
     IF after IS NOT NULL THEN
         -- after => '{}' removes every parent.
         PERFORM retl._set_parents(s.id, after);
@@ -878,7 +928,7 @@ COMMENT ON FUNCTION retl.drop_sync(text, boolean) IS
 CREATE FUNCTION retl.pause(sync text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(sync);
+    s retl.syncs := retl._sync_for_operation(sync);
 BEGIN
     UPDATE retl.syncs SET paused = true, updated_at = now() WHERE id = s.id;
 END $$;
@@ -888,7 +938,7 @@ COMMENT ON FUNCTION retl.pause(text) IS
 CREATE FUNCTION retl.resume(sync text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(sync);
+    s retl.syncs := retl._sync_for_operation(sync);
 BEGIN
     -- A schedule restarts from now: the slots missed while paused are not made up.
     UPDATE retl.syncs SET paused = false, updated_at = now(),
@@ -903,7 +953,7 @@ CREATE FUNCTION retl._queue_run(sync text, trigger text, allow_mass_delete boole
 RETURNS retl.runs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(sync);
+    s retl.syncs := retl._sync_for_operation(sync);
     r retl.runs;
 BEGIN
     IF s.paused THEN
@@ -927,7 +977,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'sync % does not exist', coalesce(retl._q(sync), 'NULL') USING ERRCODE = 'undefined_object';
     END IF;
-    PERFORM retl._check_owner('sync', s.name, s.owner);
+    PERFORM retl._check_operator(s.name, s.owner);
     IF s.paused THEN
         RAISE EXCEPTION 'sync % is paused', retl._q(s.name)
               USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('Resume it with SELECT retl.resume(%L);', s.name);

@@ -88,7 +88,7 @@ COMMENT ON FUNCTION retl.retry_failed(text) IS
 CREATE FUNCTION retl.discard_failed(sync text, keys jsonb DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(sync);
+    s retl.syncs := retl._sync_for_operation(sync);
     missing text;
     discarded bigint;
 BEGIN
@@ -254,7 +254,7 @@ $$;
 CREATE VIEW retl.open_alerts AS
 SELECT s.name AS sync, al.kind, al.message, al.raised_at, al.run_id, al.sent_at, al.send_error
   FROM retl.alerts al JOIN retl.syncs s ON s.id = al.sync_id
- WHERE al.resolved_at IS NULL;
+ WHERE al.resolved_at IS NULL AND retl._visible(s.owner);
 COMMENT ON VIEW retl.open_alerts IS 'The alerts open now (their condition still holds), with when they were sent to the alert destination.';
 GRANT SELECT ON retl.open_alerts TO PUBLIC;
 

@@ -44,6 +44,8 @@ pub enum RetlError {
     DestinationUnchecked { sync: String, destination: String, problem: String },
     #[error("run would send {planned} changes, more than max_rows {max_rows} of sync \"{sync}\"; nothing was queued. If this is expected, raise the cap: SELECT retl.alter_sync(name => '{sync}', max_rows => ...)")]
     RowCap { sync: String, planned: i64, max_rows: i64 },
+    #[error("{0}; nothing was queued")]
+    PolicyViolation(String),
     #[error("run would delete {what}; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_mass_delete => true)")]
     MassDelete { sync: String, what: String },
     #[error("model \"{model}\" of mirror sync \"{sync}\" returned no rows: the run would delete all {delivered} rows the sync delivered; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_mass_delete => true)")]
@@ -97,6 +99,7 @@ impl RetlError {
             RetlError::RowCap { .. } | RetlError::Quota { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             RetlError::MassDelete { .. } | RetlError::EmptyModel { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             RetlError::SchemaChanged { .. } => ERRCODE_DATATYPE_MISMATCH,
+            RetlError::PolicyViolation(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
 

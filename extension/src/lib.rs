@@ -53,6 +53,12 @@ pgrx::extension_sql_file!(
 );
 
 pgrx::extension_sql_file!(
+    "../sql/governance.sql",
+    name = "governance",
+    requires = ["operations"]
+);
+
+pgrx::extension_sql_file!(
     "../sql/run.sql",
     name = "run",
     requires = ["automation", api::_wake_worker_at_commit, api::_await_run, api::_check_worker_database]

@@ -442,6 +442,8 @@ fn run_info(client: &SpiClient, run_id: i64) -> RunInfo {
 /// the caller rolls the transaction back: nothing stays queued.
 pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<PlanSummary, PlanFailure> {
     let run = run_info(client, run_id);
+    // The policy of the destination, the model's tags or the policy may have changed.
+    safeguards::check_policy(client, sync)?;
     let columns = safeguards::model_columns(client, sync);
     safeguards::check_schema(client, sync, &columns, run.allowed)?;
     let scope = if run.trigger == "retry" { failed_keys(client, sync) } else { take_changed_keys(client, sync, run_id) };
@@ -532,7 +534,10 @@ fn take_changed_keys(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Sco
 /// What the next run would queue, for `retl.preview`. Only the sync's owner may look.
 pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option<serde_json::Value>)>, RetlError> {
     Spi::connect_mut(|client| {
-        let Some(sync) = load_sync_by_name(client, sync_name) else {
+        // Looked up with the extension owner's rights (row-level security would hide another
+        // user's sync): someone else's sync is "must be owner", as everywhere else.
+        let extension_owner = identity::extension_owner(client);
+        let Some(sync) = identity::as_role(extension_owner, || load_sync_by_name(client, sync_name)) else {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("sync \"{sync_name}\" does not exist"),
@@ -547,8 +552,7 @@ pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option
         materialize(client, &sync, &Scope::Model)?;
         let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync, &Scope::Model));
         // The snapshot is not readable by users: diff with the extension owner's rights.
-        let owner = identity::extension_owner(client);
-        let table = identity::as_role(owner, || client.select(sql.as_str(), None, &[sync.id.into()]))
+        let table = identity::as_role(extension_owner, || client.select(sql.as_str(), None, &[sync.id.into()]))
             .unwrap_or_else(|e| error!("{e}"));
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
         let rows = table

@@ -99,6 +99,19 @@ pub fn check_schema(
     })
 }
 
+/// The destination's tag policy (retl._policy_violation): re-checked by every plan, since
+/// the model's tags, its columns or the policy may have changed since create_sync.
+pub fn check_policy(client: &SpiClient, sync: &SyncDef) -> Result<(), RetlError> {
+    let problem = client
+        .select("SELECT retl._policy_violation($1)", Some(1), &[sync.id.into()])
+        .and_then(|t| t.first().get_one::<String>())
+        .unwrap_or_else(|e| error!("{e}"));
+    match problem {
+        Some(problem) => Err(RetlError::PolicyViolation(problem)),
+        None => Ok(()),
+    }
+}
+
 /// What a plan is about to queue.
 pub struct Planned {
     /// Rows the model returned (None: only changed keys were planned).
