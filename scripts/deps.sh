@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_reverse_etl needs, skipping what is already there:
 # Debian's Postgres 15 server and headers, libclang (bindgen), sudo (to run Postgres as the
-# `postgres` user), postgres_exporter (the metrics test), cargo-pgrx at the pinned version, and `cargo pgrx init` against Debian's
-# pg_config.
+# `postgres` user), postgres_exporter (the metrics test), cargo-pgrx at the pinned version,
+# and `cargo pgrx init` against Debian's pg_config.
 set -euo pipefail
 
 PGRX_VERSION=${PGRX_VERSION:?set by the Makefile}

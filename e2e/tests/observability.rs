@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use retl_e2e::fake_slack::FakeSlack;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,6 +225,36 @@ fn failed_runs_in_a_row_raise_an_alert_that_is_notified_sent_and_resolved() {
     assert_eq!(open, 0);
     f.exec(&format!("SELECT retl.alter_sync(name => '{}', reset => '{{alert_destination}}')", f.sync));
     f.exec(&format!("DROP SERVER {alert_server}"));
+}
+
+#[test]
+fn an_alert_goes_to_a_slack_alert_destination_as_a_message() {
+    let fake = FakeWebhook::builder().token("right-token").start();
+    let slack = FakeSlack::start("xoxb-alerts");
+    slack.add_channel("C0042", "ops");
+    let mut f = Fixture::new(&fake.url(), 1, "upsert", "", Some("wrong-token"));
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    let alert_server = format!("{}_slack", f.server);
+    f.exec(&format!(
+        "CREATE SERVER {alert_server} FOREIGN DATA WRAPPER retl OPTIONS (type 'slack', url '{}', channel '#ops', text '{{{{ fields.x }}}}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER {alert_server} OPTIONS (token 'xoxb-alerts');",
+        slack.base_url()
+    ));
+    f.exec(&format!(
+        "SELECT retl.alter_sync(name => '{}', alert_after_failures => 1, alert_destination => '{alert_server}')",
+        f.sync
+    ));
+    let run = f.run();
+    assert_eq!(run.status, "failed");
+    let (alert_id, message) = wait_for_alert(&mut f.client, &f.sync, "failed_runs");
+    assert_eq!(message, format!("sync \"{}\" failed 1 run in a row; the last one (run {}): {}", f.sync, run.id, run.error.unwrap()));
+    wait_until(SHORT, "the alert reaches Slack", || !slack.messages("C0042").is_empty());
+    let texts: Vec<String> = slack.messages("C0042").into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, vec![format!(":rotating_light: *failed_runs* on sync `{}`: {message}", f.sync)]);
+    let sent: bool = f.client.query_one("SELECT sent_at IS NOT NULL FROM retl.alerts WHERE id = $1", &[&alert_id]).unwrap().get(0);
+    assert!(sent);
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', reset => '{{alert_destination}}')", f.sync));
+    f.exec(&format!("DROP SERVER {alert_server} CASCADE"));
 }
 
 /// The retl_alerts notification of `alert_id` in `state` (others are skipped).

@@ -134,7 +134,8 @@ RETURNS TABLE (sync_id bigint, kind text, message text, details jsonb, run_id bi
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     -- failed_runs: the last alert_after_failures finished runs all failed.
     SELECT s.id, 'failed_runs',
-           format('sync %s failed %s runs in a row; the last one (run %s): %s', retl._q(s.name), f.n, f.last_id, f.last_error),
+           format('sync %s failed %s in a row; the last one (run %s): %s', retl._q(s.name),
+                  CASE WHEN f.n = 1 THEN '1 run' ELSE f.n || ' runs' END, f.last_id, f.last_error),
            jsonb_build_object('failed_runs', f.n, 'last_error', f.last_error), f.last_id
       FROM retl.syncs s
       CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE x.status = 'failed') AS n, count(*) AS total,

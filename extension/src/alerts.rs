@@ -19,7 +19,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Alerts sent per pass at most (the rest wait for the next pass).
 const SEND_PER_PASS: i32 = 20;
 /// The Slack message of an alert (the destination's own text template is for its syncs' rows).
-const SLACK_TEXT: &str = ":rotating_light: *{{ kind }}* on sync `{{ sync }}`: {{ message }}";
+const SLACK_TEXT: &str = ":rotating_light: *{{ fields.kind }}* on sync `{{ fields.sync }}`: {{ fields.message }}";
 
 #[derive(Default)]
 pub struct AlertClock {
