@@ -1076,9 +1076,9 @@ BEGIN
 END $$;
 
 CREATE VIEW retl.policy_violations AS
-SELECT s.name AS sync, s.destination, retl._policy_violation(s.id) AS problem
-  FROM retl.syncs s
- WHERE retl._visible(s.owner) AND retl._policy_violation(s.id) IS NOT NULL;
+SELECT s.name AS sync, s.destination, v.problem
+  FROM retl.syncs s CROSS JOIN LATERAL (SELECT retl._policy_violation(s.id) AS problem) v
+ WHERE retl._visible(s.owner) AND v.problem IS NOT NULL;
 COMMENT ON VIEW retl.policy_violations IS
   'Syncs that would send tagged columns their destination''s policy does not allow (after a policy, tag or model change); their runs fail until fixed.';
 GRANT SELECT ON retl.policy_violations TO PUBLIC;

@@ -446,7 +446,10 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
     safeguards::check_policy(client, sync)?;
     let columns = safeguards::model_columns(client, sync);
     safeguards::check_schema(client, sync, &columns, run.allowed)?;
-    let scope = if run.trigger == "retry" { failed_keys(client, sync) } else { take_changed_keys(client, sync, run_id) };
+    let scope = match run.trigger.as_str() {
+        "retry" => failed_keys(client, sync),
+        trigger => take_changed_keys(client, sync, trigger == "change"),
+    };
     let rows = materialize(client, sync, &scope)?;
     let rows_in_model = (scope == Scope::Model).then_some(rows);
     // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
@@ -517,14 +520,14 @@ fn failed_keys(client: &mut SpiClient, sync: &SyncDef) -> Scope {
     Scope::Keys(keys)
 }
 
-/// The scope of run `run_id`'s plan. Every plan takes the sync's change log; a run caused by a
-/// change plans only the logged keys when the log allows it (retl._take_changed_keys).
-fn take_changed_keys(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Scope {
+/// The scope of a run's plan. Every plan takes the sync's change log; a run caused by a change
+/// plans only the logged keys when the log allows it (retl._take_changed_keys).
+fn take_changed_keys(client: &mut SpiClient, sync: &SyncDef, caused_by_change: bool) -> Scope {
     let keys = client
         .update(
-            "SELECT retl._take_changed_keys($1, $3, $4, r.trigger = 'change')::text FROM retl.runs r WHERE r.id = $2",
+            "SELECT retl._take_changed_keys($1, $2, $3, $4)::text",
             Some(1),
-            &[sync.id.into(), run_id.into(), sync.source.as_str().into(), sync.primary_key.clone().into()],
+            &[sync.id.into(), sync.source.as_str().into(), sync.primary_key.clone().into(), caused_by_change.into()],
         )
         .and_then(|t| t.first().get_one::<String>())
         .unwrap_or_else(|e| error!("{e}"));

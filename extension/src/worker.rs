@@ -259,24 +259,14 @@ fn plan_run(run_id: i64) -> bool {
                 failure.error.to_string()
             })?;
             let total = summary.total();
+            record_plan(client, run_id, &summary)?;
             client
                 .update(
-                    "UPDATE retl.runs SET status = CASE WHEN $6 > 0 THEN 'delivering' ELSE 'succeeded' END, \
-                            planned_at = clock_timestamp(), \
-                            finished_at = CASE WHEN $6 > 0 THEN NULL ELSE clock_timestamp() END, \
-                            rows_in_model = $2, planned_inserts = $3, planned_updates = $4, planned_deletes = $5, \
-                            plan_scope = $7 \
+                    "UPDATE retl.runs SET status = CASE WHEN $2 > 0 THEN 'delivering' ELSE 'succeeded' END, \
+                            finished_at = CASE WHEN $2 > 0 THEN NULL ELSE clock_timestamp() END \
                       WHERE id = $1",
                     None,
-                    &[
-                        run_id.into(),
-                        summary.rows_in_model.into(),
-                        summary.inserts.into(),
-                        summary.updates.into(),
-                        summary.deletes.into(),
-                        total.into(),
-                        summary.scope.into(),
-                    ],
+                    &[run_id.into(), total.into()],
                 )
                 .map_err(|e| e.to_string())?;
             if total == 0 {
@@ -303,27 +293,29 @@ fn plan_run(run_id: i64) -> bool {
     }
 }
 
+/// What a plan found, on its run: for a plan that queued its changes and for one a safeguard
+/// refused alike.
+fn record_plan(client: &mut pgrx::spi::SpiClient, run_id: i64, summary: &plan::PlanSummary) -> Result<(), String> {
+    client
+        .update(
+            "UPDATE retl.runs SET planned_at = clock_timestamp(), rows_in_model = $2, planned_inserts = $3, \
+                    planned_updates = $4, planned_deletes = $5, plan_scope = $6 WHERE id = $1",
+            None,
+            &[
+                run_id.into(),
+                summary.rows_in_model.into(),
+                summary.inserts.into(),
+                summary.updates.into(),
+                summary.deletes.into(),
+                summary.scope.into(),
+            ],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 fn record_refused_plan(run_id: i64, summary: &plan::PlanSummary) {
-    let recorded = transaction(|| {
-        Spi::connect_mut(|client| {
-            client
-                .update(
-                    "UPDATE retl.runs SET planned_at = clock_timestamp(), rows_in_model = $2, planned_inserts = $3, \
-                            planned_updates = $4, planned_deletes = $5, plan_scope = $6 WHERE id = $1",
-                    None,
-                    &[
-                        run_id.into(),
-                        summary.rows_in_model.into(),
-                        summary.inserts.into(),
-                        summary.updates.into(),
-                        summary.deletes.into(),
-                        summary.scope.into(),
-                    ],
-                )
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-    });
+    let recorded = transaction(|| Spi::connect_mut(|client| record_plan(client, run_id, summary)));
     if let Err(message) = recorded {
         log!("pg_reverse_etl: cannot record the refused plan of run {run_id}: {message}");
     }
