@@ -4,7 +4,7 @@
 
 use crate::backoff::backoff_delay;
 use crate::connector::{
-    idempotency_key, redact_all, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
+    idempotency_key, redact_all, ApiUsage, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome,
 };
 use crate::oauth::Auth;
 use crate::options::DestinationConfig;
@@ -66,8 +66,8 @@ pub struct BatchReport {
     /// Neither accepted nor refused (retries exhausted, stopped, fatal error): send again later.
     pub unresolved: Vec<i64>,
     pub api_calls: u32,
-    /// The last API usage the destination reported (see `Destination::usage`).
-    pub api_usage: Option<String>,
+    /// The latest API usage the destination reported (see `Destination::usage`).
+    pub api_usage: Option<ApiUsage>,
     pub error: Option<String>,
     /// Requests that got no answer at all (timeouts, refused or reset connections), even if a
     /// retry then succeeded: worth a line in the server log, since nothing else records them.
@@ -146,11 +146,18 @@ impl Deliverer {
             fatal: Cell::new(false),
             refresh_failure: RefCell::new(None),
         };
-        stream::iter(batches)
-            .map(|batch| run.batch(batch))
-            .buffered(limits.max_concurrency.max(1))
-            .collect()
-            .await
+        let mut reports: Vec<BatchReport> =
+            stream::iter(batches).map(|batch| run.batch(batch)).buffered(limits.max_concurrency.max(1)).collect().await;
+        // Batches are recorded in order, each overwriting the run's usage: give them all the
+        // latest reading, which need not be the last batch's when requests overlapped.
+        let mut latest = None;
+        for usage in reports.iter().filter_map(|report| report.api_usage.clone()) {
+            ApiUsage::keep_latest(&mut latest, usage);
+        }
+        for report in &mut reports {
+            report.api_usage.clone_from(&latest);
+        }
+        reports
     }
 }
 
@@ -206,7 +213,7 @@ impl Run<'_> {
                 Err(reason) => return self.give_up(report, &pending, reason),
                 Ok(Ok(response)) => {
                     if let Some(usage) = self.dest.usage(&response) {
-                        report.api_usage = Some(usage);
+                        ApiUsage::keep_latest(&mut report.api_usage, usage);
                     }
                     self.dest.classify(&pending, &response)
                 }

@@ -323,7 +323,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                         (report.acked.len() as i64).into(),
                         (report.rejected.len() as i64).into(),
                         (report.api_calls as i64).into(),
-                        report.api_usage.clone().into(),
+                        report.api_usage.as_ref().map(|usage| usage.shown.clone()).into(),
                     ],
                 )
                 .map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@
 //! with `batch/read` by the same unique property.
 
 use super::{
-    classify_failure, describe, quoted_list, BatchContext, Destination, FieldProblem, HttpRequest, HttpResponse, RecordResult,
+    ApiUsage, classify_failure, describe, quoted_list, BatchContext, Destination, FieldProblem, HttpRequest, HttpResponse, RecordResult,
     ResponseOutcome,
 };
 use crate::options::HubSpotOptions;
@@ -325,10 +325,11 @@ impl Destination for HubSpot {
         }
     }
 
-    fn usage(&self, resp: &HttpResponse) -> Option<String> {
+    fn usage(&self, resp: &HttpResponse) -> Option<ApiUsage> {
         let max: u64 = resp.header("X-HubSpot-RateLimit-Daily")?.trim().parse().ok()?;
         let left: u64 = resp.header("X-HubSpot-RateLimit-Daily-Remaining")?.trim().parse().ok()?;
-        Some(format!("daily {}/{max}", max.saturating_sub(left)))
+        let spent = max.saturating_sub(left);
+        Some(ApiUsage { order: (0, spent), shown: format!("daily {spent}/{max}") })
     }
 }
 

@@ -15,7 +15,7 @@
 //! Rate limits: a 429 waits until `X-RateLimit-Reset`; the remaining calls are shown as the
 //! sync's API usage.
 
-use super::{classify_failure, describe, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
+use super::{classify_failure, ApiUsage, describe, BatchContext, Destination, HttpRequest, HttpResponse, RecordResult, ResponseOutcome};
 use crate::options::{IntercomObject, IntercomOptions};
 use crate::record::{Op, OutboxRecord};
 use serde_json::{json, Map, Value};
@@ -295,10 +295,12 @@ impl Destination for Intercom {
         }
     }
 
-    fn usage(&self, resp: &HttpResponse) -> Option<String> {
-        let limit = resp.header("X-RateLimit-Limit")?;
-        let remaining = resp.header("X-RateLimit-Remaining")?;
-        Some(format!("rate-limit remaining {}/{}", remaining.trim(), limit.trim()))
+    fn usage(&self, resp: &HttpResponse) -> Option<ApiUsage> {
+        let limit: u64 = resp.header("X-RateLimit-Limit")?.trim().parse().ok()?;
+        let remaining: u64 = resp.header("X-RateLimit-Remaining")?.trim().parse().ok()?;
+        // The limit is per window (X-RateLimit-Reset ends it): a later window is a later reading.
+        let window = resp.header("X-RateLimit-Reset").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        Some(ApiUsage { order: (window, limit.saturating_sub(remaining)), shown: format!("rate-limit remaining {remaining}/{limit}") })
     }
 }
 

@@ -138,8 +138,27 @@ pub trait Destination: Send + Sync {
     }
     /// The API usage the destination reports in a response (e.g. Salesforce's
     /// `Sforce-Limit-Info`), shown in the sync's status.
-    fn usage(&self, _resp: &HttpResponse) -> Option<String> {
+    fn usage(&self, _resp: &HttpResponse) -> Option<ApiUsage> {
         None
+    }
+}
+
+/// An API usage reading: what is shown, and where it stands in time, so that of the answers to
+/// concurrent requests (which can arrive in any order) the latest reading is the one kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiUsage {
+    /// (the limit window the reading is in, how much of it is spent): within a window the
+    /// spent count only grows.
+    pub order: (u64, u64),
+    pub shown: String,
+}
+
+impl ApiUsage {
+    /// Keeps in `slot` whichever of it and `reading` is the later.
+    pub fn keep_latest(slot: &mut Option<ApiUsage>, reading: ApiUsage) {
+        if slot.as_ref().is_none_or(|kept| kept.order <= reading.order) {
+            *slot = Some(reading);
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 pub mod bulk;
 
 use super::{
-    classify_failure, describe, quoted_list, BatchContext, Destination, FieldProblem, HttpRequest, HttpResponse, RecordResult,
+    ApiUsage, classify_failure, describe, quoted_list, BatchContext, Destination, FieldProblem, HttpRequest, HttpResponse, RecordResult,
     ResponseOutcome,
 };
 use std::collections::HashMap;
@@ -345,16 +345,16 @@ impl Destination for Salesforce {
         }
     }
 
-    fn usage(&self, resp: &HttpResponse) -> Option<String> {
+    fn usage(&self, resp: &HttpResponse) -> Option<ApiUsage> {
         usage(resp)
     }
 }
 
-/// `Sforce-Limit-Info: api-usage=25/15000` -> "api-usage=25/15000".
-pub fn usage(resp: &HttpResponse) -> Option<String> {
-    resp.header("Sforce-Limit-Info")
-        .and_then(|v| v.split(',').map(str::trim).find(|part| part.starts_with("api-usage=")))
-        .map(str::to_string)
+/// `Sforce-Limit-Info: api-usage=25/15000` -> "api-usage=25/15000", 25 spent.
+pub fn usage(resp: &HttpResponse) -> Option<ApiUsage> {
+    let part = resp.header("Sforce-Limit-Info")?.split(',').map(str::trim).find(|part| part.starts_with("api-usage="))?;
+    let spent = part["api-usage=".len()..].split('/').next()?.trim().parse().ok()?;
+    Some(ApiUsage { order: (0, spent), shown: part.to_string() })
 }
 
 #[cfg(test)]
@@ -477,7 +477,7 @@ mod tests {
                 RecordResult::Retry { message: "UNABLE_TO_LOCK_ROW: unable to obtain exclusive access".into() },
             ])
         );
-        assert_eq!(s.usage(&answer).as_deref(), Some("api-usage=25/15000"));
+        assert_eq!(s.usage(&answer), Some(ApiUsage { order: (0, 25), shown: "api-usage=25/15000".into() }));
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Run<'_> {
             report.api_calls += 1;
             let answer = self.unless_stopped(send(self.client, build(self.auth.token().as_deref()), self.limits.timeout)).await??;
             if let Some(usage) = crate::connector::salesforce::usage(&answer) {
-                report.api_usage = Some(usage);
+                crate::connector::ApiUsage::keep_latest(&mut report.api_usage, usage);
             }
             if answer.status != 401 {
                 return Ok(answer);

@@ -578,3 +578,64 @@ async fn an_expired_token_is_refreshed_once_per_delivery_and_shared_by_the_batch
     assert_eq!(token_requests, 1, "one refresh for both batches");
     assert_eq!((auth.token().as_deref(), auth.generation()), (Some("fresh"), 1));
 }
+
+/// A webhook reporting the `X-Usage` header of its answers as API usage.
+struct CountingUsage(Box<dyn Destination>);
+
+impl Destination for CountingUsage {
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+    fn max_batch_size(&self) -> usize {
+        10
+    }
+    fn build_request(&self, ctx: &BatchContext, records: &[OutboxRecord], token: Option<&str>) -> Result<HttpRequest, String> {
+        self.0.build_request(ctx, records, token)
+    }
+    fn classify(&self, records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
+        self.0.classify(records, resp)
+    }
+    fn usage(&self, resp: &HttpResponse) -> Option<ApiUsage> {
+        let spent = resp.header("X-Usage")?.parse().ok()?;
+        Some(ApiUsage { order: (0, spent), shown: format!("used {spent}") })
+    }
+}
+
+#[tokio::test]
+async fn the_latest_usage_reading_wins_whichever_batch_it_answered() {
+    // The first batch is answered last, with the higher count: batches are recorded in order,
+    // so each report must carry the latest reading, not its own.
+    let (url, _) = serve(|_, seen| {
+        let first = seen.ids() == [1];
+        if first {
+            thread::sleep(Duration::from_millis(300));
+        }
+        Reply { headers: vec![("X-Usage", if first { "8" } else { "7" }.to_string())], ..reply(200, "") }
+    });
+    let reports = Deliverer::new(Duration::from_secs(3))
+        .unwrap()
+        .deliver(
+            &CountingUsage(webhook(&url)),
+            &limits(0),
+            None,
+            "crm",
+            "crm-uid",
+            9,
+            &crate::oauth::Auth::fixed(Some(TOKEN)),
+            vec![records(1..=1), records(2..=2)],
+            &|| false,
+        )
+        .await;
+    let shown: Vec<_> = reports.iter().map(|r| r.api_usage.as_ref().map(|u| u.shown.as_str())).collect();
+    assert_eq!(shown, [Some("used 8"), Some("used 8")]);
+}
+
+#[test]
+fn a_later_limit_window_is_a_later_reading_even_with_less_spent() {
+    let mut kept = None;
+    ApiUsage::keep_latest(&mut kept, ApiUsage { order: (100, 90), shown: "a".into() });
+    ApiUsage::keep_latest(&mut kept, ApiUsage { order: (100, 80), shown: "b".into() });
+    assert_eq!(kept.as_ref().map(|u| u.shown.as_str()), Some("a"));
+    ApiUsage::keep_latest(&mut kept, ApiUsage { order: (110, 1), shown: "c".into() });
+    assert_eq!(kept.map(|u| u.shown), Some("c".to_string()));
+}
