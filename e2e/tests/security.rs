@@ -107,3 +107,171 @@ fn a_sync_cannot_read_what_its_owner_cannot_read() {
     let err = as_bob.batch_execute("SELECT * FROM retl.snapshots").unwrap_err();
     assert_eq!(error_text(&err).0, "42501");
 }
+
+/// Restores `retl.allowed_hosts` to its default when dropped, even if the test fails.
+struct AllowedHosts;
+
+impl AllowedHosts {
+    /// Sets the cluster-wide setting (as a superuser would) and waits until sessions see it;
+    /// workers re-read their configuration before every slice of work.
+    fn set(client: &mut postgres::Client, value: &str) -> AllowedHosts {
+        client.execute(&format!("ALTER SYSTEM SET retl.allowed_hosts = '{value}'"), &[]).unwrap();
+        reload_until(client, value);
+        AllowedHosts
+    }
+}
+
+fn reload_until(client: &mut postgres::Client, value: &str) {
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until(SHORT, "the new retl.allowed_hosts to apply", || {
+        let shown: String = connect().query_one("SHOW retl.allowed_hosts", &[]).unwrap().get(0);
+        shown == value
+    });
+}
+
+impl Drop for AllowedHosts {
+    fn drop(&mut self) {
+        if let Some(mut client) = retl_e2e::cluster::try_connect() {
+            let _ = client.batch_execute("ALTER SYSTEM RESET retl.allowed_hosts");
+            reload_until(&mut client, "*");
+        }
+    }
+}
+
+const LINK_LOCAL: &str =
+    "is a link-local address (cloud metadata services answer there): refused unless retl.allowed_hosts lists it explicitly";
+
+#[test]
+fn destinations_at_link_local_and_cloud_metadata_addresses_are_refused_by_default() {
+    let mut client = connect();
+    ensure_extension(&mut client);
+    let shown: String = client.query_one("SHOW retl.allowed_hosts", &[]).unwrap().get(0);
+    assert_eq!(shown, "*");
+    let server = unique("meta");
+    for (url, problem) in [
+        ("http://169.254.169.254/latest/meta-data/iam/", format!("host \"169.254.169.254\" {LINK_LOCAL}")),
+        // Other spellings of the same address are normalised before they are judged.
+        ("http://0xA9FEA9FE/", format!("host \"169.254.169.254\" {LINK_LOCAL}")),
+        ("http://[::ffff:a9fe:a9fe]/", format!("host \"::ffff:169.254.169.254\" {LINK_LOCAL}")),
+        ("http://[fe80::1]:8080/", format!("host \"fe80::1\" {LINK_LOCAL}")),
+        (
+            "http://[fd00:ec2::254]/latest/",
+            "host \"fd00:ec2::254\" is a cloud metadata address: refused unless retl.allowed_hosts lists it explicitly".into(),
+        ),
+        (
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "host \"metadata.google.internal\" is a cloud metadata service: refused unless retl.allowed_hosts lists it explicitly".into(),
+        ),
+    ] {
+        let err = client
+            .batch_execute(&format!("CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}')"))
+            .unwrap_err();
+        assert_eq!(
+            db_error(&err),
+            (
+                "42501".into(),
+                format!("destination {problem}"),
+                None,
+                Some("A superuser sets retl.allowed_hosts in postgresql.conf or with ALTER SYSTEM, then SELECT pg_reload_conf().".into())
+            ),
+            "{url}"
+        );
+    }
+    // An existing destination cannot be pointed there either; it keeps its URL.
+    client
+        .batch_execute(&format!("CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url 'http://127.0.0.1:9/hook')"))
+        .unwrap();
+    let err = client
+        .batch_execute(&format!("ALTER SERVER {server} OPTIONS (SET url 'http://169.254.169.254/')"))
+        .unwrap_err();
+    assert_eq!(error_text(&err), ("42501".into(), format!("destination host \"169.254.169.254\" {LINK_LOCAL}")));
+    let url: String = client
+        .query_one("SELECT option_value FROM pg_foreign_server s, pg_options_to_table(s.srvoptions) WHERE srvname = $1 AND option_name = 'url'", &[&server])
+        .unwrap()
+        .get(0);
+    assert_eq!(url, "http://127.0.0.1:9/hook");
+    client.batch_execute(&format!("DROP SERVER {server}")).unwrap();
+}
+
+#[test]
+fn retl_allowed_hosts_limits_destinations_and_is_checked_on_every_request() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "max_retries '0'", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(f.run().status, "succeeded");
+
+    // Only a superuser changes it, and only cluster-wide: a session cannot widen it for itself.
+    let err = f.client.batch_execute("SET retl.allowed_hosts = '*'").unwrap_err();
+    assert_eq!(error_text(&err), ("55P02".into(), "parameter \"retl.allowed_hosts\" cannot be changed now".into()));
+
+    let guard = AllowedHosts::set(&mut f.client, "api.example.com, *.example.org");
+    // New destinations elsewhere are refused at definition...
+    let other = unique("other");
+    let err = f
+        .client
+        .batch_execute(&format!("CREATE SERVER {other} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{}')", fake.url()))
+        .unwrap_err();
+    let refused = "host \"127.0.0.1\" is not in retl.allowed_hosts (\"api.example.com, *.example.org\"): a superuser can add it to that setting";
+    assert_eq!(error_text(&err), ("42501".into(), format!("destination {refused}")));
+    f.client
+        .batch_execute(&format!("CREATE SERVER {other} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url 'https://hooks.example.org/x')"))
+        .unwrap();
+    f.client.batch_execute(&format!("DROP SERVER {other}")).unwrap();
+    // ...and the existing one is not contacted: the run fails at once, nothing is lost.
+    fake.clear_journal();
+    f.exec(&format!("UPDATE {} SET score = -1 WHERE id = 2", f.table));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("failed", 0, 1), "{run:?}");
+    assert_eq!(run.error.as_deref(), Some(&*format!("request refused: {refused}")));
+    assert_eq!(fake.request_count(), 0);
+    assert_eq!(f.outbox_rows(), 1);
+
+    // Listing the host lets the queued change through.
+    drop(guard);
+    let _guard = AllowedHosts::set(&mut f.client, "api.example.com, 127.0.0.1");
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 1), "{run:?}");
+    assert_eq!(fake.records(), f.model_state());
+}
+
+#[test]
+fn tls_certificates_are_verified() {
+    let dir = std::env::temp_dir().join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A certificate for 127.0.0.1 issued by a CA of our own, which no trust store holds.
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=retl-test-ca -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr",
+        "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem",
+    ] {
+        let made = std::process::Command::new("openssl").args(args.split(' ')).current_dir(&dir).output().unwrap();
+        assert!(made.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&made.stderr));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A real TLS server: the right name, no trusted issuer.
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-cert", "cert.pem", "-key", "key.pem", "-www"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(SHORT, "openssl s_server to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+
+    let mut f = Fixture::new(&format!("https://127.0.0.1:{port}/hook"), 2, "upsert", "max_retries '0'", Some("tls-secret-token"));
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    let run = f.run();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!((run.status.as_str(), run.delivered), ("failed", 0), "{run:?}");
+    assert_eq!(
+        run.error.as_deref(),
+        Some("gave up after 1 attempt: request failed: error sending request: client error (Connect): invalid peer certificate: UnknownIssuer")
+    );
+    // The client hung up in the handshake, so neither the token nor a row went out.
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert!(stderr.contains("alert unknown ca"), "{stderr}");
+    assert_eq!(f.outbox_rows(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

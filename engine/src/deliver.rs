@@ -10,9 +10,11 @@ use crate::oauth::Auth;
 use crate::options::DestinationConfig;
 use crate::ratelimit::RateBudget;
 use crate::record::OutboxRecord;
+use crate::host_policy::{GuardedResolver, HostPolicy, HostRefused};
 use futures_util::stream::{self, StreamExt};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// First retry waits about this long; later ones double it.
@@ -77,12 +79,18 @@ pub struct BatchReport {
 }
 
 pub struct Deliverer {
+    client: Http,
+}
+
+/// The HTTP client and the hosts it may reach: every request goes through [`send`].
+pub(crate) struct Http {
     client: reqwest::Client,
+    policy: Arc<HostPolicy>,
 }
 
 /// One `deliver` call's shared state.
 struct Run<'a> {
-    client: &'a reqwest::Client,
+    client: &'a Http,
     dest: &'a dyn Destination,
     limits: &'a DeliveryLimits,
     budget: Option<&'a dyn RateBudget>,
@@ -98,15 +106,24 @@ struct Run<'a> {
 }
 
 impl Deliverer {
+    /// A deliverer that may reach every host but the refused addresses (see `host_policy`).
     pub fn new(timeout: Duration) -> Result<Self, String> {
+        Self::with_policy(timeout, HostPolicy::default())
+    }
+
+    /// A deliverer that reaches only the hosts `policy` allows. TLS certificates are always
+    /// verified (against the Mozilla roots bundled with rustls).
+    pub fn with_policy(timeout: Duration, policy: HostPolicy) -> Result<Self, String> {
+        let policy = Arc::new(policy);
         reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(timeout)
             // A redirect could carry the bearer token to another host.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(crate::USER_AGENT)
+            .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
             .build()
-            .map(|client| Deliverer { client })
+            .map(|client| Deliverer { client: Http { client, policy } })
             .map_err(|e| format!("could not create the HTTP client: {e}"))
     }
 
@@ -211,13 +228,18 @@ impl Run<'_> {
             let sent = self.unless_stopped(send(self.client, request, self.limits.timeout));
             let outcome = match sent.await {
                 Err(reason) => return self.give_up(report, &pending, reason),
+                Ok(Err(SendError::Refused(message))) => {
+                    self.fatal.set(true);
+                    report.fatal = true;
+                    return self.give_up(report, &pending, message);
+                }
                 Ok(Ok(response)) => {
                     if let Some(usage) = self.dest.usage(&response) {
                         ApiUsage::keep_latest(&mut report.api_usage, usage);
                     }
                     self.dest.classify(&pending, &response)
                 }
-                Ok(Err(message)) => {
+                Ok(Err(SendError::Failed(message))) => {
                     if report.transport_failures.len() < 5 {
                         report.transport_failures.push(self.redact(&message));
                     }
@@ -398,7 +420,7 @@ impl Run<'_> {
             return Err("no refresh possible".into());
         };
         let answer = match self.unless_stopped(send(self.client, request, self.limits.timeout)).await {
-            Ok(answer) => answer,
+            Ok(answer) => answer.map_err(String::from),
             Err(reason) => Err(reason),
         };
         let outcome = self.auth.finish_refresh(answer).map_err(|e| self.redact(&e));
@@ -463,8 +485,28 @@ impl Run<'_> {
     }
 }
 
-async fn send(client: &reqwest::Client, req: HttpRequest, timeout: Duration) -> Result<HttpResponse, String> {
-    let mut builder = client.request(req.method, &req.url).timeout(timeout).body(req.body);
+/// Why a request got no answer.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum SendError {
+    /// The host is not one we may reach: no retry will change that.
+    Refused(String),
+    /// Timeouts, refused or reset connections, TLS failures: worth retrying.
+    Failed(String),
+}
+
+impl From<SendError> for String {
+    fn from(error: SendError) -> String {
+        match error {
+            SendError::Refused(message) | SendError::Failed(message) => message,
+        }
+    }
+}
+
+async fn send(http: &Http, req: HttpRequest, timeout: Duration) -> Result<HttpResponse, SendError> {
+    if let Err(refused) = http.policy.check_url(&req.url) {
+        return Err(SendError::Refused(format!("request refused: {refused}")));
+    }
+    let mut builder = http.client.request(req.method, &req.url).timeout(timeout).body(req.body);
     for (name, value) in &req.headers {
         builder = builder.header(name, value);
     }
@@ -481,18 +523,21 @@ async fn send(client: &reqwest::Client, req: HttpRequest, timeout: Duration) -> 
 }
 
 /// The error chain without the URL (it may hold secrets in its query string).
-fn transport_error(error: reqwest::Error, timeout: Duration) -> String {
+fn transport_error(error: reqwest::Error, timeout: Duration) -> SendError {
     if error.is_timeout() {
-        return format!("request failed: timed out after {}", show(timeout));
+        return SendError::Failed(format!("request failed: timed out after {}", show(timeout)));
     }
     let error = error.without_url();
     let mut message = format!("request failed: {error}");
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<HostRefused>() {
+            return SendError::Refused(format!("request refused: {refused}"));
+        }
         message.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    message
+    SendError::Failed(message)
 }
 
 /// "30s" for whole seconds, else "1500ms".

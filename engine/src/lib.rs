@@ -6,6 +6,7 @@ pub mod connector;
 pub mod cron;
 pub mod deliver;
 pub mod hash;
+pub mod host_policy;
 pub mod oauth;
 pub mod options;
 pub mod ratelimit;

@@ -7,7 +7,7 @@ use crate::settings;
 use crate::transaction::transaction;
 use pgrx::prelude::*;
 use retl_engine::connector;
-use retl_engine::deliver::{DeliveryLimits, Deliverer};
+use retl_engine::deliver::DeliveryLimits;
 use retl_engine::record::{Op, OutboxRecord};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -180,7 +180,7 @@ fn send(runtime: &tokio::runtime::Runtime, alert: &PendingAlert) -> Result<(), S
         })),
         destination_id: None,
     };
-    let deliverer = Deliverer::new(config.timeout)?;
+    let deliverer = crate::settings::deliverer(config.timeout)?;
     let auth = dest.auth(alert.owner);
     let reports = runtime.block_on(deliverer.deliver(
         connector.as_ref(),

@@ -15,7 +15,8 @@ fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::
     let pairs = option_pairs(options.unwrap_or_default()).or_report();
     match catalog {
         Some(pg_sys::ForeignServerRelationId) => {
-            options::parse_server_options(&pairs).or_report();
+            let config = options::parse_server_options(&pairs).or_report();
+            check_host(&config.url).or_report();
         }
         Some(pg_sys::UserMappingRelationId) => {
             options::parse_user_mapping_options(&pairs).or_report();
@@ -30,6 +31,15 @@ fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::
         )
         .report(PgLogLevel::ERROR),
     }
+}
+
+/// A destination's URL must be one `retl.allowed_hosts` allows (checked again on every
+/// request, where the addresses a name resolves to are checked too). A templated URL (the
+/// http connector's) is judged by its fixed start, which names the host.
+fn check_host(url: &str) -> Result<(), RetlError> {
+    let policy = settings::host_policy().map_err(RetlError::HostPolicy)?;
+    let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
+    policy.check_url(fixed).map_err(|refused| RetlError::HostRefused(refused.to_string()))
 }
 
 /// `{"name=value", ...}` as Postgres stores generic options, split into pairs.

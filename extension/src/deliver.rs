@@ -11,7 +11,7 @@ use crate::transaction::{report_activity, transaction};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use retl_engine::connector::{self, Salesforce};
-use retl_engine::deliver::{BatchReport, DeliveryLimits, Deliverer};
+use retl_engine::deliver::{BatchReport, DeliveryLimits};
 use retl_engine::ratelimit::{LocalBucket, RateBudget, SharedGcra, TokenBucket};
 use retl_engine::record::{Op, OutboxRecord};
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ impl Deliveries {
         let connector = connector::for_sync(&dest.config, &fields);
         let batch_size = dest.config.batch_size.min(connector.max_batch_size()).max(1);
         let limits = DeliveryLimits::from_config(&dest.config);
-        let deliverer = match Deliverer::new(dest.config.timeout) {
+        let deliverer = match crate::settings::deliverer(dest.config.timeout) {
             Ok(d) => d,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);

@@ -54,6 +54,10 @@ pub enum RetlError {
     Quota { destination: String, planned: i64, used: i64, limit: i64, whose: String },
     #[error("model \"{model}\" of sync \"{sync}\" changed since the last successful run (run {run_id}): {changes}; nothing was queued. If this is intended, run it once with SELECT retl.run('{sync}', allow_schema_change => true)")]
     SchemaChanged { sync: String, model: String, run_id: i64, changes: String },
+    #[error("destination {0}")]
+    HostRefused(String),
+    #[error("{0}")]
+    HostPolicy(String),
     #[error("the pg_reverse_etl library is version {library} but the extension's SQL objects are version {installed}")]
     VersionMismatch { library: &'static str, installed: String },
 }
@@ -99,7 +103,8 @@ impl RetlError {
             RetlError::RowCap { .. } | RetlError::Quota { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             RetlError::MassDelete { .. } | RetlError::EmptyModel { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             RetlError::SchemaChanged { .. } => ERRCODE_DATATYPE_MISMATCH,
-            RetlError::PolicyViolation(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            RetlError::PolicyViolation(_) | RetlError::HostRefused(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            RetlError::HostPolicy(_) => ERRCODE_INVALID_PARAMETER_VALUE,
         }
     }
 
@@ -138,6 +143,10 @@ impl RetlError {
                  without the check (the first run then reports any field the destination refuses)."
                     .into()
             }
+            RetlError::HostRefused(_) => {
+                "A superuser sets retl.allowed_hosts in postgresql.conf or with ALTER SYSTEM, then SELECT pg_reload_conf().".into()
+            }
+            RetlError::HostPolicy(_) => "Fix retl.allowed_hosts in postgresql.conf, then SELECT pg_reload_conf().".into(),
             RetlError::VersionMismatch { library, .. } => {
                 format!("Run ALTER EXTENSION pg_reverse_etl UPDATE TO '{library}'; the workers wait until then.")
             }

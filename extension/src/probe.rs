@@ -10,7 +10,6 @@ use crate::transaction::transaction;
 use crate::{destination, settings};
 use pgrx::prelude::*;
 use retl_engine::connector::{self, FieldProblem};
-use retl_engine::deliver::Deliverer;
 use retl_engine::options;
 use std::time::{Duration, Instant};
 
@@ -203,7 +202,7 @@ fn answer(runtime: &tokio::runtime::Runtime, server: pg_sys::Oid, owner: pg_sys:
         Err(message) => return Err(FieldProblem::Unavailable(message)),
     };
     let connector = connector::for_config(&dest.config);
-    let deliverer = Deliverer::new(dest.config.timeout).map_err(FieldProblem::Unavailable)?;
+    let deliverer = crate::settings::deliverer(dest.config.timeout).map_err(FieldProblem::Unavailable)?;
     let auth = dest.auth(owner);
     let checked = runtime.block_on(deliverer.check_fields(connector.as_ref(), &auth, fields, dest.config.timeout));
     dest.keep_refreshed(owner, &auth);

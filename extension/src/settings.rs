@@ -1,6 +1,8 @@
 //! GUCs, registered from `_PG_init`.
 
 use crate::shared::MAX_WORKERS;
+use retl_engine::deliver::Deliverer;
+use retl_engine::host_policy::HostPolicy;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
@@ -19,6 +21,8 @@ pub static CHECK_DESTINATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static STATUS_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(24 * 60);
 /// Runs and resolved alerts older than this (minutes) are deleted; 0 keeps them forever.
 pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60);
+/// The hosts destinations may be reached at (engine::host_policy).
+pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"*"));
 /// The destination alerts of syncs without an alert_destination are sent to.
 pub static ALERT_DESTINATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -42,6 +46,14 @@ pub fn define() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MIN,
+    );
+    GucRegistry::define_string_guc(
+        c"retl.allowed_hosts",
+        c"Hosts pg_reverse_etl may send requests to.",
+        c"Comma-separated: * (any host), host names, *.domain, IP addresses, CIDR ranges; empty allows none. Link-local and cloud metadata addresses are refused unless listed explicitly as addresses or ranges (never by *).",
+        &ALLOWED_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"retl.alert_destination",
@@ -96,6 +108,17 @@ pub fn database_name() -> String {
 
 pub fn history_retention_minutes() -> i32 {
     HISTORY_RETENTION.get()
+}
+
+/// The `retl.allowed_hosts` policy, or what is wrong with the setting.
+pub fn host_policy() -> Result<HostPolicy, String> {
+    HostPolicy::parse(&ALLOWED_HOSTS.get().and_then(|s| s.into_string().ok()).unwrap_or_default())
+}
+
+/// An HTTP deliverer held to `retl.allowed_hosts`. Every request the extension makes goes
+/// through one.
+pub fn deliverer(timeout: std::time::Duration) -> Result<Deliverer, String> {
+    Deliverer::with_policy(timeout, host_policy()?)
 }
 
 pub fn alert_destination() -> String {

@@ -127,7 +127,7 @@ impl Run<'_> {
             self.take_token().await?;
             let generation = self.auth.generation();
             report.api_calls += 1;
-            let answer = self.unless_stopped(send(self.client, build(self.auth.token().as_deref()), self.limits.timeout)).await??;
+            let answer = self.unless_stopped(send(self.client, build(self.auth.token().as_deref()), self.limits.timeout)).await?.map_err(String::from)?;
             if let Some(usage) = crate::connector::salesforce::usage(&answer) {
                 crate::connector::ApiUsage::keep_latest(&mut report.api_usage, usage);
             }

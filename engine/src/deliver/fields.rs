@@ -19,13 +19,13 @@ impl Deliverer {
         loop {
             if auth.token().is_none() && auth.can_refresh() || refreshed {
                 if let Some(request) = auth.begin_refresh() {
-                    auth.finish_refresh(send(&self.client, request, timeout).await).map_err(unavailable)?;
+                    auth.finish_refresh(send(&self.client, request, timeout).await.map_err(String::from)).map_err(unavailable)?;
                 }
             }
             let Some(request) = dest.describe_request(auth.token().as_deref()) else {
                 return Ok(());
             };
-            let answer = send(&self.client, request, timeout).await.map_err(unavailable)?;
+            let answer = send(&self.client, request, timeout).await.map_err(|e| unavailable(e.into()))?;
             if answer.status == 401 && !refreshed && auth.can_refresh() {
                 refreshed = true;
                 continue;

@@ -639,3 +639,57 @@ fn a_later_limit_window_is_a_later_reading_even_with_less_spent() {
     ApiUsage::keep_latest(&mut kept, ApiUsage { order: (110, 1), shown: "c".into() });
     assert_eq!(kept.map(|u| u.shown), Some("c".to_string()));
 }
+
+#[tokio::test]
+async fn a_host_outside_the_allowed_hosts_is_never_contacted_and_fails_the_delivery_at_once() {
+    let (url, seen) = serve(|_, _| reply(200, ""));
+    let policy = crate::host_policy::HostPolicy::parse("api.example.com").unwrap();
+    let reports = Deliverer::with_policy(Duration::from_secs(3), policy)
+        .unwrap()
+        .deliver(
+            webhook(&url).as_ref(),
+            &limits(5),
+            None,
+            "crm",
+            "crm-uid",
+            9,
+            &crate::oauth::Auth::fixed(Some(TOKEN)),
+            vec![records(1..=2), records(3..=3)],
+            &|| false,
+        )
+        .await;
+    assert!(seen.lock().unwrap().is_empty());
+    let refused = "request refused: host \"127.0.0.1\" is not in retl.allowed_hosts (\"api.example.com\"): a superuser can add it to that setting";
+    assert_eq!(reports[0].error.as_deref(), Some(refused));
+    assert_eq!((reports[0].fatal, reports[0].api_calls, reports[0].unresolved.clone()), (true, 1, vec![1, 2]));
+    assert_eq!(reports[1].unresolved, vec![3]);
+}
+
+/// A resolver whose every name points at the cloud metadata address.
+struct MetadataDns;
+
+impl reqwest::dns::Resolve for MetadataDns {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = crate::host_policy::HostPolicy::default();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            policy.check_resolved(&host, "169.254.169.254".parse().unwrap())?;
+            Ok(Box::new(std::iter::empty()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_a_refused_address_is_refused_not_retried() {
+    let http = Http {
+        client: reqwest::Client::builder().dns_resolver(Arc::new(MetadataDns)).build().unwrap(),
+        policy: Arc::new(crate::host_policy::HostPolicy::default()),
+    };
+    let request = HttpRequest { method: reqwest::Method::GET, url: "http://innocent.example/".into(), headers: vec![], body: vec![] };
+    assert_eq!(
+        send(&http, request, Duration::from_secs(3)).await.err(),
+        Some(SendError::Refused(
+            "request refused: host \"innocent.example\" resolves to 169.254.169.254, a link-local address (cloud metadata services answer there): refused unless retl.allowed_hosts lists that address explicitly".into()
+        ))
+    );
+}
