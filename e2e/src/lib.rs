@@ -11,6 +11,7 @@ pub mod fake_slack;
 pub mod fake_stripe;
 pub mod fake_users_api;
 pub mod fake_webhook;
+pub mod fault_proxy;
 mod http_util;
 
 pub use cluster::{connect, connect_as, error_text, unique, wait_until};

@@ -174,3 +174,106 @@ fn the_rate_limit_spaces_requests() {
     }
     assert_eq!(fake.records(), f.model_state());
 }
+
+use retl_e2e::fault_proxy::{Fault, FaultProxy};
+
+/// A fixture whose destination is the fake behind a fault proxy.
+fn behind_proxy(rows: i64, server_options: &str) -> (FakeWebhook, FaultProxy, Fixture) {
+    let fake = FakeWebhook::start();
+    let proxy = FaultProxy::start(&fake.url());
+    let path = fake.url().splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap_or_default();
+    let f = Fixture::new(&proxy.url(&path), rows, "upsert", server_options, None);
+    (fake, proxy, f)
+}
+
+fn each_created_once(fake: &FakeWebhook, rows: i64) {
+    for id in 1..=rows {
+        assert_eq!(fake.create_count(&key(id)), 1, "record {id} created exactly once");
+    }
+}
+
+#[test]
+fn resets_truncated_and_garbled_answers_and_a_hanging_destination_are_retried_until_the_destination_equals_the_model() {
+    // Five batches of four, one at a time; every fault hits a different request.
+    let (fake, proxy, mut f) = behind_proxy(20, "batch_size '4', max_concurrency '1', timeout_ms '1500', max_backoff_ms '200', max_retries '8'");
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    proxy.script(vec![
+        Fault::ResetBeforeForwarding,
+        Fault::ResetAfterForwarding,
+        Fault::TruncateAnswer,
+        Fault::ReplaceBody(r#"{"results": [{"status": 200}, {"sta"#.into()),
+        // Results for only part of the batch: not an acknowledgement of the rest.
+        Fault::ReplaceBody(r#"{"results": [{"status": 200}]}"#.into()),
+        Fault::HangAfterForwarding(Duration::from_secs(4)),
+    ]);
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.failed), ("succeeded", 20, 0), "{run:?}");
+    let log: Vec<String> = proxy.log().into_iter().map(|(_, what)| what).collect();
+    // Each fault costs exactly one more request.
+    assert_eq!(run.api_calls, 5 + 6, "{run:?} {log:?}");
+    assert_eq!(&log[..6], [
+        "ResetBeforeForwarding",
+        "ResetAfterForwarding",
+        "TruncateAnswer",
+        "ReplaceBody(\"{\\\"results\\\": [{\\\"status\\\": 200}, {\\\"sta\")",
+        "ReplaceBody(\"{\\\"results\\\": [{\\\"status\\\": 200}]}\")",
+        "HangAfterForwarding(4s)",
+    ]);
+    assert!(log[6..].iter().all(|what| what == "forwarded"), "{log:?}");
+    // The destination applied the requests whose answers were lost: the retries carried the
+    // same Idempotency-Key and were recognised as repeats, so nothing was created twice.
+    let replays = fake.requests().iter().filter(|r| r.replayed).count();
+    assert_eq!(replays, 5, "every fault after forwarding is answered from the idempotency cache");
+    assert_eq!(fake.records(), f.model_state());
+    each_created_once(&fake, 20);
+    // The transport faults are in the server log, without the URL.
+    let log: String =
+        f.client.query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[]).unwrap().get(0);
+    let reset = format!(
+        "sync {} run {} batch 1: a request to {} got no answer: request failed: error sending request: client error (SendRequest): connection error: Connection reset by peer",
+        f.sync, run.id, f.server
+    );
+    assert!(log.contains(&reset), "the reset is logged for the sync");
+    assert!(!log.contains(&proxy.url("/")), "no URL in the log");
+}
+
+#[test]
+fn a_5xx_storm_longer_than_the_backoff_ceiling_is_ridden_out_without_hammering() {
+    let (fake, proxy, mut f) = behind_proxy(6, "batch_size '3', max_concurrency '1', max_backoff_ms '500', max_retries '12'");
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    // 3 s of 503s: six times the longest backoff.
+    proxy.storm(503, None, Duration::from_secs(3));
+    let started = Instant::now();
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 6), "{run:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let storm = proxy.log().iter().filter(|(_, what)| what == "storm 503").count();
+    // Backoff never drops under 80% of 500 ms once at the ceiling: at most ~1 + 3 / 0.4 tries.
+    assert!((3..=12).contains(&storm), "{storm} requests during a 3 s storm");
+    assert_eq!(fake.records(), f.model_state());
+    each_created_once(&fake, 6);
+}
+
+#[test]
+fn a_429_storm_outlasting_the_retries_fails_the_run_keeping_the_rows_and_the_next_run_converges() {
+    let (fake, proxy, mut f) = behind_proxy(4, "max_backoff_ms '2000', max_retries '2'");
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    proxy.storm(429, Some("1"), Duration::from_secs(6));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered, run.api_calls), ("failed", 0, 3), "{run:?}");
+    assert_eq!(run.error.as_deref(), Some("gave up after 3 attempts: HTTP 429: {\"error\":\"storm 429\"}"));
+    // Retry-After was honoured: the three requests are a second or more apart.
+    let at: Vec<Instant> = proxy.log().iter().map(|(at, _)| *at).collect();
+    assert!(at.windows(2).all(|w| w[1] - w[0] >= Duration::from_millis(950)), "{:?}", at.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>());
+    assert_eq!(f.outbox_rows(), 4, "nothing is lost");
+    assert_eq!(fake.request_count(), 0);
+    wait_until(SHORT, "the storm to pass", || proxy.log().len() >= 3 && {
+        std::thread::sleep(Duration::from_millis(200));
+        true
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 4), "{run:?}");
+    assert_eq!(fake.records(), f.model_state());
+    each_created_once(&fake, 4);
+}

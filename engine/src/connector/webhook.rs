@@ -74,6 +74,11 @@ fn record_result(entry: &serde_json::Value) -> Result<RecordResult, String> {
 fn classify_success(records: &[OutboxRecord], resp: &HttpResponse) -> ResponseOutcome {
     let all_acked = || ResponseOutcome::PerRecord(vec![RecordResult::Ack; records.len()]);
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(&resp.body) else {
+        // Plain text ("ok") acknowledges everything; a body that starts as JSON and does not
+        // parse was cut short or garbled, and may have held rejections: ask again.
+        if resp.body.trim_ascii_start().first().is_some_and(|b| matches!(b, b'{' | b'[')) {
+            return malformed(resp.status, "the JSON body does not parse".into());
+        }
         return all_acked();
     };
     let Some(results) = json.get("results").and_then(serde_json::Value::as_array) else {
@@ -248,6 +253,20 @@ mod tests {
                 RecordResult::Ack,
             ])
         );
+    }
+
+    #[test]
+    fn a_truncated_json_body_is_transient_and_plain_text_acknowledges() {
+        assert_eq!(
+            classify(2, respond(200, &[], r#"{"results": [{"status": 200}, {"sta"#)),
+            ResponseOutcome::Transient {
+                status: Some(200),
+                retry_after: None,
+                message: "malformed response: the JSON body does not parse".into()
+            }
+        );
+        assert_eq!(classify(2, respond(200, &[], "ok")), ResponseOutcome::PerRecord(vec![RecordResult::Ack; 2]));
+        assert_eq!(classify(2, respond(200, &[], "")), ResponseOutcome::PerRecord(vec![RecordResult::Ack; 2]));
     }
 
     #[test]
