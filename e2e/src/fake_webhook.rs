@@ -55,9 +55,16 @@ pub struct RecordedRequest {
     pub status: u16,
     /// True when the answer was a stored response for an already-answered Idempotency-Key.
     pub replayed: bool,
+    /// The body as received (invalid UTF-8 replaced): see [`RecordedRequest::raw_body`].
+    raw_body: String,
 }
 
 impl RecordedRequest {
+    /// The body exactly as sent, for what parsing hides (e.g. the digits of a number).
+    pub fn raw_body(&self) -> &str {
+        &self.raw_body
+    }
+
     /// First value of a header, by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
@@ -357,6 +364,7 @@ fn handle(shared: &Shared, mut request: Request, scripted: Option<Scripted>, at:
         body,
         status: 0,
         replayed: false,
+        raw_body: String::from_utf8_lossy(&raw).into_owned(),
     };
     let mut extra_headers = Vec::new();
     let (status, text) = match scripted {

@@ -218,6 +218,45 @@ fn unlock_sync(sync_id: i64) {
 }
 
 /// Plan a queued run in one transaction. Returns whether there is anything to deliver.
+// utils/timeout.h, which pgrx does not bind; TimeoutId's order is the same in Postgres 13-17.
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+extern "C" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+
+/// The model runs as its owner, so it is bounded by the owner's `statement_timeout` (set with
+/// ALTER ROLE [IN DATABASE] or ALTER DATABASE), as the owner's own sessions are. The worker
+/// connects as the bootstrap superuser and runs no client statements, so Postgres applies
+/// neither that setting nor the timer by itself.
+fn arm_owners_statement_timeout(client: &mut pgrx::spi::SpiClient, owner: pg_sys::Oid) -> Result<(), String> {
+    let setting = client
+        .select(
+            "SELECT substr(c, length('statement_timeout=') + 1)
+               FROM pg_catalog.pg_db_role_setting d, unnest(d.setconfig) c
+              WHERE c LIKE 'statement_timeout=%'
+                AND (d.setrole, d.setdatabase) IN (($1, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())),
+                                                   ($1, 0),
+                                                   (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())))
+              ORDER BY d.setrole DESC, d.setdatabase DESC LIMIT 1",
+            Some(1),
+            &[owner.into()],
+        )
+        .map_err(|e| e.to_string())?;
+    if setting.is_empty() {
+        return Ok(());
+    }
+    let Some(setting) = setting.first().get_one::<String>().map_err(|e| e.to_string())? else { return Ok(()) };
+    client
+        .update("SELECT pg_catalog.set_config('statement_timeout', $1, true)", None, &[setting.into()])
+        .map_err(|e| e.to_string())?;
+    let ms = unsafe { pg_sys::StatementTimeout };
+    if ms > 0 {
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
+    }
+    Ok(())
+}
+
 fn plan_run(run_id: i64) -> bool {
     // Committed before the plan's snapshot is taken: from now on a change to the model's
     // tables queues a follow-up run instead of counting on this plan, which may not see it.
@@ -254,6 +293,7 @@ fn plan_run(run_id: i64) -> bool {
                 return Ok(None);
             }
             report_activity(&format!("retl: sync {} run {run_id}: planning", sync.name));
+            arm_owners_statement_timeout(client, sync.owner)?;
             let summary = plan::plan_run(client, &sync, run_id).map_err(|failure| {
                 refused = failure.summary;
                 failure.error.to_string()
@@ -275,6 +315,8 @@ fn plan_run(run_id: i64) -> bool {
             Ok(Some(total > 0))
         })
     });
+    // Armed by hand (Postgres arms it only for client statements); an abort does not disarm it.
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
     match planned {
         Ok(Some(deliver)) => deliver,
         Ok(None) => {
