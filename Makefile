@@ -8,7 +8,7 @@ export PGUSER     ?= postgres
 export PGPASSWORD ?= retl-dev
 export PGDATABASE ?= postgres
 
-.PHONY: run test deps install cluster stop unit e2e demo clean bench
+.PHONY: run test deps install cluster stop unit e2e demo clean bench load
 
 ## make run: install what is missing, build and install the extension, start a local cluster
 ## with it preloaded, and run the demo sync to a local webhook receiver.
@@ -64,3 +64,18 @@ bench: deps
 	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
 	cargo run --release -p retl-e2e --bin retl-bench -- --seconds 30 --json .run/bench.json
 	cargo run --release -p retl-e2e --bin retl-overhead -- --json .run/overhead.json
+
+## make load: the long part of the reliability suite (docs/LOAD.md), not part of `make test`:
+## 100 syncs over one 1,000,000-row model against a throttled destination for 10 minutes
+## (about 15 minutes in all), checking that no sync starves, the destination's rate limit is
+## never exceeded, every sync ends equal to its segment of the model, and reporting the peak
+## memory of every worker. Scale it down with LOAD_ROWS, LOAD_SYNCS, LOAD_SECONDS, LOAD_RATE
+## (e.g. `make load LOAD_ROWS=100000 LOAD_SECONDS=60`). Results: printed, and as JSON lines in
+## .run/load.json. Reinstalls the extension (release build) like `make bench`.
+load: deps
+	@scripts/cluster.sh stop
+	cd extension && cargo pgrx install --release --pg-config $(PG_CONFIG)
+	install -m 644 extension/sql/releases/*.sql $$($(PG_CONFIG) --sharedir)/extension/
+	@scripts/cluster.sh start
+	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
+	LOAD_JSON=.run/load.json cargo run --release -p retl-e2e --bin retl-load

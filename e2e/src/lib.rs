@@ -9,6 +9,7 @@ pub mod fake_meta;
 pub mod fake_salesforce;
 pub mod fake_slack;
 pub mod fake_stripe;
+pub mod fake_throttled;
 pub mod fake_users_api;
 pub mod fake_webhook;
 pub mod fault_proxy;
