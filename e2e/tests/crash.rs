@@ -183,8 +183,10 @@ fn an_immediate_shutdown_mid_run_then_restart_converges() {
     };
     pg_ctl(&["-m", "immediate", "-w", "stop"]);
     let before_restart = fake.request_count();
-    let log = run_dir.join("postgres.log");
-    pg_ctl(&["-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
+    // Started the way `make` starts it (its environment included: other tests rely on it).
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cluster.sh");
+    let started = std::process::Command::new(script).arg("start").env("RETL_RUN_DIR", &run_dir).output().unwrap();
+    assert!(started.status.success(), "cluster.sh start: {}", String::from_utf8_lossy(&started.stderr));
     let mut client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
     wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
         let rows = query_through_restarts(&mut client, &format!("SELECT status FROM retl.runs WHERE id = {run_id}"));

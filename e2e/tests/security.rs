@@ -275,3 +275,222 @@ fn tls_certificates_are_verified() {
     assert_eq!(f.outbox_rows(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn server_log(client: &mut postgres::Client) -> String {
+    client.query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[]).unwrap().get(0)
+}
+
+/// A connection as `user` that collects every NOTICE/WARNING the server sends it.
+fn connect_collecting_notices(user: &str, password: &str) -> (postgres::Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = notices.clone();
+    let port: u16 = std::env::var("PGPORT").ok().and_then(|p| p.parse().ok()).unwrap_or(28815);
+    let client = postgres::Config::new()
+        .host(&std::env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into()))
+        .port(port)
+        .dbname(&std::env::var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
+        .user(user)
+        .password(password)
+        .notice_callback(move |notice| {
+            sink.lock().unwrap().push(format!("{} {:?} {:?}", notice.message(), notice.detail(), notice.hint()))
+        })
+        .connect(postgres::NoTls)
+        .unwrap();
+    (client, notices)
+}
+
+#[test]
+fn credentials_are_readable_by_no_other_role_and_appear_in_no_error_log_notice_or_table() {
+    const SECRET: &str = "sk_live_CREDENTIAL_never_shown_42";
+    let fake = FakeWebhook::builder().token(SECRET).start();
+    fake.script((0..3).map(|_| Scripted::Delay(std::time::Duration::from_millis(300))).collect());
+    let mut admin = connect();
+    ensure_extension(&mut admin);
+    let base = unique("cred");
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {base}_t (id int PRIMARY KEY, email text);
+             INSERT INTO {base}_t SELECT i, 'u' || i || '@x' FROM generate_series(1, 6) i;
+             CREATE SERVER {base}_d FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}', batch_size '2', max_concurrency '1');",
+            url = fake.url()
+        ))
+        .unwrap();
+    let alice = create_role(&mut admin, &format!("{base}_d"));
+    admin.batch_execute(&format!("GRANT SELECT ON {base}_t TO {}", alice.name)).unwrap();
+    let bob = create_role(&mut admin, &format!("{base}_d"));
+    let _drop = DropSyncs(vec![format!("{base}_s")]);
+
+    // A credential given as a server option is refused (every user with access could read it),
+    // and neither that statement nor a mistyped mapping reaches the server log.
+    let err = admin
+        .batch_execute(&format!("CREATE SERVER {base}_bad FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{}', token '{SECRET}')", fake.url()))
+        .unwrap_err();
+    assert_eq!(
+        error_text(&err),
+        (
+            "HV00D".into(),
+            "option \"token\" is a credential and belongs in a user mapping, not on the server: CREATE USER MAPPING FOR CURRENT_USER SERVER ... OPTIONS (token '...') (server options are readable by every user with access to the server)".into()
+        )
+    );
+    let (mut as_alice, notices) = connect_collecting_notices(&alice.name, &alice.password);
+    let err = as_alice
+        .batch_execute(&format!("CREATE USER MAPPING FOR CURRENT_USER SERVER {base}_d OPTIONS (tokn '{SECRET}')"))
+        .unwrap_err();
+    assert_eq!(error_text(&err).0, "HV00D");
+    assert!(!error_text(&err).1.contains(SECRET));
+
+    // Alice's own mapping, model and sync; the run goes through with her token.
+    as_alice
+        .batch_execute(&format!(
+            "CREATE USER MAPPING FOR CURRENT_USER SERVER {base}_d OPTIONS (token '{SECRET}');
+             SELECT retl.create_model(name => '{base}_m', query => 'SELECT id, email FROM public.{base}_t');
+             SELECT retl.create_sync(name => '{base}_s', model => '{base}_m', destination => '{base}_d');"
+        ))
+        .unwrap();
+    let run_id: i64 = as_alice.query_one(&format!("SELECT id FROM retl.run('{base}_s')"), &[]).unwrap().get(0);
+    // While it delivers, no session or worker shows the token.
+    let mut peeks = 0;
+    wait_until(SHORT, "the run to finish", || {
+        let shown: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", &[&SECRET])
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, 0, "the token is in pg_stat_activity");
+        peeks += 1;
+        let status: String = admin.query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id]).unwrap().get(0);
+        status == "succeeded"
+    });
+    assert!(peeks > 1, "looked while the run was delivering");
+    assert_eq!(fake.records().len(), 6);
+
+    // Bob, who may use the same server, cannot read her mapping's options, nor the catalog.
+    let mut as_bob = connect_as(&bob.name, &bob.password);
+    let options: Option<Vec<String>> = as_bob
+        .query_one("SELECT umoptions FROM pg_user_mappings WHERE srvname = $1 AND usename = $2", &[&format!("{base}_d"), &alice.name])
+        .unwrap()
+        .get(0);
+    assert_eq!(options, None);
+    let err = as_bob.batch_execute("SELECT umoptions FROM pg_catalog.pg_user_mapping").unwrap_err();
+    assert_eq!(error_text(&err), ("42501".into(), "permission denied for table pg_user_mapping".into()));
+
+    // A wrong token later fails a run: the error names no token.
+    as_alice.batch_execute(&format!("ALTER USER MAPPING FOR CURRENT_USER SERVER {base}_d OPTIONS (SET token 'sk_live_WRONG_token_43')")).unwrap();
+    as_alice.batch_execute(&format!("UPDATE public.{base}_t SET email = 'changed' WHERE id = 1")).unwrap_or(());
+    admin.batch_execute(&format!("UPDATE {base}_t SET email = 'changed' WHERE id = 1")).unwrap();
+    let err = as_alice.query_one(&format!("SELECT * FROM retl.run('{base}_s', wait => true)"), &[]).unwrap_err();
+    assert!(!format!("{err:?}").contains("sk_live_"), "{err:?}");
+
+    // No retl table, no NOTICE, no log line holds either token.
+    let tables: Vec<String> = admin
+        .query("SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'retl'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 10, "{tables:?}");
+    for table in tables {
+        let hits: i64 = admin
+            .query_one(&format!("SELECT count(*) FROM {table} t WHERE t::text LIKE '%sk_live_%'"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(hits, 0, "a token is in {table}");
+    }
+    assert!(notices.lock().unwrap().iter().all(|n| !n.contains("sk_live_")), "{:?}", notices.lock().unwrap());
+    let log = server_log(&mut admin);
+    assert!(log.contains("CREATE SERVER") || log.contains(&format!("{base}_bad")) || !log.is_empty());
+    assert!(!log.contains("sk_live_"), "a token is in the server log");
+    admin.batch_execute(&format!("DROP USER MAPPING FOR {} SERVER {base}_d", alice.name)).unwrap();
+}
+
+#[test]
+fn names_filters_and_mappings_from_users_cannot_inject_sql() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone(), format!("{}_a", f.sync), format!("{}_q", f.sync)]);
+    let canary = format!("{}_canary", f.table);
+    f.exec(&format!("CREATE TABLE {canary} (n int); INSERT INTO {canary} VALUES (1)"));
+    let drop = format!("DROP TABLE {canary}");
+    // Names: quotes, semicolons, comments, and look-alikes (Cyrillic ѕ, fullwidth ；, ʼ).
+    for name in [
+        format!("x'; {drop}; --"),
+        format!("x\"; {drop}; --"),
+        "x/**/y".to_string(),
+        "ѕync".to_string(),
+        format!("x；{drop}"),
+        "robertʼ);drop".to_string(),
+        "Upper".to_string(),
+    ] {
+        for (kind, sql) in [
+            ("model", "SELECT retl.create_model(name => $1, query => 'SELECT 1 AS id')"),
+            ("sync", "SELECT retl.create_sync(name => $1, model => 'nope', destination => 'nope')"),
+        ] {
+            let err = f.client.execute(sql, &[&name]).unwrap_err();
+            let (code, message, _, hint) = db_error(&err);
+            assert_eq!((code.as_str(), message), ("42602", format!("{kind} name \"{}\" is not valid", name.replace('"', "\"\""))), "{name}");
+            assert_eq!(hint.as_deref(), Some("Use 1 to 63 lower-case letters, digits and underscores, starting with a letter or underscore."));
+        }
+    }
+    // Other names are looked up, never spliced.
+    let err = f
+        .client
+        .execute("SELECT retl.create_sync(name => 'ok_name', model => $1, destination => $2)", &[&f.model, &format!("x'; {drop}; --")])
+        .unwrap_err();
+    assert_eq!(error_text(&err), ("42704".into(), format!("destination \"x'; {drop}; --\" does not exist")));
+    let err = f
+        .client
+        .execute("SELECT retl.create_model(name => 'ok_name', query => 'SELECT 1 AS id', primary_key => ARRAY[$1])", &[&format!("id; {drop}")])
+        .unwrap_err();
+    assert_eq!(error_text(&err).0, "42703");
+    // Filters: one boolean expression, nothing smuggled after it (whatever the quoting).
+    for filter in [
+        format!("true); {drop}; --"),
+        format!("true; {drop}"),
+        format!("true) UNION SELECT 1 FROM {canary} --"),
+        format!("true；{drop}"),
+        "true /* unterminated".to_string(),
+    ] {
+        let err = f
+            .client
+            .execute("SELECT retl.create_audience(name => 'inj_a', model => $1, filter => $2)", &[&f.model, &filter])
+            .unwrap_err();
+        // Refused either by the parser (42601, a syntax error) or as more than one expression.
+        let (code, message) = error_text(&err);
+        assert!(
+            (code == "42601" && (message.starts_with("syntax error at or near") || message.starts_with("unterminated /* comment")))
+                || (code == "22023" && message.starts_with("audience filter must be a single boolean expression")),
+            "{filter}: {err:?}"
+        );
+    }
+    // A quote inside a string literal is just data.
+    let audience = format!("{}_aud", f.model);
+    f.client
+        .execute(
+            "SELECT retl.create_audience(name => $1, model => $2, filter => $3)",
+            &[&audience, &f.model, &format!("email <> 'x''; {drop}; --'")],
+        )
+        .unwrap();
+    // Mappings: destination field names are data, sent as they are; column names must exist.
+    let field = format!("it's\"; {drop}; --");
+    let mappings = serde_json::json!({ field.clone(): "email" }).to_string();
+    f.client
+        .execute(
+            "SELECT retl.create_sync(name => $1, audience => $2, destination => $3, mappings => $4::text::jsonb)",
+            &[&format!("{}_a", f.sync), &audience, &f.server, &mappings],
+        )
+        .unwrap();
+    let run = run_sync(&mut f.client, &format!("{}_a", f.sync));
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 3), "{run:?}");
+    let sent = fake.requests().last().unwrap().body.clone().unwrap();
+    assert_eq!(sent["records"][0]["fields"], serde_json::json!({ field: "user1@example.com" }));
+    let bad_column = serde_json::json!({ "email": format!("email\"; {drop}; --") }).to_string();
+    let err = f
+        .client
+        .execute(
+            "SELECT retl.create_sync(name => $1, model => $2, destination => $3, mappings => $4::text::jsonb)",
+            &[&format!("{}_q", f.sync), &f.model, &f.server, &bad_column],
+        )
+        .unwrap_err();
+    assert_eq!(error_text(&err), ("42703".into(), format!("mapped column \"email\"\"; {drop}; --\" is not in model \"{}\"", f.model)));
+    // Through all of it, the canary lives.
+    assert_eq!(f.count(&format!("SELECT count(*) FROM {canary}")), 1);
+}

@@ -412,7 +412,6 @@ fn records_sent(fake: &FakeWebhook) -> BTreeMap<i64, (J, J, J)> {
 }
 
 #[test]
-#[ignore = "open (issue 7): numerics pass through serde_json f64 and lose digits; interval and bytea are sent in Postgres text form, not ISO 8601 / base64"]
 fn every_common_type_reaches_the_webhook_encoded_exactly() {
     let fake = FakeWebhook::start();
     let mut t = set_up(&fake.url());
@@ -437,7 +436,6 @@ fn every_common_type_reaches_the_webhook_encoded_exactly() {
 }
 
 #[test]
-#[ignore = "open (issue 7): retl.preview uses the session's TimeZone, IntervalStyle and bytea_output, and loses numeric digits"]
 fn preview_shows_exactly_what_a_run_sends_whatever_the_session_settings() {
     // retl.preview is "what the next run would send": run in a session whose TimeZone,
     // IntervalStyle and bytea_output differ from the server's, it must still show the payload
@@ -466,7 +464,6 @@ fn preview_shows_exactly_what_a_run_sends_whatever_the_session_settings() {
 }
 
 #[test]
-#[ignore = "open (issue 7): a numeric beyond f64 precision reaches HubSpot rounded"]
 fn hubspot_gets_each_type_as_the_property_string_it_expects() {
     let hs = FakeHubSpot::start("pat-types");
     let prop = |name: &str, kind: &str, unique: bool| PropertySpec { name: name.into(), kind: kind.into(), read_only: false, unique };

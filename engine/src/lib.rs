@@ -7,6 +7,7 @@ pub mod cron;
 pub mod deliver;
 pub mod hash;
 pub mod host_policy;
+pub mod mapping;
 pub mod oauth;
 pub mod options;
 pub mod ratelimit;

@@ -52,6 +52,8 @@ pub enum OptionsError {
         context: &'static str,
         valid: &'static str,
     },
+    #[error("option \"{option}\" is a credential and belongs in a user mapping, not on the server: CREATE USER MAPPING FOR CURRENT_USER SERVER ... OPTIONS ({option} '...') (server options are readable by every user with access to the server)")]
+    Credential { option: String },
     #[error("option \"{option}\" is given more than once")]
     Duplicate { option: String },
     #[error("option \"{option}\" is required ({hint})")]
@@ -192,6 +194,12 @@ fn check_names(opts: &[(String, String)], valid: &'static str, context: &'static
     Ok(())
 }
 
+/// A user-mapping option (credentials): refused on servers, whose options every user with
+/// access to the server can read.
+pub fn is_credential(name: &str) -> bool {
+    MAPPING_OPTIONS.split(", ").any(|option| option == name)
+}
+
 pub(crate) fn get<'a>(opts: &'a [(String, String)], name: &str) -> Option<&'a str> {
     opts.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
@@ -218,6 +226,9 @@ pub(crate) fn int(
 }
 
 pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConfig, OptionsError> {
+    if let Some((name, _)) = opts.iter().find(|(name, _)| is_credential(name)) {
+        return Err(OptionsError::Credential { option: name.clone() });
+    }
     check_names(opts, SERVER_OPTIONS, "retl destination")?;
     let kind = match get(opts, "type") {
         None => {
@@ -637,6 +648,19 @@ mod tests {
         assert_eq!(cfg.timeout, Duration::from_millis(100));
         assert_eq!(cfg.max_retries, 0);
         assert_eq!(cfg.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn credentials_on_a_server_are_refused_without_showing_them() {
+        for option in ["token", "token_env", "client_id", "client_secret", "refresh_token"] {
+            let err = server_err(&with((option, "sk_live_secret")));
+            assert_eq!(
+                err,
+                format!(
+                    "option \"{option}\" is a credential and belongs in a user mapping, not on the server: CREATE USER MAPPING FOR CURRENT_USER SERVER ... OPTIONS ({option} '...') (server options are readable by every user with access to the server)"
+                )
+            );
+        }
     }
 
     #[test]

@@ -15,11 +15,16 @@ fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::
     let pairs = option_pairs(options.unwrap_or_default()).or_report();
     match catalog {
         Some(pg_sys::ForeignServerRelationId) => {
-            let config = options::parse_server_options(&pairs).or_report();
-            check_host(&config.url).or_report();
+            let config = options::parse_server_options(&pairs).inspect_err(|e| {
+                if matches!(e, options::OptionsError::Credential { .. }) {
+                    hide_statement_from_log();
+                }
+            });
+            check_host(&config.or_report().url).or_report();
         }
         Some(pg_sys::UserMappingRelationId) => {
-            options::parse_user_mapping_options(&pairs).or_report();
+            // A refused mapping's statement carries the secret (a mistyped option name, say).
+            options::parse_user_mapping_options(&pairs).inspect_err(|_| hide_statement_from_log()).or_report();
         }
         Some(pg_sys::ForeignDataWrapperRelationId) => {
             options::parse_wrapper_options(&pairs).or_report();
@@ -40,6 +45,24 @@ fn check_host(url: &str) -> Result<(), RetlError> {
     let policy = settings::host_policy().map_err(RetlError::HostPolicy)?;
     let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
     policy.check_url(fixed).map_err(|refused| RetlError::HostRefused(refused.to_string()))
+}
+
+/// Keeps the statement out of the server log for the error about to be raised: Postgres logs a
+/// failing statement's text (log_min_error_statement), and this one holds a secret. Set for
+/// the rest of the (failing) transaction only, as SET LOCAL would.
+fn hide_statement_from_log() {
+    unsafe {
+        pg_sys::set_config_option(
+            c"log_min_error_statement".as_ptr(),
+            c"panic".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
 }
 
 /// `{"name=value", ...}` as Postgres stores generic options, split into pairs.

@@ -79,7 +79,7 @@ impl RetlError {
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
-            RetlError::Options(OptionsError::Unknown { .. }) => ERRCODE_FDW_INVALID_OPTION_NAME,
+            RetlError::Options(OptionsError::Unknown { .. } | OptionsError::Credential { .. }) => ERRCODE_FDW_INVALID_OPTION_NAME,
             RetlError::Options(_) => ERRCODE_FDW_INVALID_ATTRIBUTE_VALUE,
             RetlError::DestinationOptions { .. } => ERRCODE_FDW_INVALID_ATTRIBUTE_VALUE,
             RetlError::DestinationMissing(_) => ERRCODE_UNDEFINED_OBJECT,

@@ -9,9 +9,6 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
-/// `jsonb_build_object` takes at most 100 arguments: build wide payloads in chunks.
-const PAIRS_PER_CALL: usize = 50;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Insert,
@@ -63,11 +60,16 @@ pub struct SyncDef {
     /// holds hashes of that kind.
     pub hash_version: i16,
     pub guards: Safeguards,
+    /// The model's bytea columns: sent base64-encoded (JSON has no bytes).
+    pub binary_columns: Vec<String>,
 }
 
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
      s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version, \
-     s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep' \
+     s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep', \
+     ARRAY(SELECT c.attname::text FROM pg_catalog.pg_attribute c \
+            WHERE c.attrelid = to_regclass(format('retl_models.%I', coalesce(a.name, m.name))) \
+              AND c.attnum > 0 AND NOT c.attisdropped AND c.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype) \
      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
      LEFT JOIN retl.audiences a ON a.id = s.audience_id";
 
@@ -85,13 +87,7 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
     let table = client.select(sql, Some(1), args).unwrap_or_else(|e| error!("{e}"));
     let row = table.into_iter().next()?;
     let get_text = |i: usize| row.get::<String>(i).ok().flatten().unwrap_or_default();
-    let mappings = row.get::<String>(6).ok().flatten().map(|text| {
-        let obj: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&text).unwrap_or_default();
-        obj.into_iter()
-            .map(|(field, col)| (field, col.as_str().unwrap_or_default().to_string()))
-            .collect()
-    });
+    let mappings = row.get::<String>(6).ok().flatten().map(|text| retl_engine::mapping::parse_mappings(&text));
     Some(SyncDef {
         id: row.get::<i64>(1).ok().flatten().unwrap_or_default(),
         name: get_text(2),
@@ -111,6 +107,7 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
             quota_share: row.get::<f64>(15).ok().flatten().unwrap_or(1.0),
             keep_nulls_out: row.get::<bool>(16).ok().flatten().unwrap_or(false),
         },
+        binary_columns: row.get::<Vec<String>>(17).ok().flatten().unwrap_or_default(),
     })
 }
 
@@ -149,26 +146,68 @@ fn check_columns(client: &SpiClient, sync: &SyncDef) -> Result<Vec<String>, Retl
     Ok(columns)
 }
 
-/// `jsonb_build_object('field', <prefix>column, ...)` (chunked).
-fn build_object_from(pairs: &[(String, String)], prefix: &str) -> String {
-    if pairs.is_empty() {
-        return "'{}'::jsonb".into();
-    }
-    pairs
-        .chunks(PAIRS_PER_CALL)
-        .map(|chunk| {
-            let args: Vec<String> = chunk
-                .iter()
-                .map(|(field, col)| format!("{}, {prefix}{}", quote_literal(field), quote_identifier(col)))
-                .collect();
-            format!("jsonb_build_object({})", args.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(" || ")
+/// `jsonb_build_object('field', <prefix>column, ...)` (chunked), bytea columns base64-encoded.
+fn build_object_from(sync: &SyncDef, pairs: &[(String, String)], prefix: &str) -> String {
+    retl_engine::mapping::build_object_sql(pairs, "", |s| quote_literal(s), |col| column_value(sync, prefix, col))
 }
 
-fn build_object(pairs: &[(String, String)]) -> String {
-    build_object_from(pairs, "m.")
+fn build_object(sync: &SyncDef, pairs: &[(String, String)]) -> String {
+    build_object_from(sync, pairs, "m.")
+}
+
+/// The settings payloads and row hashes are computed under, whatever the server's or the
+/// session's: timestamptz in UTC, intervals in ISO 8601 (`P1Y2M3DT4H5M6.5S`), dates in ISO,
+/// floats in their shortest exact form. A preview shows what a run sends; a hash does not
+/// change with a session or server setting.
+const OUTPUT_SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+    (c"TimeZone", c"UTC"),
+    (c"IntervalStyle", c"iso_8601"),
+    (c"DateStyle", c"ISO, YMD"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+];
+
+/// Runs `f` under [`OUTPUT_SETTINGS`], restoring the caller's settings afterwards (an error
+/// restores them with the transaction's abort).
+pub fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in OUTPUT_SETTINGS {
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+    let out = f();
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    out
+}
+
+/// A model column as it goes into a payload: its value, or for bytea its base64 text (without
+/// the line breaks `encode` puts every 76 characters).
+fn column_value(sync: &SyncDef, prefix: &str, col: &str) -> String {
+    let value = format!("{prefix}{}", quote_identifier(col));
+    if sync.binary_columns.iter().any(|c| c == col) {
+        format!("translate(encode({value}, 'base64'), E'\\n', '')")
+    } else {
+        value
+    }
+}
+
+/// The whole model row `row` as a payload (`to_jsonb`), bytea columns base64-encoded.
+fn whole_row_payload(sync: &SyncDef, row: &str, prefix: &str) -> String {
+    if sync.binary_columns.is_empty() {
+        return format!("to_jsonb({row})");
+    }
+    let binary: Vec<(String, String)> = sync.binary_columns.iter().map(|c| (c.clone(), c.clone())).collect();
+    format!("(to_jsonb({row}) || {})", build_object_from(sync, &binary, prefix))
 }
 
 /// Hashes of version 2 hash the mapped values' row text, prefixed by the field names (so a
@@ -189,7 +228,8 @@ fn key_sql(sync: &SyncDef) -> (String, String) {
         .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
         .collect::<Vec<_>>()
         .join(" OR ");
-    (build_object(&pairs), null)
+    let key = retl_engine::mapping::build_object_sql(&pairs, "m.", |s| quote_literal(s), |s| quote_identifier(s));
+    (key, null)
 }
 
 /// Which model rows a plan diffs against the snapshot.
@@ -232,11 +272,14 @@ fn keys_filter(sync: &SyncDef) -> String {
 fn materialize_select(sync: &SyncDef, columns: &[String], filter: &str) -> String {
     if hashes_row_text(sync) {
         let (key, key_null) = key_sql(sync);
+        // bytea goes out base64-encoded since 0.6.0: rows with bytea delivered before (as hex
+        // text) hash differently, so they are sent once more in the new form.
+        let binary = if sync.binary_columns.is_empty() { "" } else { "b64" };
         let (signature, row) = match &sync.mappings {
-            None => (format!("v2:{}|", columns.join(",")), "m".to_string()),
+            None => (format!("v2{binary}:{}|", columns.join(",")), "m".to_string()),
             Some(pairs) => (
                 format!(
-                    "v2:{}|",
+                    "v2{binary}:{}|",
                     pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")
                 ),
                 format!(
@@ -260,8 +303,8 @@ fn materialize_v1_select(sync: &SyncDef, filter: &str) -> String {
     let (key, key_null) = key_sql(sync);
     let payload = match (&sync.mode, &sync.mappings) {
         (Mode::Delete, _) => "NULL::jsonb".to_string(),
-        (_, None) => "to_jsonb(m.*)".to_string(),
-        (_, Some(pairs)) => build_object(pairs),
+        (_, None) => whole_row_payload(sync, "m.*", "m."),
+        (_, Some(pairs)) => build_object(sync, pairs),
     };
     // The hash covers what the destination holds: the payload, or in delete mode the key.
     let hashed = if sync.mode == Mode::Delete { "key" } else { "payload" };
@@ -296,8 +339,8 @@ fn diff_sql(sync: &SyncDef, scope: &Scope) -> String {
     // version 1 carries the payload it built for every row.
     let (carried, payload) = if hashes_row_text(sync) {
         let built = match &sync.mappings {
-            None => "to_jsonb(d.r)".to_string(),
-            Some(pairs) => build_object_from(pairs, "(d.r)."),
+            None => whole_row_payload(sync, "d.r", "(d.r)."),
+            Some(pairs) => build_object_from(sync, pairs, "(d.r)."),
         };
         ("r", format!("CASE WHEN change = 'gone' THEN NULL ELSE {built} END"))
     } else {
@@ -552,11 +595,14 @@ pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option
         client
             .select("SELECT retl._check_owner('sync', $1, $2::regrole)", None, &[sync.name.as_str().into(), sync.owner.into()])
             .unwrap_or_else(|e| error!("{e}"));
-        materialize(client, &sync, &Scope::Model)?;
-        let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync, &Scope::Model));
-        // The snapshot is not readable by users: diff with the extension owner's rights.
-        let table = identity::as_role(extension_owner, || client.select(sql.as_str(), None, &[sync.id.into()]))
-            .unwrap_or_else(|e| error!("{e}"));
+        // Hashes and payloads as a run computes them, whatever this session's settings.
+        let table = with_output_settings(|| -> Result<_, RetlError> {
+            materialize(client, &sync, &Scope::Model)?;
+            let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync, &Scope::Model));
+            // The snapshot is not readable by users: diff with the extension owner's rights.
+            Ok(identity::as_role(extension_owner, || client.select(sql.as_str(), None, &[sync.id.into()]))
+                .unwrap_or_else(|e| error!("{e}")))
+        })?;
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
         let rows = table
             .into_iter()

@@ -292,6 +292,16 @@ pub fn set_worker_state(n: usize, state: WorkerState, sync_id: i64, run_id: i64)
     }
 }
 
+/// How many workers other than `n` are planning a run now.
+pub fn others_planning(n: usize) -> usize {
+    let workers = WORKERS.share();
+    workers.slots[..crate::settings::workers()]
+        .iter()
+        .enumerate()
+        .filter(|(i, w)| *i != n && w.state == WorkerState::Planning)
+        .count()
+}
+
 pub fn any_worker_running() -> bool {
     WORKERS.share().slots.iter().any(|w| w.pid != 0)
 }

@@ -137,7 +137,7 @@ impl Worker {
             self.state(WorkerState::Scheduling, 0, 0);
             scheduler::schedule();
             self.alerts.tick(&self.runtime);
-            let Some((run_id, sync_id, status)) = pick_run() else { break };
+            let Some((run_id, sync_id, status)) = pick_run(self.n) else { break };
             // A run that ended is settled with its waiter at the top of the next pass.
             self.work_on(run_id, sync_id, &status);
             unlock_sync(sync_id);
@@ -176,10 +176,13 @@ fn catalog_problem() -> Option<String> {
 
 /// The run to work on next, with its sync locked for this worker (session advisory lock):
 /// the one waiting longest among those no other worker holds.
-fn pick_run() -> Option<(i64, i64, String)> {
+fn pick_run(n: usize) -> Option<(i64, i64, String)> {
+    // A plan is one transaction, however large the model: when every other worker is planning,
+    // this one delivers if any run is waiting to, so deliveries never stop behind plans.
+    let deliver_first = settings::workers() > 1 && shared::others_planning(n) + 1 >= settings::workers();
     transaction(|| {
         Spi::connect(|client| {
-            let candidates: Vec<(i64, i64, String)> = client
+            let mut candidates: Vec<(i64, i64, String)> = client
                 .select("SELECT run_id, sync_id, status FROM retl._runnable_runs($1)", None, &[CANDIDATES.into()])
                 .map_err(|e| e.to_string())?
                 .into_iter()
@@ -187,6 +190,10 @@ fn pick_run() -> Option<(i64, i64, String)> {
                     Some((row.get::<i64>(1).ok()??, row.get::<i64>(2).ok()??, row.get::<String>(3).ok()??))
                 })
                 .collect();
+            if deliver_first {
+                // Stable: among delivering runs (and then queued ones) the oldest turn first.
+                candidates.sort_by_key(|(_, _, status)| status != "delivering");
+            }
             for (run_id, sync_id, status) in candidates {
                 let locked = client
                     .select(
@@ -294,7 +301,7 @@ fn plan_run(run_id: i64) -> bool {
             }
             report_activity(&format!("retl: sync {} run {run_id}: planning", sync.name));
             arm_owners_statement_timeout(client, sync.owner)?;
-            let summary = plan::plan_run(client, &sync, run_id).map_err(|failure| {
+            let summary = plan::with_output_settings(|| plan::plan_run(client, &sync, run_id)).map_err(|failure| {
                 refused = failure.summary;
                 failure.error.to_string()
             })?;
