@@ -8,7 +8,7 @@ export PGUSER     ?= postgres
 export PGPASSWORD ?= retl-dev
 export PGDATABASE ?= postgres
 
-.PHONY: run test deps install cluster stop unit e2e demo clean bench load
+.PHONY: run test deps install cluster stop unit e2e demo clean bench load release-extension fuzz
 
 ## make run: install what is missing, build and install the extension, start a local cluster
 ## with it preloaded, and run the demo sync to a local webhook receiver.
@@ -56,12 +56,7 @@ clean: stop
 ## and what the on-change triggers cost the statements that write a model's table.
 ## Results: printed, and as JSON lines in .run/bench.json and .run/overhead.json. Reinstalls
 ## the extension.
-bench: deps
-	@scripts/cluster.sh stop
-	cd extension && cargo pgrx install --release --pg-config $(PG_CONFIG)
-	install -m 644 extension/sql/releases/*.sql $$($(PG_CONFIG) --sharedir)/extension/
-	@scripts/cluster.sh start
-	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
+bench: deps release-extension
 	cargo run --release -p retl-e2e --bin retl-bench -- --seconds 30 --json .run/bench.json
 	cargo run --release -p retl-e2e --bin retl-overhead -- --json .run/overhead.json
 
@@ -72,10 +67,21 @@ bench: deps
 ## memory of every worker. Scale it down with LOAD_ROWS, LOAD_SYNCS, LOAD_SECONDS, LOAD_RATE
 ## (e.g. `make load LOAD_ROWS=100000 LOAD_SECONDS=60`). Results: printed, and as JSON lines in
 ## .run/load.json. Reinstalls the extension (release build) like `make bench`.
-load: deps
+load: deps release-extension
+	LOAD_JSON=.run/load.json cargo run --release -p retl-e2e --bin retl-load
+
+# The release build, installed, with the cluster restarted and the extension freshly created:
+# what the benchmarks and the load run measure.
+release-extension:
 	@scripts/cluster.sh stop
 	cd extension && cargo pgrx install --release --pg-config $(PG_CONFIG)
 	install -m 644 extension/sql/releases/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 	@scripts/cluster.sh start
 	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
-	LOAD_JSON=.run/load.json cargo run --release -p retl-e2e --bin retl-load
+
+## make fuzz: every cargo-fuzz target of fuzz/ (options, cron, templates, mappings; see
+## docs/FUZZING.md) for FUZZ_SECONDS each, from a copy of the seed corpus; fails if any crashes.
+## Needs no cluster. Installs cargo-fuzz if missing.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
