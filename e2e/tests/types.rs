@@ -13,7 +13,7 @@
 //! | text | JSON string, any length (1 MB here), non-BMP characters intact, `"` `\` and control characters escaped | |
 //! | date | `"2024-02-29"` | `to_jsonb` too (ISO 8601, whatever DateStyle) |
 //! | timestamp | `"2024-02-29T13:14:15.123456"` (no offset: it has none) | `to_jsonb` too |
-//! | timestamptz | ISO 8601 in UTC, `"2024-07-01T12:00:00.5+00:00"` | `to_jsonb` writes the session TimeZone's offset: the instant must not depend on the worker's or the previewing session's TimeZone |
+//! | timestamptz | ISO 8601 with the server's TimeZone offset (the test cluster's is UTC: `"2024-07-01T12:00:00.5+00:00"`) | `to_jsonb` writes the session TimeZone's offset: a preview in a session with another TimeZone must show what the run sends |
 //! | time, timetz | `"13:14:15.5"`, `"10:00:00+02"` | `to_jsonb` too |
 //! | interval | ISO 8601 duration `"P1Y2M3DT4H5M6.5S"` | `to_jsonb` writes IntervalStyle's text (`1 year 2 mons ...`), which nothing outside Postgres parses; ISO 8601 is what Debezium, JSON Schema (`format: duration`) and java.time / Temporal read |
 //! | uuid, inet, enum | their text | `to_jsonb` too |

@@ -23,8 +23,10 @@ fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::
             check_host(&config.or_report().url).or_report();
         }
         Some(pg_sys::UserMappingRelationId) => {
-            // A refused mapping's statement carries the secret (a mistyped option name, say).
-            options::parse_user_mapping_options(&pairs).inspect_err(|_| hide_statement_from_log()).or_report();
+            // The statement carries the secret: if it fails, here (a mistyped option name, say)
+            // or later in the transaction, its text must not reach the server log.
+            hide_statement_from_log();
+            options::parse_user_mapping_options(&pairs).or_report();
         }
         Some(pg_sys::ForeignDataWrapperRelationId) => {
             options::parse_wrapper_options(&pairs).or_report();

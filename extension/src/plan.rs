@@ -155,23 +155,26 @@ fn build_object(sync: &SyncDef, pairs: &[(String, String)]) -> String {
     build_object_from(sync, pairs, "m.")
 }
 
-/// The settings payloads and row hashes are computed under, whatever the server's or the
-/// session's: timestamptz in UTC, intervals in ISO 8601 (`P1Y2M3DT4H5M6.5S`), dates in ISO,
-/// floats in their shortest exact form. A preview shows what a run sends; a hash does not
-/// change with a session or server setting.
+/// The settings payloads and row hashes are computed under, whatever the session's: intervals
+/// in ISO 8601 (`P1Y2M3DT4H5M6.5S`), dates in ISO, floats in their shortest exact form. These
+/// only change how values are written, never how a model's query reads its input. The time
+/// zone is the server's (what workers run with), so a preview in a session with another
+/// TimeZone shows what a run sends, and `current_date` in a model means the same in both.
 const OUTPUT_SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
-    (c"TimeZone", c"UTC"),
     (c"IntervalStyle", c"iso_8601"),
-    (c"DateStyle", c"ISO, YMD"),
+    // The output style only: the input order (MDY, DMY, YMD) a model's literals use is kept.
+    (c"DateStyle", c"ISO"),
     (c"extra_float_digits", c"1"),
     (c"bytea_output", c"hex"),
 ];
 
-/// Runs `f` under [`OUTPUT_SETTINGS`], restoring the caller's settings afterwards (an error
-/// restores them with the transaction's abort).
+/// Runs `f` under [`OUTPUT_SETTINGS`] and the server's TimeZone, restoring the caller's
+/// settings afterwards (an error restores them with the transaction's abort).
 pub fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    for (name, value) in OUTPUT_SETTINGS {
+    let server_time_zone = unsafe { pg_sys::GetConfigOptionResetString(c"TimeZone".as_ptr()) };
+    let time_zone = (!server_time_zone.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(server_time_zone) }.to_owned());
+    for (name, value) in OUTPUT_SETTINGS.iter().copied().chain(time_zone.as_deref().map(|tz| (c"TimeZone", tz))) {
         unsafe {
             pg_sys::set_config_option(
                 name.as_ptr(),

@@ -224,8 +224,7 @@ fn unlock_sync(sync_id: i64) {
     });
 }
 
-/// Plan a queued run in one transaction. Returns whether there is anything to deliver.
-// utils/timeout.h, which pgrx does not bind; TimeoutId's order is the same in Postgres 13-17.
+// utils/timeout.h, which pgrx does not bind (STATEMENT_TIMEOUT is 3 in Postgres 13-17).
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 extern "C" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
@@ -264,6 +263,7 @@ fn arm_owners_statement_timeout(client: &mut pgrx::spi::SpiClient, owner: pg_sys
     Ok(())
 }
 
+/// Plan a queued run in one transaction. Returns whether there is anything to deliver.
 fn plan_run(run_id: i64) -> bool {
     // Committed before the plan's snapshot is taken: from now on a change to the model's
     // tables queues a follow-up run instead of counting on this plan, which may not see it.
