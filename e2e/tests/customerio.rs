@@ -75,6 +75,9 @@ fn people_are_identified_updated_left_alone_and_deleted() {
     assert_eq!(calls, [("DELETE".into(), "/api/v1/customers/u3".into()), ("PUT".into(), "/api/v1/customers/u2".into())]);
     assert_eq!(cio.customers(), expected(&mut s));
     assert_eq!(cio.deleted(), ["u3"]);
+    // The unanswered attempt may still reach the fake later (seen once: 30 s late, after its
+    // retry): a second DELETE of u3, harmless at Customer.io. Only then is it tolerated below.
+    let retried = second.api_calls != 2;
     cio.clear_calls();
     let third = run_sync(&mut s.client, &s.sync);
     assert_eq!((third.delivered, third.api_calls), (0, 0));
@@ -94,7 +97,12 @@ fn people_are_identified_updated_left_alone_and_deleted() {
     let _drop_eraser = DropSyncs(vec![eraser.clone()]);
     let erased = run_sync(&mut s.client, &eraser);
     assert_eq!((erased.status.as_str(), erased.delivered), ("succeeded", 1), "{erased:?}");
-    assert_eq!(cio.deleted(), ["u3", "u1"]);
+    let mut deleted = cio.deleted();
+    if retried {
+        let mut seen = std::collections::HashSet::new();
+        deleted.retain(|id| seen.insert(id.clone()));
+    }
+    assert_eq!(deleted, ["u3", "u1"]);
     assert_eq!(cio.customers().keys().collect::<Vec<_>>(), ["u2"]);
 }
 
