@@ -12,7 +12,9 @@ fn env_or(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-fn config(user: &str, password: &str) -> Config {
+/// The connection settings [`connect_as`] uses, for a caller that needs more (a notice
+/// callback, say).
+pub fn config(user: &str, password: &str) -> Config {
     let port = env_or("PGPORT", "28815");
     let port: u16 = port
         .parse()

@@ -36,15 +36,7 @@ fn worker_killed_mid_delivery_converges_without_loss_or_duplicate_creates() {
     // A connection made in the moment before the postmaster starts its crash restart is
     // terminated by it: connect again whenever the connection is gone.
     let mut client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
-    wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
-        match client.query_one("SELECT status FROM retl.runs WHERE id = $1", &[&run_id]) {
-            Ok(row) => row.get::<_, String>(0) == "succeeded",
-            Err(_) => {
-                client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
-                false
-            }
-        }
-    });
+    wait_for_success_through_restarts(&mut client, run_id);
     let workers: Vec<i32> = client
         .query("SELECT pid FROM retl.worker_status()", &[])
         .unwrap()
@@ -92,6 +84,14 @@ fn query_through_restarts(client: &mut postgres::Client, sql: &str) -> Vec<postg
             Err(_) => *client = retl_e2e::cluster::reconnect(Duration::from_secs(60)),
         }
     }
+}
+
+/// Waits until run `run_id` has succeeded, reconnecting while the server restarts.
+fn wait_for_success_through_restarts(client: &mut postgres::Client, run_id: i64) {
+    wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
+        let rows = query_through_restarts(client, &format!("SELECT status FROM retl.runs WHERE id = {run_id}"));
+        rows[0].get::<_, String>(0) == "succeeded"
+    });
 }
 
 #[test]
@@ -188,10 +188,7 @@ fn an_immediate_shutdown_mid_run_then_restart_converges() {
     let started = std::process::Command::new(script).arg("start").env("RETL_RUN_DIR", &run_dir).output().unwrap();
     assert!(started.status.success(), "cluster.sh start: {}", String::from_utf8_lossy(&started.stderr));
     let mut client = retl_e2e::cluster::reconnect(Duration::from_secs(60));
-    wait_until(Duration::from_secs(90), "the interrupted run to finish", || {
-        let rows = query_through_restarts(&mut client, &format!("SELECT status FROM retl.runs WHERE id = {run_id}"));
-        rows[0].get::<_, String>(0) == "succeeded"
-    });
+    wait_for_success_through_restarts(&mut client, run_id);
     assert!(fake.request_count() > before_restart, "delivery resumed after the restart");
     f.client = client;
     assert_eq!(fake.records(), f.model_state());

@@ -101,12 +101,8 @@ fn rejected_credentials_fail_the_run_without_leaking_the_token() {
               + (SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%a-wrong-token-XYZ%' AND pid <> pg_backend_pid())",
     );
     assert_eq!(leaks, 0);
-    // Nor in the server log (scripts/cluster.sh writes it next to the data directory).
-    let log: String = f
-        .client
-        .query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[])
-        .unwrap()
-        .get(0);
+    // Nor in the server log.
+    let log = server_log(&mut f.client);
     assert!(log.contains("pg_reverse_etl worker 1 started"), "read the right log");
     assert!(!log.contains("a-wrong-token-XYZ"), "the token is in the server log");
     // Fix the mapping: the next run delivers everything.
@@ -227,8 +223,7 @@ fn resets_truncated_and_garbled_answers_and_a_hanging_destination_are_retried_un
     assert_eq!(fake.records(), f.model_state());
     each_created_once(&fake, 20);
     // The transport faults are in the server log, without the URL.
-    let log: String =
-        f.client.query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[]).unwrap().get(0);
+    let log = server_log(&mut f.client);
     let reset = format!(
         "sync {} run {} batch 1: a request to {} got no answer: request failed: error sending request: client error (SendRequest): connection error: Connection reset by peer",
         f.sync, run.id, f.server

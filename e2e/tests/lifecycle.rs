@@ -9,13 +9,13 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// The server log after `offset` (scripts/cluster.sh writes it next to the data directory).
+/// The server log after `offset`.
 struct ServerLog {
     offset: i64,
 }
 
 impl ServerLog {
-    const PATH: &'static str = "current_setting('data_directory') || '/../postgres.log'";
+    const PATH: &'static str = SERVER_LOG;
 
     fn from_now(c: &mut postgres::Client) -> ServerLog {
         let offset: i64 = c.query_one(&format!("SELECT (pg_stat_file({})).size", Self::PATH), &[]).unwrap().get(0);

@@ -276,21 +276,11 @@ fn tls_certificates_are_verified() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn server_log(client: &mut postgres::Client) -> String {
-    client.query_one("SELECT pg_read_file(current_setting('data_directory') || '/../postgres.log')", &[]).unwrap().get(0)
-}
-
 /// A connection as `user` that collects every NOTICE/WARNING the server sends it.
 fn connect_collecting_notices(user: &str, password: &str) -> (postgres::Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = notices.clone();
-    let port: u16 = std::env::var("PGPORT").ok().and_then(|p| p.parse().ok()).unwrap_or(28815);
-    let client = postgres::Config::new()
-        .host(&std::env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into()))
-        .port(port)
-        .dbname(&std::env::var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
-        .user(user)
-        .password(password)
+    let client = retl_e2e::cluster::config(user, password)
         .notice_callback(move |notice| {
             sink.lock().unwrap().push(format!("{} {:?} {:?}", notice.message(), notice.detail(), notice.hint()))
         })

@@ -194,6 +194,12 @@ fn check_names(opts: &[(String, String)], valid: &'static str, context: &'static
     Ok(())
 }
 
+/// The part of a (templated) URL before its first `{{` or `{%`: for the http connector, the
+/// part that names the scheme and host.
+pub fn fixed_url_part(url: &str) -> &str {
+    url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default()
+}
+
 /// A user-mapping option (credentials): refused on servers, whose options every user with
 /// access to the server can read.
 pub fn is_credential(name: &str) -> bool {
@@ -280,8 +286,7 @@ pub fn parse_server_options(opts: &[(String, String)]) -> Result<DestinationConf
     };
     let valid_url = if kind == DestinationKind::Http {
         // A template: its fixed start must already name the scheme and host.
-        let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
-        url::Url::parse(fixed)
+        url::Url::parse(fixed_url_part(url))
             .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()))
             .unwrap_or(false)
             && crate::template::parse(url).is_ok()

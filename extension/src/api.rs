@@ -45,8 +45,7 @@ fn _fdw_validator(options: Option<Vec<Option<String>>>, catalog: Option<pg_sys::
 /// http connector's) is judged by its fixed start, which names the host.
 fn check_host(url: &str) -> Result<(), RetlError> {
     let policy = settings::host_policy().map_err(RetlError::HostPolicy)?;
-    let fixed = url.split("{{").next().unwrap_or_default().split("{%").next().unwrap_or_default();
-    policy.check_url(fixed).map_err(|refused| RetlError::HostRefused(refused.to_string()))
+    policy.check_url(options::fixed_url_part(url)).map_err(|refused| RetlError::HostRefused(refused.to_string()))
 }
 
 /// Keeps the statement out of the server log for the error about to be raised: Postgres logs a

@@ -60,16 +60,23 @@ pub struct SyncDef {
     /// holds hashes of that kind.
     pub hash_version: i16,
     pub guards: Safeguards,
-    /// The model's bytea columns: sent base64-encoded (JSON has no bytes).
+    /// The model's bytea columns: sent base64-encoded (JSON has no bytes). Known once the
+    /// model's columns are read for a plan or preview ([`SyncDef::with_binary_columns`]).
     pub binary_columns: Vec<String>,
+}
+
+impl SyncDef {
+    /// This sync with the bytea columns among `columns` (name -> type, as
+    /// `safeguards::model_columns` reads them) noted.
+    fn with_binary_columns(&self, columns: &serde_json::Map<String, serde_json::Value>) -> SyncDef {
+        let binary = columns.iter().filter(|(_, ty)| ty.as_str() == Some("bytea")).map(|(col, _)| col.clone()).collect();
+        SyncDef { binary_columns: binary, ..self.clone() }
+    }
 }
 
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
      s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version, \
-     s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep', \
-     ARRAY(SELECT c.attname::text FROM pg_catalog.pg_attribute c \
-            WHERE c.attrelid = to_regclass(format('retl_models.%I', coalesce(a.name, m.name))) \
-              AND c.attnum > 0 AND NOT c.attisdropped AND c.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype) \
+     s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep' \
      FROM retl.syncs s JOIN retl.models m ON m.id = s.model_id \
      LEFT JOIN retl.audiences a ON a.id = s.audience_id";
 
@@ -107,7 +114,7 @@ fn load_sync(client: &SpiClient, sql: &str, args: &[pgrx::datum::DatumWithOid]) 
             quota_share: row.get::<f64>(15).ok().flatten().unwrap_or(1.0),
             keep_nulls_out: row.get::<bool>(16).ok().flatten().unwrap_or(false),
         },
-        binary_columns: row.get::<Vec<String>>(17).ok().flatten().unwrap_or_default(),
+        binary_columns: Vec::new(),
     })
 }
 
@@ -492,6 +499,7 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
     safeguards::check_policy(client, sync)?;
     let columns = safeguards::model_columns(client, sync);
     safeguards::check_schema(client, sync, &columns, run.allowed)?;
+    let sync = &sync.with_binary_columns(&columns);
     let scope = match run.trigger.as_str() {
         "retry" => failed_keys(client, sync),
         trigger => take_changed_keys(client, sync, trigger == "change"),
@@ -600,6 +608,7 @@ pub fn preview(sync_name: &str) -> Result<Vec<(String, serde_json::Value, Option
             .unwrap_or_else(|e| error!("{e}"));
         // Hashes and payloads as a run computes them, whatever this session's settings.
         let table = with_output_settings(|| -> Result<_, RetlError> {
+            let sync = sync.with_binary_columns(&safeguards::model_columns(client, &sync));
             materialize(client, &sync, &Scope::Model)?;
             let sql = format!("SELECT op, key::text, payload::text FROM ({}) p ORDER BY key", diff_sql(&sync, &Scope::Model));
             // The snapshot is not readable by users: diff with the extension owner's rights.
