@@ -22,7 +22,7 @@ use crate::http_util::{percent_decode, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tiny_http::{Header, Response};
+use crate::http_server::{Header, Response};
 
 /// Customer.io's documented limits for people.
 const MAX_ID_BYTES: usize = 150;
@@ -127,7 +127,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Whether the Authorization header is Basic with exactly `site_id:api_key`.
-fn authorized(request: &tiny_http::Request, (site_id, api_key): &(String, String)) -> bool {
+fn authorized(request: &crate::http_server::Request, (site_id, api_key): &(String, String)) -> bool {
     let Some(header) = request_header(request, "Authorization") else {
         return false;
     };
@@ -216,7 +216,7 @@ fn check_identify(body: Option<&Value>) -> Result<&Map<String, Value>, String> {
 
 /// `PUT /api/v1/customers/{id}`: the attributes merged into the person, or the 400 message.
 fn identify(
-    request: &tiny_http::Request,
+    request: &crate::http_server::Request,
     id: String,
     body: Option<&Value>,
     st: &mut State,
@@ -265,7 +265,7 @@ fn error_body(message: &str) -> Value {
     json!({"meta": {"error": message, "errors": [message]}})
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>, credentials: &(String, String)) {
+fn serve(mut request: crate::http_server::Request, state: &Mutex<State>, credentials: &(String, String)) {
     let method = request.method().as_str().to_string();
     let path = request.url().to_string();
     let mut raw = Vec::new();

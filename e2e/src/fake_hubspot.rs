@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response};
+use crate::http_server::{Header, Request, Response};
 
 /// HubSpot's documented limit for every batch endpoint.
 const MAX_BATCH: usize = 100;

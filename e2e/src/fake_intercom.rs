@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Response};
+use crate::http_server::{Header, Response};
 
 /// `Intercom-Version` values the fake serves (2.14 and its recent predecessors).
 const KNOWN_VERSIONS: [&str; 4] = ["2.11", "2.12", "2.13", "2.14"];
@@ -1248,7 +1248,7 @@ fn delete_company(st: &mut State, id: &str) -> Answer {
 }
 
 /// The request body as a JSON object, refused unless it is sent as `application/json`.
-fn json_object(request: &tiny_http::Request, text: &str) -> Result<Map<String, Value>, ApiError> {
+fn json_object(request: &crate::http_server::Request, text: &str) -> Result<Map<String, Value>, ApiError> {
     let content_type = request_header(request, "Content-Type").unwrap_or_default();
     let media = content_type.split(';').next().unwrap_or_default().trim();
     if !media.eq_ignore_ascii_case("application/json") {
@@ -1278,7 +1278,7 @@ fn accepts_json(accept: &str) -> bool {
 /// Routes an authenticated, admitted request.
 fn route(
     st: &mut State,
-    request: &tiny_http::Request,
+    request: &crate::http_server::Request,
     method: &str,
     path: &str,
     text: &str,
@@ -1313,7 +1313,7 @@ fn route(
     }
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>, token: &str) {
+fn serve(mut request: crate::http_server::Request, state: &Mutex<State>, token: &str) {
     let method = request.method().as_str().to_string();
     let url = request.url().to_string();
     let path = url.split('?').next().unwrap_or_default().to_string();

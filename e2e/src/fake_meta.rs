@@ -47,7 +47,7 @@ use crate::http_util::{form_fields, request_header, FakeServer};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use tiny_http::{Header, Response};
+use crate::http_server::{Header, Response};
 
 /// Most rows Meta takes in one request.
 const MAX_USERS_PER_REQUEST: usize = 10_000;
@@ -647,7 +647,7 @@ fn handle(st: &mut State, req: &Incoming, fbtrace_id: &str) -> Outcome {
     }
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
+fn serve(mut request: crate::http_server::Request, state: &Mutex<State>) {
     let method = request.method().as_str().to_ascii_uppercase();
     let url = request.url().to_string();
     let mut raw = Vec::new();

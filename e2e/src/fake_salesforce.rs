@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Response};
+use crate::http_server::{Header, Response};
 
 /// Collections (and the delete `ids` list) take at most this many records.
 const MAX_COLLECTION: usize = 200;
@@ -789,7 +789,7 @@ impl Reply {
     }
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
+fn serve(mut request: crate::http_server::Request, state: &Mutex<State>) {
     let url = request.url().to_string();
     let mut raw = Vec::new();
     let _ = request.as_reader().read_to_end(&mut raw);

@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response};
+use crate::http_server::{Header, Request, Response};
 
 /// Slack's limit on a message's `text`, in characters.
 const MAX_TEXT: usize = 40_000;

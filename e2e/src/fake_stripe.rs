@@ -55,7 +55,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Request, Response};
+use crate::http_server::{Header, Request, Response};
 
 const CUSTOMERS_PREFIX: &str = "/v1/customers/";
 /// Stripe's documented metadata limits.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Request, Response, Server};
+use crate::http_server::{Header, Request, Response, Server};
 
 /// Threads taking requests off the listener. The extension sends at most `max_concurrency`
 /// requests per worker at once; 4 keep arrival stamps honest while one parses a large body.
@@ -126,10 +126,15 @@ impl ThrottledWebhook {
     /// arrivals up to `jitter` earlier than the budget (requests leave the client on time but
     /// do not all take equally long to arrive), and batches of at most `max_batch` records.
     pub fn start(rate: f64, jitter: Duration, max_batch: usize) -> io::Result<ThrottledWebhook> {
+        ThrottledWebhook::start_on(0, rate, jitter, max_batch)
+    }
+
+    /// [`ThrottledWebhook::start`] on `port` (0: one the OS assigns).
+    pub fn start_on(port: u16, rate: f64, jitter: Duration, max_batch: usize) -> io::Result<ThrottledWebhook> {
         assert!(rate > 0.0 && rate.is_finite(), "rate must be > 0");
-        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr()?.port();
-        let server = Arc::new(Server::from_listener(listener, None).map_err(io::Error::other)?);
+        let server = Arc::new(Server::from_listener(listener)?);
         let burst = rate.max(1.0);
         let shared = Arc::new(Shared {
             started: Instant::now(),
@@ -182,6 +187,11 @@ impl ThrottledWebhook {
         self.shared.state().syncs.iter().map(|(k, v)| (k.clone(), v.counts.clone())).collect()
     }
 
+    /// How many records the destination holds for `sync`.
+    pub fn held(&self, sync: &str) -> usize {
+        self.shared.state().syncs.get(sync).map_or(0, |s| s.records.len())
+    }
+
     /// The records the destination holds for `sync`: canonical key JSON → [`fields_hash`].
     pub fn records(&self, sync: &str) -> HashMap<String, u64> {
         self.shared.state().syncs.get(sync).map(|s| s.records.clone()).unwrap_or_default()
@@ -205,7 +215,7 @@ fn request_header(request: &Request, name: &str) -> Option<String> {
     request
         .headers()
         .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .find(|h| h.field.as_str().eq_ignore_ascii_case(name))
         .map(|h| h.value.as_str().to_string())
 }
 

@@ -14,7 +14,7 @@ use crate::http_util::{percent_decode, request_header, FakeServer};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tiny_http::{Header, Response};
+use crate::http_server::{Header, Response};
 
 #[derive(Clone, Debug)]
 pub struct Call {
@@ -119,7 +119,7 @@ fn valid_user(body: Option<&Value>) -> Result<&Value, (u16, String)> {
 }
 
 /// `POST /oauth/token`: a new key for the configured client (client-credentials grant only).
-fn token(request: &tiny_http::Request, form: &str, st: &mut State) -> (u16, Value) {
+fn token(request: &crate::http_server::Request, form: &str, st: &mut State) -> (u16, Value) {
     st.token_calls += 1;
     if !request_header(request, "Content-Type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
         return (400, json!({"error": "invalid_request", "error_description": "form-encoded body required"}));
@@ -146,7 +146,7 @@ fn url_decode_pairs(form: &str) -> BTreeMap<String, String> {
     form.split('&').filter_map(|p| p.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
 }
 
-fn serve(mut request: tiny_http::Request, state: &Mutex<State>) {
+fn serve(mut request: crate::http_server::Request, state: &Mutex<State>) {
     let method = request.method().as_str().to_string();
     let path = request.url().to_string();
     let mut text = String::new();

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Request, Response};
+use crate::http_server::{Header, Request, Response};
 
 /// A response (or delay) forced onto the next request, ahead of any validation.
 #[derive(Clone, Debug)]
@@ -288,7 +288,7 @@ impl FakeWebhook {
 }
 
 fn serve(request: Request, shared: &Arc<Shared>) {
-    let inspection = *request.method() == tiny_http::Method::Get
+    let inspection = request.method().as_str() == "GET"
         && matches!(request.url(), "/_records" | "/_requests");
     if shared.config.inspection && inspection {
         let reply = inspection_reply(shared, request.url());
@@ -311,7 +311,7 @@ fn serve(request: Request, shared: &Arc<Shared>) {
     }
 }
 
-fn inspection_reply(shared: &Shared, url: &str) -> Response<io::Cursor<Vec<u8>>> {
+fn inspection_reply(shared: &Shared, url: &str) -> Response {
     let st = shared.state();
     let body = if url == "/_records" {
         let mut m = Map::new();
@@ -325,7 +325,7 @@ fn inspection_reply(shared: &Shared, url: &str) -> Response<io::Cursor<Vec<u8>>>
     json_response(200, &body.to_string())
 }
 
-fn json_response(status: u16, body: &str) -> Response<io::Cursor<Vec<u8>>> {
+fn json_response(status: u16, body: &str) -> Response {
     Response::from_string(body)
         .with_status_code(status)
         .with_header(header("Content-Type", "application/json"))
@@ -347,7 +347,7 @@ fn handle(shared: &Shared, mut request: Request, scripted: Option<Scripted>, at:
         .iter()
         .map(|h| {
             (
-                h.field.as_str().as_str().to_ascii_lowercase(),
+                h.field.as_str().to_ascii_lowercase(),
                 h.value.as_str().to_string(),
             )
         })

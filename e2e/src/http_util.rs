@@ -7,9 +7,9 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use tiny_http::{Request, Server};
+use crate::http_server::{Request, Server};
 
-/// A tiny_http server on 127.0.0.1 whose requests go, one at a time and in arrival order, to a
+/// An HTTP server ([`crate::http_server`]) on 127.0.0.1 whose requests go, one at a time and in arrival order, to a
 /// handler on a thread of its own. Dropping it stops the thread once the requests already
 /// received are handled, and waits for that.
 pub(crate) struct FakeServer {
@@ -35,7 +35,7 @@ impl FakeServer {
     ) -> io::Result<FakeServer> {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr()?.port();
-        let server = Arc::new(Server::from_listener(listener, None).map_err(io::Error::other)?);
+        let server = Arc::new(Server::from_listener(listener)?);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (server, stop) = (server.clone(), stop.clone());
@@ -82,11 +82,11 @@ impl Drop for FakeServer {
 
 /// The value of the request header `name`, matched case-insensitively (the first one when
 /// the header is repeated).
-pub(crate) fn request_header(request: &tiny_http::Request, name: &str) -> Option<String> {
+pub(crate) fn request_header(request: &crate::http_server::Request, name: &str) -> Option<String> {
     request
         .headers()
         .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .find(|h| h.field.as_str().eq_ignore_ascii_case(name))
         .map(|h| h.value.as_str().to_string())
 }
 

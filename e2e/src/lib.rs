@@ -13,6 +13,7 @@ pub mod fake_throttled;
 pub mod fake_users_api;
 pub mod fake_webhook;
 pub mod fault_proxy;
+pub mod http_server;
 mod http_util;
 
 pub use cluster::{connect, connect_as, error_text, unique, wait_until};
