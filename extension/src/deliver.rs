@@ -22,7 +22,20 @@ use std::str::FromStr;
 pub struct Deliveries {
     /// Per-process budgets, only for destinations that found no free shared slot.
     local_budgets: HashMap<u32, (f64, LocalBucket)>,
+    /// Per run this worker is delivering: the last outbox id of its previous window. Each
+    /// window starts after it instead of at the run's first outbox row, because the rows
+    /// delivered before stay in the index as dead tuples until vacuum can remove them, and it
+    /// cannot while any transaction older than the run is open (a `retl.run(wait => true)`
+    /// waiting for this very run is one): starting at the front made every window read all of
+    /// them again, so a run of n rows cost O(n²). Safe because a window leaves nothing behind
+    /// when the run goes on: every row was acknowledged (gone) or rejected (moved to
+    /// row_errors); an unresolved row fails the run. Lost on a restart: the next window then
+    /// starts at the front, which is only slower.
+    cursors: HashMap<i64, i64>,
 }
+
+/// Forget cursors past this many runs (those of runs that ended on an error path).
+const MAX_CURSORS: usize = 1000;
 
 /// Upserts one Bulk API job takes at most (Salesforce's limit is 150 MB of CSV per job).
 const BULK_WINDOW: i64 = 100_000;
@@ -78,7 +91,14 @@ impl Deliveries {
         let bulk_threshold = dest.config.salesforce.as_ref().and_then(|o| o.bulk_threshold).unwrap_or(usize::MAX) as i64;
         let use_bulk = bulk.is_some() && transaction(|| Ok(upserts_waiting(run_id, bulk_threshold))).unwrap_or(false);
         let window = if use_bulk { BULK_WINDOW } else { (batch_size * limits.max_concurrency) as i64 };
-        let next = transaction(|| Ok(load_window(&sync, run_id, window, use_bulk)));
+        // A Bulk window takes upserts only and leaves the deletes behind it: no cursor then.
+        let after = if use_bulk { 0 } else { self.cursors.remove(&run_id).unwrap_or(0) };
+        let mut next = transaction(|| Ok(load_window(&sync, run_id, window, use_bulk, after)));
+        if after > 0 && next.as_ref().is_ok_and(|(_, records)| records.is_empty()) {
+            // Nothing after the cursor: the run is over. One look from the front costs little
+            // and would catch a row left behind all the same.
+            next = transaction(|| Ok(load_window(&sync, run_id, window, use_bulk, 0)));
+        }
         let (paused, records) = match next {
             Ok(v) => v,
             Err(message) => {
@@ -102,6 +122,7 @@ impl Deliveries {
         ));
         // After a bulk window, the run goes on (deletes, the rest) in the next slice.
         let full_window = use_bulk || records.len() as i64 == window;
+        let last_id = records.iter().map(|r| r.id).max().unwrap_or(after);
         let batches: Vec<Vec<OutboxRecord>> =
             if use_bulk { vec![records] } else { connector::batches(connector.as_ref(), &records, batch_size) };
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
@@ -168,13 +189,19 @@ impl Deliveries {
         }
         if run_error.is_some() || !full_window {
             finish_run(run_id, run_error.as_deref(), false);
+        } else if !use_bulk {
+            if self.cursors.len() >= MAX_CURSORS {
+                self.cursors.clear();
+            }
+            self.cursors.insert(run_id, last_id);
         }
     }
 }
 
-/// The first `window` rows of the run's outbox (acknowledged and rejected rows have left it),
-/// and whether the sync has been paused meanwhile; marks the run as served now (fair share).
-fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool) -> (bool, Vec<OutboxRecord>) {
+/// The first `window` rows of the run's outbox after id `after` (acknowledged and rejected
+/// rows have left it), and whether the sync has been paused meanwhile; marks the run as served
+/// now (fair share).
+fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool, after: i64) -> (bool, Vec<OutboxRecord>) {
     Spi::connect_mut(|client| {
         let paused = client
             .select("SELECT paused FROM retl.syncs WHERE id = $1", Some(1), &[sync.id.into()])
@@ -192,9 +219,9 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool) -> 
                 "SELECT o.id, o.op, o.key::text, o.payload::text, i.destination_id \
                    FROM retl.outbox o \
                    LEFT JOIN retl.identities i ON i.sync_id = o.sync_id AND i.key = o.key \
-                  WHERE o.run_id = $1 AND NOT ($3 AND o.op = 'delete') ORDER BY o.id LIMIT $2",
+                  WHERE o.run_id = $1 AND o.id > $4 AND NOT ($3 AND o.op = 'delete') ORDER BY o.id LIMIT $2",
                 None,
-                &[run_id.into(), window.into(), upserts_only.into()],
+                &[run_id.into(), window.into(), upserts_only.into(), after.into()],
             )
             .unwrap_or_else(|e| error!("{e}"));
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
