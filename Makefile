@@ -52,13 +52,28 @@ clean: stop
 	cargo clean
 
 ## make bench: the benchmarks of docs/BENCHMARKS.md against a release build of the extension,
-## freshly created: on-change latency (100 single-row updates/s for 30 s on a 10,000-row model)
-## and what the on-change triggers cost the statements that write a model's table.
-## Results: printed, and as JSON lines in .run/bench.json and .run/overhead.json. Reinstalls
-## the extension.
-bench: deps release-extension
+## freshly created: scale (plan time against the floor at 100k/1M/10M rows and 0/0.2/10%
+## changed, delivery throughput, a rate-limited destination, snapshot size, worker memory, an
+## external psycopg+requests script doing the same job), on-change latency (100 single-row
+## updates/s for 30 s on a 10,000-row model) and what the on-change triggers cost writers.
+## The scale part rewrites its section of docs/BENCHMARKS.md and docs/benchmarks-scale.png
+## (about 40 minutes; BENCH_SIZES=100000,1000000 for a shorter run). Results: printed, and in
+## .run/scale.json, .run/bench.json and .run/overhead.json. Reinstalls the extension.
+BENCH_SIZES ?= 100000,1000000,10000000
+BENCH_VENV  := .run/bench-venv
+bench: deps release-extension $(BENCH_VENV)/ok
+	cargo build --release -p retl-e2e --bin bench-receiver
+	$(BENCH_VENV)/bin/python bench/scale.py --sizes $(BENCH_SIZES)
 	cargo run --release -p retl-e2e --bin retl-bench -- --seconds 30 --json .run/bench.json
 	cargo run --release -p retl-e2e --bin retl-overhead -- --json .run/overhead.json
+
+# The scale benchmark's Python (its external-script baseline and its plot), from PyPI.
+$(BENCH_VENV)/ok:
+	dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null)
+	/usr/bin/python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "psycopg[binary]==3.3.9" "requests==2.34.2" "matplotlib==3.11.2"
+	touch $@
 
 ## make load: the long part of the reliability suite (docs/LOAD.md), not part of `make test`:
 ## 100 syncs over one 1,000,000-row model against a throttled destination for 10 minutes
