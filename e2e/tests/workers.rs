@@ -124,3 +124,33 @@ fn worker_status_and_pg_stat_activity_show_what_each_worker_does() {
         .get(0);
     assert_eq!(on_it, 0, "no worker holds the finished run");
 }
+
+/// The workers hand their table statistics to Postgres, so autovacuum sees the outbox and the
+/// snapshots churn (and vacuums and analyzes them). A background worker that never reports
+/// them leaves those counters at zero for ever: the outbox then grew dead rows without end and
+/// was planned with no statistics at all.
+#[test]
+fn the_workers_report_their_table_statistics_for_autovacuum() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 300, "upsert", "batch_size '100'", None);
+    let counters = |c: &mut postgres::Client| -> (i64, i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT (SELECT n_tup_ins + n_tup_del FROM pg_stat_all_tables WHERE relid = 'retl.outbox'::regclass),
+                        (SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'retl.snapshots'::regclass),
+                        (SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'retl.batches'::regclass)",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let before = counters(&mut f.client);
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 300));
+    // Only the worker wrote these rows: 300 queued and 300 deleted, 300 snapshot rows, 3 batches.
+    wait_until(Duration::from_secs(10), "the worker's statistics to reach pg_stat_all_tables", || {
+        f.client.execute("SELECT pg_stat_clear_snapshot()", &[]).unwrap();
+        let now = counters(&mut f.client);
+        now.0 - before.0 >= 600 && now.1 - before.1 >= 300 && now.2 - before.2 >= 3
+    });
+}

@@ -214,6 +214,13 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool, aft
         client
             .update("UPDATE retl.runs SET last_served_at = clock_timestamp() WHERE id = $1", None, &[run_id.into()])
             .unwrap_or_else(|e| error!("{e}"));
+        // The window must be read in id order along the (run_id, id) index, whatever the
+        // statistics say: a freshly filled outbox has none until autovacuum analyzes it, and
+        // the planner then sorted every remaining row of the run for each window (0.8 s per
+        // window with 300k rows left).
+        for setting in ["SET LOCAL enable_sort = off", "SET LOCAL enable_bitmapscan = off"] {
+            client.update(setting, None, &[]).unwrap_or_else(|e| error!("{e}"));
+        }
         let table = client
             .select(
                 "SELECT o.id, o.op, o.key::text, o.payload::text, i.destination_id \

@@ -28,6 +28,17 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String
     outcome
 }
 
+/// Hand the table statistics this process gathered (rows inserted, updated, deleted) to the
+/// cumulative statistics system, at most once a second. A backend does this when it goes idle;
+/// a background worker must do it itself, or autovacuum never learns that the outbox and the
+/// snapshots change and never vacuums or analyzes them (bloat, and plans built on no
+/// statistics at all). Call it between transactions.
+pub fn flush_table_statistics() {
+    unsafe {
+        let _ = pg_sys::pgstat_report_stat(false);
+    }
+}
+
 fn describe(e: CaughtError) -> String {
     let report = match &e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,

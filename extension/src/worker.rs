@@ -141,8 +141,10 @@ impl Worker {
             // A run that ended is settled with its waiter at the top of the next pass.
             self.work_on(run_id, sync_id, &status);
             unlock_sync(sync_id);
+            crate::transaction::flush_table_statistics();
         }
         self.state(WorkerState::Idle, 0, 0);
+        crate::transaction::flush_table_statistics();
         scheduler::until_next_schedule().map_or(IDLE_RECHECK, |d| d.min(IDLE_RECHECK))
     }
 
