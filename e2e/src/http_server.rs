@@ -116,7 +116,11 @@ fn accept_loop(listener: TcpListener, tx: Sender<Message>, shared: Arc<Shared>) 
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of file descriptors, say: pause rather than spin on the error.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let Ok(handle) = stream.try_clone() else { continue };
         shared.connections().insert(id, handle);
         let (tx, shared) = (tx.clone(), shared.clone());
