@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,6 @@ RATES = [0.0, 0.002, 0.10]
 BATCH_SIZE = 1000
 RATE_LIMIT = 50          # requests/s for the rate-limit test
 RATE_ROWS = 100_000      # rows delivered in batches of 100 under it: 1,000 requests
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
 def log(msg):

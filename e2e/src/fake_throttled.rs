@@ -13,6 +13,7 @@
 //! several threads, each stamping the arrival time as soon as it takes a request.
 
 use crate::fake_webhook::canonical_json;
+use crate::http_util::request_header;
 use serde_json::{json, Value};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -209,14 +210,6 @@ impl Drop for ThrottledWebhook {
 
 fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
-}
-
-fn request_header(request: &Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
 }
 
 fn error_body(msg: &str) -> String {

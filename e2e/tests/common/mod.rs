@@ -190,9 +190,6 @@ pub fn key(id: i64) -> String {
 
 pub const SHORT: Duration = Duration::from_secs(30);
 
-/// Pauses, then drops, the named syncs (in the order given: children before parents) when it
-/// goes out of scope, even when the test panicked, so a scheduled sync never keeps running on
-/// the shared cluster after its test.
 /// Where scripts/cluster.sh writes the server log (next to the data directory), as SQL.
 pub const SERVER_LOG: &str = "current_setting('data_directory') || '/../postgres.log'";
 
@@ -201,6 +198,9 @@ pub fn server_log(client: &mut Client) -> String {
     client.query_one(&format!("SELECT pg_read_file({SERVER_LOG})"), &[]).unwrap().get(0)
 }
 
+/// Pauses, then drops, the named syncs (in the order given: children before parents) when it
+/// goes out of scope, even when the test panicked, so a scheduled sync never keeps running on
+/// the shared cluster after its test.
 pub struct DropSyncs(pub Vec<String>);
 
 impl Drop for DropSyncs {
