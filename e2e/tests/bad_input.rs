@@ -294,6 +294,60 @@ fn duplicate_and_null_keys_refuse_the_run_and_keep_the_snapshot() {
     assert_eq!(fake.records(), f.model_state());
 }
 
+/// A plan skips its duplicate and NULL key check only where the model's table proves one row
+/// per key (plan.rs, `key_is_unique`): NOT NULL key columns that include all columns of a
+/// unique, non-partial index. Each index below proves less, and the check still refuses.
+#[test]
+fn unique_indexes_that_do_not_prove_one_row_per_key_leave_the_key_check_on() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "mirror", "", None);
+    let _cleanup = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(f.run().delivered, 3);
+    let snap = snapshot(&mut f.client, &f.sync);
+    fake.clear_journal();
+    let dup = format!("model \"{}\" returned 1 duplicate primary key (e.g. {{\"id\": 2}} appears 2 times)", f.model);
+    let null = format!("model \"{}\" returned 2 rows with a NULL primary key (id)", f.model);
+    let t = f.table.clone();
+    let refused_with = |f: &mut Fixture, setup: &str, expected: &str| {
+        f.exec(setup);
+        assert_eq!(run_expecting_plan_failure(&mut f.client, &f.sync), expected, "after: {setup}");
+        assert_eq!((outbox(&mut f.client, &f.sync), fake.request_count()), (0, 0));
+        assert_eq!(snapshot(&mut f.client, &f.sync), snap);
+    };
+    // Unique over more columns than the key.
+    refused_with(
+        &mut f,
+        &format!(
+            "ALTER TABLE {t} DROP CONSTRAINT {t}_pkey; CREATE UNIQUE INDEX {t}_wide ON {t} (id, email);
+             INSERT INTO {t} VALUES (2, 'dup@x', 'Dup', 1)"
+        ),
+        &dup,
+    );
+    // Unique only where a predicate holds.
+    refused_with(&mut f, &format!("DROP INDEX {t}_wide; CREATE UNIQUE INDEX {t}_partial ON {t} (id) WHERE name <> 'Dup'"), &dup);
+    // Unique on an expression.
+    refused_with(&mut f, &format!("DROP INDEX {t}_partial; CREATE UNIQUE INDEX {t}_expr ON {t} ((id::text || email))"), &dup);
+    // Unique, but the key column may be NULL (and NULLs are distinct in a unique index).
+    refused_with(
+        &mut f,
+        &format!(
+            "DROP INDEX {t}_expr; DELETE FROM {t} WHERE name = 'Dup'; ALTER TABLE {t} ALTER id DROP NOT NULL, ADD UNIQUE (id);
+             INSERT INTO {t} VALUES (NULL, 'n1@x', 'N', 1), (NULL, 'n2@x', 'N', 1)"
+        ),
+        &null,
+    );
+
+    // Fixed: NOT NULL and unique again, the check is skipped, and the run counts the model.
+    f.exec(&format!("DELETE FROM {t} WHERE id IS NULL; ALTER TABLE {t} ALTER id SET NOT NULL; UPDATE {t} SET score = 99 WHERE id = 1"));
+    let run = f.run();
+    assert_eq!(
+        (run.status.as_str(), run.rows_in_model, run.inserts, run.updates, run.deletes, run.delivered),
+        ("succeeded", Some(3), 0, 1, 0, 1),
+        "{run:?}"
+    );
+    assert_eq!(fake.records(), f.model_state());
+}
+
 #[test]
 fn a_model_that_raises_fails_the_run_with_its_error_and_converges_once_fixed() {
     let fake = FakeWebhook::start();

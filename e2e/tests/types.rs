@@ -435,6 +435,64 @@ fn every_common_type_reaches_the_webhook_encoded_exactly() {
     assert_eq!(fake.request_count(), 0);
 }
 
+/// Row hashes (version 3, plan.rs) take most types by value and the rest by text: every change
+/// a destination would see is sent, including those a type's equality hides (an interval
+/// written another way, a renamed enum label, a case change under a nondeterministic
+/// collation). A numeric's trailing zeros are the one change left out: the same number.
+#[test]
+fn every_change_a_destination_would_see_is_sent_again() {
+    let fake = FakeWebhook::start();
+    let mut t = set_up(&fake.url());
+    let _cleanup = DropSyncs(vec![t.sync.clone()]);
+    assert_eq!(run_sync(&mut t.client, &t.sync).delivered, 3);
+    let base = t.sync.trim_end_matches("_s").to_string();
+    let changes = [
+        ("UPDATE {t} SET c_interval = c_interval - interval '1 day' + interval '24 hours' WHERE id = 1", "c_interval", 1),
+        ("ALTER TYPE {base}_mood RENAME VALUE 'happy' TO 'glad'", "c_enum", 1),
+        ("UPDATE {t} SET c_text_array = ARRAY['A', NULL, 'c\"d'] WHERE id = 1", "c_text_array", 1),
+        ("UPDATE {t} SET c_jsonb = jsonb_set(c_jsonb, '{nested,a,0}', '2') WHERE id = 1", "c_jsonb", 1),
+        ("UPDATE {t} SET c_json = '{\"b\": 2.5, \"a\": [1]}' WHERE id = 1", "c_json", 1),
+        ("UPDATE {t} SET c_timestamptz = c_timestamptz + interval '1 microsecond' WHERE id = 1", "c_timestamptz", 1),
+        ("UPDATE {t} SET c_composite = ROW('Main St', 12345, 1.1) WHERE id = 1", "c_composite", 1),
+        ("UPDATE {t} SET c_bytea = '\\xdeadbeef00fe' WHERE id = 1", "c_bytea", 1),
+        ("UPDATE {t} SET c_real = 1.2 WHERE id = 1", "c_real", 1),
+        ("UPDATE {t} SET c_bool = false WHERE id = 1", "c_bool", 1),
+        ("UPDATE {t} SET c_escapes = replace(c_escapes, 'quote', 'QUOTE') WHERE id = 1", "c_escapes", 1),
+        ("UPDATE {t} SET c_numeric_tenth = 0.10 WHERE id = 1", "c_numeric_tenth", 0),
+    ];
+    for (sql, column, sent) in changes {
+        fake.clear_journal();
+        let sql = sql.replace("{t}", &format!("{base}_t")).replace("{base}", &base);
+        t.client.batch_execute(&sql).unwrap();
+        let run = run_sync(&mut t.client, &t.sync);
+        assert_eq!(
+            (run.status.as_str(), run.inserts + run.updates + run.deletes, run.delivered, fake.request_count()),
+            ("succeeded", sent, sent, sent as usize),
+            "{column} after {sql}: {run:?}"
+        );
+    }
+
+    // A nondeterministic collation: 'bob' and 'BOB' are equal there, and still a change.
+    let fake_ci = FakeWebhook::start();
+    t.client
+        .batch_execute(&format!(
+            "CREATE COLLATION {base}_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE TABLE {base}_ci_t (id int PRIMARY KEY, name text COLLATE {base}_ci);
+             INSERT INTO {base}_ci_t VALUES (1, 'bob');
+             SELECT retl.create_model(name => '{base}_ci_m', query => 'SELECT * FROM {base}_ci_t');
+             CREATE SERVER {base}_ci_d FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+             SELECT retl.create_sync(name => '{base}_ci_s', model => '{base}_ci_m', destination => '{base}_ci_d');",
+            url = fake_ci.url()
+        ))
+        .unwrap();
+    let _cleanup_ci = DropSyncs(vec![format!("{base}_ci_s")]);
+    assert_eq!(run_sync(&mut t.client, &format!("{base}_ci_s")).delivered, 1);
+    t.client.batch_execute(&format!("UPDATE {base}_ci_t SET name = 'BOB'")).unwrap();
+    let run = run_sync(&mut t.client, &format!("{base}_ci_s"));
+    assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(fake_ci.records()[r#"{"id":1}"#]["name"], "BOB");
+}
+
 #[test]
 fn preview_shows_exactly_what_a_run_sends_whatever_the_session_settings() {
     // retl.preview is "what the next run would send": run in a session whose TimeZone,

@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0 and 0.4.0: syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0, 0.4.0 and 0.5.0: syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -13,7 +13,8 @@ use serde_json::json;
 const FIRST: &str = "0.1.0";
 const SECOND: &str = "0.2.0";
 const THIRD: &str = "0.3.0";
-const PREVIOUS: &str = "0.4.0";
+const FOURTH: &str = "0.4.0";
+const PREVIOUS: &str = "0.5.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -265,7 +266,7 @@ fn a_live_mirror_sync_survives_the_upgrade_from_0_4_0_and_is_then_guarded() {
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{FOURTH}'"
     ))
     .unwrap();
     let base = unique("up4");
@@ -339,6 +340,94 @@ fn a_live_mirror_sync_survives_the_upgrade_from_0_4_0_and_is_then_guarded() {
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
 }
 
+#[test]
+fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs_hash_values() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up5");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.5.0 API; the state a 0.5.0 worker leaves (rows 1-4 acknowledged with
+    // hashes of version 2, row 5 not yet sent) is written as such: the workers wait for 0.6.0.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score numeric, seen interval);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i, i * interval '1 day' FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score, seen FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'upsert');
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
+                                started_at, planned_at, finished_at, plan_scope, model_columns)
+         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
+                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"numeric\", \"seen\": \"interval\"}}'
+           FROM retl.syncs WHERE name = '{sync}';
+         SET IntervalStyle = iso_8601;
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id), retl._row_hash('v2:id,email,score,seen|' || (m)::text)
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;
+         RESET IntervalStyle;",
+        url = fake.url()
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id, "seen": format!("P{id}D")}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    // The sync keeps hashing as its snapshot was hashed: the next run sends only row 5.
+    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
+    assert_eq!(version, 2);
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    // Version 2 hashes the text, so a numeric's new trailing zero is a change there.
+    c.batch_execute(&format!("UPDATE {table} SET score = 2.0 WHERE id = 2")).unwrap();
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+
+    // A sync created now hashes the values (version 3): everything once, then nothing, and
+    // a numeric's trailing zero is the same number. An interval written differently is a change.
+    let (server3, sync3) = (format!("{base}_d3"), format!("{base}_s3"));
+    let fake3 = FakeWebhook::start();
+    c.batch_execute(&format!(
+        "CREATE SERVER {server3} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync3}', model => '{model}', destination => '{server3}', mode => 'upsert');",
+        url = fake3.url()
+    ))
+    .unwrap();
+    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync3]).unwrap().get(0);
+    assert_eq!(version, 3);
+    assert_eq!(run_sync(&mut c, &sync3).delivered, 5);
+    assert_eq!(fake3.records(), model_records(&mut c, &model));
+    c.batch_execute(&format!("UPDATE {table} SET score = 3.00 WHERE id = 3")).unwrap();
+    let run = run_sync(&mut c, &sync3);
+    assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
+    c.batch_execute(&format!("UPDATE {table} SET seen = interval '96 hours' WHERE id = 4")).unwrap();
+    let run = run_sync(&mut c, &sync3);
+    assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake3, 1), [key(4)].into_iter().collect());
+    // The same number: the destination keeps 3 where the model now writes 3.00.
+    let mut expected = model_records(&mut c, &model);
+    expected.get_mut(r#"{"id":3}"#).unwrap()["score"] = json!(3);
+    assert_eq!(fake3.records(), expected);
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync3}')")).unwrap();
+}
+
+/// The model's rows as a webhook destination holds them: canonical key JSON -> payload.
+fn model_records(c: &mut postgres::Client, model: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    c.batch_execute("SET IntervalStyle = iso_8601").unwrap();
+    let rows = c
+        .query(&format!("SELECT jsonb_build_object('id', id)::text, to_jsonb(m)::text FROM retl_models.{model} m"), &[])
+        .unwrap();
+    c.batch_execute("RESET IntervalStyle").unwrap();
+    let parse = |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    rows.into_iter().map(|r| (parse(r.get(0)).to_string(), parse(r.get(1)))).collect()
+}
+
 /// Every object of the extension, described in a way that differs when anything users or the
 /// workers see differs: columns, defaults, constraints, indexes, view and function
 /// definitions, privileges, comments.
@@ -385,7 +474,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

@@ -61,9 +61,13 @@ CREATE TABLE retl.syncs (
     schedule    text NOT NULL DEFAULT 'manual',
     time_zone   text NOT NULL DEFAULT 'UTC',
     next_run_at timestamptz,
-    -- How the planner hashes rows: 2 (row text, since 0.2.0) or 1 (jsonb text; syncs created
-    -- before 0.2.0 keep it, their snapshots hold such hashes).
-    hash_version smallint NOT NULL DEFAULT 2 CHECK (hash_version IN (1, 2)),
+    -- How the planner hashes rows (plan.rs): 3 (the values' record hash, since 0.6.0), 2 (row
+    -- text, since 0.2.0) or 1 (jsonb text). A sync keeps the version it was created with: its
+    -- snapshot holds such hashes. Postgres 13 has no record hash (hash_record_extended came
+    -- with 14), so there new syncs get 2.
+    hash_version smallint NOT NULL
+        DEFAULT (CASE WHEN current_setting('server_version_num')::int >= 140000 THEN 3 ELSE 2 END)
+        CHECK (hash_version IN (1, 2, 3)),
     -- Since 0.5.0. Safeguards every plan checks before it queues anything (plan.rs): at most
     -- max_rows changes per run; a mirror plan may delete at most max_delete_percent of what
     -- the sync delivered, a mirror or delete plan at most max_delete_rows rows, and a mirror
