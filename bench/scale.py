@@ -286,6 +286,7 @@ def bench_size(conn, receiver, sampler, rows, repeats, python, compare):
             "wall_s": median([s["wall_s"] for s in samples]),
             "requests": median([s["requests"] for s in samples]),
             "plan_over_floor": median([s["plan_s"] / s["floor_s"] for s in samples]),
+            "deliver_rows_per_s": median([s["delivered"] / s["deliver_s"] for s in samples if s["delivered"] and s["deliver_s"]]),
             "wall_over_floor": median([s["wall_s"] / s["floor_s"] for s in samples]),
         }
 
@@ -385,7 +386,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000,10000000")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--repeats-large", type=int, default=1, help="repeats at 5M rows and more (one 10M-row pass takes half an hour here)")
+    ap.add_argument("--repeats-large", type=int, default=3, help="repeats at 5M rows and more (each 10M-row repeat takes about 5 minutes here)")
     ap.add_argument("--compare-size", type=int, default=1_000_000)
     ap.add_argument("--receiver", default=os.path.join(ROOT, "target/release/bench-receiver"))
     ap.add_argument("--port", type=int, default=28890)
