@@ -109,7 +109,8 @@ COMMENT ON TABLE retl.sync_parents IS
 -- changes one of them wakes the worker for the sync's ''on change'' schedule.
 CREATE TABLE retl.sync_sources (
     sync_id bigint NOT NULL REFERENCES retl.syncs(id) ON DELETE CASCADE,
-    relid   oid NOT NULL,
+    -- regclass (since 0.6.0): a dump holds the table's name, so a restore finds it again.
+    relid   regclass NOT NULL,
     PRIMARY KEY (sync_id, relid),
     -- When the model is a plain projection of this one table: the table's columns (attribute
     -- numbers, which survive renames) that carry the model key, in key order. An on-change

@@ -278,6 +278,17 @@ CREATE POLICY visible ON retl.audit_log FOR SELECT
            OR (owner IS NOT NULL AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = owner)
                AND pg_has_role(retl._caller(), owner, 'MEMBER')));
 
+-- Whether CREATE or ALTER EXTENSION pg_reverse_etl ran in this transaction. A restore
+-- (pg_restore --single-transaction) does, and then re-creates destinations and loads the
+-- catalog tables with their own audit log: nothing it does is a change to log (and entries
+-- logged then would collide with the restored ones).
+CREATE FUNCTION retl._installing() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT FROM pg_extension e
+                    WHERE e.extname = 'pg_reverse_etl'
+                      AND e.xmin::text = (pg_current_xact_id_if_assigned()::text::numeric % 4294967296)::text)
+$$;
+
 -- Row changes of the catalog tables. Sync updates that only move its schedule (next_run_at)
 -- are the workers' bookkeeping, not changes.
 CREATE FUNCTION retl._audit_row() RETURNS trigger
@@ -291,6 +302,9 @@ DECLARE
     owner text;
 BEGIN
     IF TG_OP = 'UPDATE' AND before - '{next_run_at,updated_at}'::text[] = after - '{next_run_at,updated_at}'::text[] THEN
+        RETURN NULL;
+    END IF;
+    IF retl._installing() THEN
         RETURN NULL;
     END IF;
     obj_name := coalesce(after, before) ->> CASE TG_TABLE_NAME WHEN 'destination_policies' THEN 'destination'
@@ -332,6 +346,9 @@ DECLARE
     server_name text;
     owner text;
 BEGIN
+    IF retl._installing() THEN
+        RETURN;
+    END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type IN ('server', 'user mapping') LOOP
         IF c.object_type = 'server' THEN
             SELECT s.srvname, s.srvowner::regrole::text INTO server_name, owner

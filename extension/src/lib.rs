@@ -59,6 +59,12 @@ pgrx::extension_sql_file!(
 );
 
 pgrx::extension_sql_file!(
+    "../sql/backup.sql",
+    name = "backup",
+    requires = ["governance"]
+);
+
+pgrx::extension_sql_file!(
     "../sql/run.sql",
     name = "run",
     requires = ["automation", api::_wake_worker_at_commit, api::_await_run, api::_check_worker_database]
