@@ -65,6 +65,11 @@ class Receiver:
         while True:
             try:
                 self.stats()
+                # Answered: by this receiver, unless another one holds the port and this one
+                # exited (a leftover receiver would make every figure someone else's).
+                time.sleep(0.3)
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"bench-receiver could not listen on port {port}: is another one running?")
                 return
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
