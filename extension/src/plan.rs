@@ -121,7 +121,6 @@ fn hashed_by_value(format_type: &str) -> bool {
     )
 }
 
-
 const SYNC_COLUMNS: &str = "s.id, s.name, s.mode, coalesce(a.name, m.name), m.primary_key, \
      s.mappings::text, s.owner::oid, s.destination, s.paused, s.uid::text, s.hash_version, \
      s.max_rows, s.max_delete_percent::float8, s.max_delete_rows, s.quota_share::float8, s.nulls = 'keep' \
@@ -328,45 +327,40 @@ fn keys_filter(sync: &SyncDef) -> String {
 }
 
 /// The SELECT that materialises the model rows passing `filter` (SQL after `FROM ... m`):
-/// (key, key_is_null, payload, hash, r), where version 2 keeps the model row `r` and leaves
-/// `payload` to the diff.
+/// (key, key_is_null, payload, hash, r), where versions 2 and 3 keep the model row `r` and
+/// leave `payload` to the diff.
 fn materialize_select(sync: &SyncDef, columns: &[String], filter: &str) -> String {
-    if carries_model_row(sync) && sync.hash_version >= 3 {
-        let (key, key_null) = key_sql(sync);
-        return format!(
-            "SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, {hash} AS hash, m AS r \
-               FROM retl_models.{source} m{filter}",
-            hash = value_hash_sql(sync, columns),
-            source = quote_identifier(&sync.source),
-        );
+    if !carries_model_row(sync) {
+        return materialize_v1_select(sync, filter);
     }
-    if carries_model_row(sync) {
-        let (key, key_null) = key_sql(sync);
-        // bytea goes out base64-encoded since 0.6.0: rows with bytea delivered before (as hex
-        // text) hash differently, so they are sent once more in the new form.
-        let binary = if sync.binary_columns.is_empty() { "" } else { "b64" };
-        let (signature, row) = match &sync.mappings {
-            None => (format!("v2{binary}:{}|", columns.join(",")), "m".to_string()),
-            Some(pairs) => (
-                format!(
-                    "v2{binary}:{}|",
-                    pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")
-                ),
-                format!(
-                    "ROW({})",
-                    pairs.iter().map(|(_, col)| format!("m.{}", quote_identifier(col))).collect::<Vec<_>>().join(", ")
-                ),
+    let (key, key_null) = key_sql(sync);
+    let hash = if sync.hash_version >= 3 { value_hash_sql(sync, columns) } else { row_text_hash_sql(sync, columns) };
+    format!(
+        "SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, {hash} AS hash, m AS r \
+           FROM retl_models.{source} m{filter}",
+        source = quote_identifier(&sync.source),
+    )
+}
+
+/// A hash of version 2: blake3 of the mapped values' row text, prefixed by the field names.
+fn row_text_hash_sql(sync: &SyncDef, columns: &[String]) -> String {
+    // bytea goes out base64-encoded since 0.6.0: rows with bytea delivered before (as hex
+    // text) hash differently, so they are sent once more in the new form.
+    let binary = if sync.binary_columns.is_empty() { "" } else { "b64" };
+    let (signature, row) = match &sync.mappings {
+        None => (format!("v2{binary}:{}|", columns.join(",")), "m".to_string()),
+        Some(pairs) => (
+            format!(
+                "v2{binary}:{}|",
+                pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")
             ),
-        };
-        return format!(
-            "SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, \
-                    retl._row_hash({signature} || ({row})::text) AS hash, m AS r \
-               FROM retl_models.{source} m{filter}",
-            signature = quote_literal(&signature),
-            source = quote_identifier(&sync.source),
-        );
-    }
-    materialize_v1_select(sync, filter)
+            format!(
+                "ROW({})",
+                pairs.iter().map(|(_, col)| format!("m.{}", quote_identifier(col))).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    };
+    format!("retl._row_hash({} || ({row})::text)", quote_literal(&signature))
 }
 
 /// A hash of version 3: the 64-bit hash Postgres computes for a record (each field by its
@@ -376,13 +370,12 @@ fn materialize_select(sync: &SyncDef, columns: &[String], filter: &str) -> Strin
 /// Compared with version 2 this skips rendering every row as text, about a third of a plan's
 /// time on the benchmark's model.
 fn value_hash_sql(sync: &SyncDef, columns: &[String]) -> String {
-    let hashed: Vec<&String> = match &sync.mappings {
-        None => columns.iter().collect(),
-        Some(pairs) => pairs.iter().map(|(_, col)| col).collect(),
-    };
-    let signature = match &sync.mappings {
-        None => format!("v3:{}", columns.join(",")),
-        Some(pairs) => format!("v3:{}", pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")),
+    let (hashed, signature): (Vec<&String>, String) = match &sync.mappings {
+        None => (columns.iter().collect(), format!("v3:{}", columns.join(","))),
+        Some(pairs) => (
+            pairs.iter().map(|(_, col)| col).collect(),
+            format!("v3:{}", pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")),
+        ),
     };
     let fields = hashed
         .iter()
