@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0, 0.4.0 and 0.5.0: syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0, 0.4.0, 0.5.0 and 0.6.0: syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -14,7 +14,8 @@ const FIRST: &str = "0.1.0";
 const SECOND: &str = "0.2.0";
 const THIRD: &str = "0.3.0";
 const FOURTH: &str = "0.4.0";
-const PREVIOUS: &str = "0.5.0";
+const FIFTH: &str = "0.5.0";
+const PREVIOUS: &str = "0.6.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -345,7 +346,7 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{FIFTH}'"
     ))
     .unwrap();
     let base = unique("up5");
@@ -417,6 +418,68 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync3}')")).unwrap();
 }
 
+#[test]
+fn a_live_sync_survives_the_upgrade_from_0_6_0_and_its_model_can_then_be_changed_in_place() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up6");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.6.0 API; the state a 0.6.0 worker leaves (rows 1-4 acknowledged with
+    // hashes of version 3, row 5 not yet sent) is written as such: the workers wait for 0.7.0.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'upsert');
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
+                                started_at, planned_at, finished_at, plan_scope, model_columns)
+         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
+                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
+           FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id),
+                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
+        url = fake.url()
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    // State kept: the next run sends only row 5.
+    let runs: i64 = c
+        .query_one("SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1", &[&sync])
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 1);
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+
+    // What 0.7.0 adds works on the upgraded catalog: the model changes in place (one row's
+    // value: one update), and the export applies as a no-op.
+    c.execute(
+        "SELECT retl.alter_model(name => $1, query => $2)",
+        &[&model, &format!("SELECT id, email, CASE WHEN id = 3 THEN 30 ELSE score END AS score FROM {table}")],
+    )
+    .unwrap();
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 0, 1, 1), "{run:?}");
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+    let changes: i64 = c.query_one("SELECT count(*) FROM retl.apply(retl.export())", &[]).unwrap().get(0);
+    assert_eq!(changes, 0);
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
+}
+
 /// The model's rows as a webhook destination holds them: canonical key JSON -> payload.
 fn model_records(c: &mut postgres::Client, model: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
     c.batch_execute("SET IntervalStyle = iso_8601").unwrap();
@@ -474,7 +537,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

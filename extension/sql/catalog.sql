@@ -491,13 +491,32 @@ $$;
 -- Models and audiences
 ------------------------------------------------------------------------------------------------
 
+-- The SELECT a model's view is made of: a query as it is (after the parser's checks), or for
+-- the name of a table or view (resolved with the caller's search_path) SELECT * from it.
+CREATE FUNCTION retl._model_select(query text, caller_search_path text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    relation regclass;
+BEGIN
+    IF query ~ '^\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)(\s*\.\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*))?\s*$' THEN
+        PERFORM set_config('search_path', caller_search_path, true);
+        relation := to_regclass(query);
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        IF relation IS NULL THEN
+            RAISE EXCEPTION 'relation % does not exist', retl._q(btrim(query))
+                  USING ERRCODE = 'undefined_table', HINT = 'Pass the name of a table or view, or a SELECT query.';
+        END IF;
+        RETURN format('SELECT * FROM %s', relation::text);
+    END IF;
+    RETURN retl._check_query(query);
+END $$;
+
 CREATE FUNCTION retl._create_model(name text, query text, primary_key text[], caller_search_path text)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     caller regrole := retl._caller();
     select_sql text;
-    relation regclass;
     cols text[];
     k text;
     model_id bigint;
@@ -513,19 +532,7 @@ BEGIN
               USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
     END IF;
-    -- A query, or the name of an existing table or view (resolved with the caller's search_path).
-    IF query ~ '^\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)(\s*\.\s*("([^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*))?\s*$' THEN
-        PERFORM set_config('search_path', caller_search_path, true);
-        relation := to_regclass(query);
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        IF relation IS NULL THEN
-            RAISE EXCEPTION 'relation % does not exist', retl._q(btrim(query))
-                  USING ERRCODE = 'undefined_table', HINT = 'Pass the name of a table or view, or a SELECT query.';
-        END IF;
-        select_sql := format('SELECT * FROM %s', relation::text);
-    ELSE
-        select_sql := retl._check_query(query);
-    END IF;
+    select_sql := retl._model_select(query, caller_search_path);
     PERFORM set_config('search_path', caller_search_path, true);
     BEGIN
         EXECUTE format('CREATE VIEW retl_models.%I AS %s', name, select_sql);

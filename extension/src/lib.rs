@@ -65,6 +65,12 @@ pgrx::extension_sql_file!(
 );
 
 pgrx::extension_sql_file!(
+    "../sql/spec.sql",
+    name = "spec",
+    requires = ["backup"]
+);
+
+pgrx::extension_sql_file!(
     "../sql/run.sql",
     name = "run",
     requires = ["automation", api::_wake_worker_at_commit, api::_await_run, api::_check_worker_database]
