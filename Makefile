@@ -40,9 +40,21 @@ stop:
 	@scripts/cluster.sh stop
 
 # Every test run starts from a freshly created extension (the cluster itself is kept).
-e2e:
+# The dbt package's test (e2e/tests/dbt_package.rs) runs the dbt of $(DBT_VENV).
+DBT_VENV := .run/dbt-venv
+e2e: $(DBT_VENV)/ok
 	psql -X -q -v ON_ERROR_STOP=1 -c "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE" -c "CREATE EXTENSION pg_reverse_etl"
-	cargo test -p retl-e2e --tests --no-fail-fast -- --test-threads=1
+	RETL_DBT=$(abspath $(DBT_VENV))/bin/dbt cargo test -p retl-e2e --tests --no-fail-fast -- --test-threads=1
+
+# dbt-core and dbt-postgres from PyPI, every version pinned in dbt/requirements.txt
+# (reinstalled when that file changes).
+$(DBT_VENV)/ok: dbt/requirements.txt
+	dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null)
+	rm -rf $(DBT_VENV)
+	/usr/bin/python3 -m venv $(DBT_VENV)
+	$(DBT_VENV)/bin/pip install -q --disable-pip-version-check -r dbt/requirements.txt
+	touch $@
 
 demo:
 	@scripts/demo.sh
