@@ -38,6 +38,9 @@ fn clear_of_schedule_slots(client: &mut postgres::Client) {
 /// Runs `sql` (a recipe with `replacements` made, each of which must apply) in its own schema
 /// `schema`, after `setup`; `objects` are (syncs, models, servers) to drop before and after.
 struct Recipe {
+    /// Recipes share the names of servers, models and syncs (as their readers would): one at a
+    /// time, whatever --test-threads says.
+    _serial: std::sync::MutexGuard<'static, ()>,
     client: postgres::Client,
     schema: String,
     syncs: Vec<&'static str>,
@@ -62,10 +65,12 @@ impl Recipe {
         models: Vec<&'static str>,
         servers: Vec<&'static str>,
     ) -> Recipe {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut client = connect();
         ensure_extension(&mut client);
         let schema = format!("recipe_{label}");
-        let mut r = Recipe { client, schema, syncs, models, servers };
+        let mut r = Recipe { _serial: serial, client, schema, syncs, models, servers };
         r.clean();
         let mut sqls: Vec<String> = names.iter().map(|name| recipe(name)).collect();
         for (from, to) in replacements {
