@@ -42,6 +42,10 @@ struct DbtProject {
     server: String,
     model: String,
     sync: String,
+    /// The second sync: an audience of the model (plan = 'PRO'), to its own destination.
+    server2: String,
+    audience: String,
+    sync2: String,
 }
 
 struct DbtOutput {
@@ -50,7 +54,7 @@ struct DbtOutput {
 }
 
 impl DbtProject {
-    fn new(fake_url: &str, rows: i64) -> DbtProject {
+    fn new(fake_url: &str, fake2_url: &str, rows: i64) -> DbtProject {
         let dbt = dbt_executable();
         let mut client = connect();
         ensure_extension(&mut client);
@@ -64,6 +68,9 @@ impl DbtProject {
             server: format!("{base}_d"),
             model: format!("{base}_m"),
             sync: format!("{base}_s"),
+            server2: format!("{base}_d2"),
+            audience: format!("{base}_a"),
+            sync2: format!("{base}_s2"),
         };
         let mut project = project;
         project.exec(&format!(
@@ -71,9 +78,11 @@ impl DbtProject {
              CREATE TABLE {src}.people (id bigint PRIMARY KEY, email text, name text, plan text);
              INSERT INTO {src}.people SELECT i, 'user' || i || '@example.com', 'Person ' || i, 'free'
                FROM generate_series(1, {rows}) i;
-             CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{fake_url}')",
+             CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{fake_url}');
+             CREATE SERVER {server2} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{fake2_url}')",
             src = project.source_schema,
-            server = project.server
+            server = project.server,
+            server2 = project.server2
         ));
         project.write_files();
         project
@@ -131,7 +140,12 @@ impl DbtProject {
             'mode': var('retl_mode', 'upsert'),
             'mappings': {{'id': 'id', 'email': 'email', "full\\name": 'name', "plan's tier": 'plan'}},
             'timeout': '60 seconds',
+        }}, {{
+            'name': '{sync2}',
+            'destination': '{server2}',
+            'audience': '{audience}',
         }}],
+        'audiences': [{{'name': '{audience}', 'filter': "plan = 'PRO'"}}],
     }}}},
     post_hook={{'sql': "{{{{ pg_reverse_etl.sync() }}}}", 'transaction': false}},
 ) }}}}
@@ -139,7 +153,10 @@ select id, email, name, upper(plan) as plan from {{{{ source('app', 'people') }}
 "#,
                 model = self.model,
                 sync = self.sync,
-                server = self.server
+                server = self.server,
+                sync2 = self.sync2,
+                server2 = self.server2,
+                audience = self.audience
             ),
         );
         // The hook left inside dbt's transaction: refused before it does anything.
@@ -217,10 +234,14 @@ select 1 as id
     }
 
     fn clean(&mut self) {
-        let sync = self.sync.clone();
-        let _ = self.client.execute("SELECT retl.pause($1)", &[&sync]);
-        if let Err(e) = self.client.execute("SELECT retl.drop_sync($1, if_exists => true)", &[&sync]) {
-            eprintln!("drop_sync {sync}: {e:?}");
+        for sync in [self.sync.clone(), self.sync2.clone()] {
+            let _ = self.client.execute("SELECT retl.pause($1)", &[&sync]);
+            if let Err(e) = self.client.execute("SELECT retl.drop_sync($1, if_exists => true)", &[&sync]) {
+                eprintln!("drop_sync {sync}: {e:?}");
+            }
+        }
+        if let Err(e) = self.client.execute("SELECT retl.drop_audience($1, if_exists => true)", &[&self.audience]) {
+            eprintln!("drop_audience {}: {e:?}", self.audience);
         }
         for model in [self.model.clone(), format!("{}_tx", self.model)] {
             if let Err(e) = self.client.execute("SELECT retl.drop_model($1, if_exists => true)", &[&model]) {
@@ -228,8 +249,9 @@ select 1 as id
             }
         }
         let _ = self.client.batch_execute(&format!(
-            "DROP SERVER IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE",
-            self.server, self.schema, self.source_schema
+            "DROP SERVER IF EXISTS {} CASCADE; DROP SERVER IF EXISTS {} CASCADE;
+             DROP SCHEMA IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE",
+            self.server, self.server2, self.schema, self.source_schema
         ));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -248,7 +270,8 @@ fn assert_dbt_ok(out: &DbtOutput, what: &str) {
 #[test]
 fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     let fake = FakeWebhook::start();
-    let mut p = DbtProject::new(&fake.url(), 5);
+    let fake2 = FakeWebhook::start();
+    let mut p = DbtProject::new(&fake.url(), &fake2.url(), 5);
     let setup = Instant::now();
     assert_dbt_ok(&p.dbt(&["deps"]), "dbt deps");
 
@@ -266,6 +289,11 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     let run = p.last_run();
     assert_eq!((run.status.as_str(), run.inserts, run.delivered), ("succeeded", 5, 5));
     assert!(out.output.contains(&format!("pg_reverse_etl: sync {} run {} succeeded: 5 inserts, 0 updates, 0 deletes planned; 5 delivered", p.sync, run.id)), "{}", out.output);
+    // The audience sync: created with its audience, nothing in it yet, so nothing sent.
+    assert!(out.output.contains(&format!("pg_reverse_etl: created audience {} ({} where plan = 'PRO')", p.audience, p.model)), "{}", out.output);
+    assert!(out.output.contains(&format!("pg_reverse_etl: created sync {} (audience {} to {}, upsert)", p.sync2, p.audience, p.server2)), "{}", out.output);
+    assert!(out.output.contains(&format!("pg_reverse_etl: sync {} run {} succeeded: 0 inserts", p.sync2, last_run_of(&mut p.client, &p.sync2).id)), "{}", out.output);
+    assert_eq!(fake2.request_count(), 0);
     let row = p
         .client
         .query_one(
@@ -285,7 +313,8 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     let out = p.dbt(&["build", "--select", "people"]);
     assert_dbt_ok(&out, "the second dbt build");
     assert!(out.output.contains(&format!("pg_reverse_etl: redefined model {}", p.model)), "{}", out.output);
-    assert!(!out.output.contains("altered sync"), "nothing of the sync changed:\n{}", out.output);
+    assert!(!out.output.contains("pg_reverse_etl: altered"), "nothing of the syncs or the audience changed:\n{}", out.output);
+    assert!(!out.output.contains("pg_reverse_etl: created"), "{}", out.output);
     assert_eq!(fake.request_count(), 2);
     assert_eq!(keys_in_request(&fake, 1), [key(2)].into_iter().collect());
     assert_eq!(fake.records(), p.model_state());
@@ -323,13 +352,23 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     let out = p.dbt(&["-q", "ls", "--resource-type", "exposure", "--output", "json", "--output-keys", "name depends_on config description"]);
     assert_dbt_ok(&out, "dbt ls of the exposures");
     let listed: Vec<Value> = out.output.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert_eq!(listed.len(), 1, "exactly this project's sync is an exposure:\n{}", out.output);
+    assert_eq!(listed.len(), 2, "exactly this project's syncs are exposures:\n{}", out.output);
     assert_eq!(listed[0]["name"], exposure.as_str());
     assert_eq!(listed[0]["depends_on"]["nodes"], json!(["model.retl_e2e.people"]));
     assert_eq!(listed[0]["config"]["meta"]["retl_sync"], p.sync.as_str());
     assert_eq!(
         listed[0]["description"],
         format!("pg_reverse_etl sync `{}`: model `{}` to destination `{}` (webhook), mode upsert, schedule manual.", p.sync, p.model, p.server)
+    );
+    assert_eq!(listed[1]["name"], format!("retl_{}", p.sync2));
+    assert_eq!(listed[1]["depends_on"]["nodes"], json!(["model.retl_e2e.people"]));
+    assert_eq!(listed[1]["config"]["meta"]["retl_audience"], p.audience.as_str());
+    assert_eq!(
+        listed[1]["description"],
+        format!(
+            "pg_reverse_etl sync `{}`: model `{}` (audience `{}`: plan = 'PRO') to destination `{}` (webhook), mode upsert, schedule manual.",
+            p.sync2, p.model, p.audience, p.server2
+        )
     );
 
     // A failing run fails the build: the destination refuses the credentials. The same build
@@ -352,6 +391,7 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     assert_eq!(fake.request_count(), 3);
     assert_eq!(fake.records()[&key(3)]["plan's tier"], "FREE", "nothing was applied");
     assert_eq!(p.model_state()[&key(3)]["plan's tier"], "PRO", "the table itself was built and committed");
+    assert_eq!(fake2.request_count(), 0, "the build stopped at the first failing sync");
 
     // The next build (the destination fine again, the mode back to upsert) delivers what the
     // failed run left queued, and only that.
@@ -361,6 +401,12 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     assert_eq!(fake.request_count(), 4);
     assert_eq!(keys_in_request(&fake, 3), [key(3)].into_iter().collect());
     assert_eq!(fake.records(), p.model_state());
+    // The audience's destination gets the one row now in the audience, every column unmapped.
+    assert_eq!(fake2.request_count(), 1);
+    assert_eq!(
+        fake2.records(),
+        [(key(3), json!({"id": 3, "email": "user3@example.com", "name": "Person 3", "plan": "PRO"}))].into_iter().collect()
+    );
 
     // The hook inside dbt's transaction is refused with how to fix it, before it defines anything.
     let out = p.dbt(&["run", "--select", "people_in_transaction"]);

@@ -33,7 +33,7 @@
 {%- endmacro %}
 
 {% macro _sync_keys() -%}
-  {{ return(['name', 'destination', 'mode', 'mappings', 'schedule', 'after', 'paused', 'run', 'timeout']
+  {{ return(['name', 'destination', 'audience', 'mode', 'mappings', 'schedule', 'after', 'paused', 'run', 'timeout']
             + pg_reverse_etl._sync_settings().keys() | list) }}
 {%- endmacro %}
 
@@ -104,6 +104,13 @@
   {%- set query = adapter.quote(relation.schema) ~ '.' ~ adapter.quote(relation.identifier) -%}
   {%- do pg_reverse_etl._define_model(node, retl_model, query, primary_key) -%}
 
+  {%- for a in cfg.get('audiences', []) -%}
+    {%- if a is not mapping or not a.get('name') or not a.get('filter') -%}
+      {%- do pg_reverse_etl._fail(node, "every entry of meta.retl.audiences needs a name and a filter, got " ~ a) -%}
+    {%- endif -%}
+    {%- do pg_reverse_etl._define_audience(node, retl_model, a['name'], a['filter']) -%}
+  {%- endfor -%}
+
   {%- set syncs = cfg.get('syncs', []) -%}
   {%- set ns = namespace(names=[]) -%}
   {%- for s in syncs -%}
@@ -159,6 +166,22 @@
   {%- endif -%}
 {%- endmacro %}
 
+{#- create_audience, or alter_audience when the filter changed. -#}
+{% macro _define_audience(node, retl_model, name, filter) -%}
+  {%- set L = pg_reverse_etl._literal -%}
+  {%- set existing = run_query("select m.name as model, a.filter = " ~ L(filter) ~ " as same_filter"
+        ~ " from retl.audiences a join retl.models m on m.id = a.model_id where a.name = " ~ L(name)) -%}
+  {%- if existing.rows | length == 0 -%}
+    {%- do run_query("select retl.create_audience(name => " ~ L(name) ~ ", model => " ~ L(retl_model) ~ ", filter => " ~ L(filter) ~ ")") -%}
+    {%- do log("pg_reverse_etl: created audience " ~ name ~ " (" ~ retl_model ~ " where " ~ filter ~ ")", info=true) -%}
+  {%- elif existing.rows[0]['model'] != retl_model -%}
+    {%- do pg_reverse_etl._fail(node, "audience " ~ name ~ " exists over model " ~ existing.rows[0]['model'] ~ ", not " ~ retl_model) -%}
+  {%- elif not existing.rows[0]['same_filter'] -%}
+    {%- do run_query("select retl.alter_audience(name => " ~ L(name) ~ ", filter => " ~ L(filter) ~ ")") -%}
+    {%- do log("pg_reverse_etl: altered audience " ~ name ~ ": filter " ~ filter, info=true) -%}
+  {%- endif -%}
+{%- endmacro %}
+
 {#- create_sync, or alter_sync with only what differs from the config. -#}
 {% macro _define_sync(node, retl_model, s) -%}
   {%- set L = pg_reverse_etl._literal -%}
@@ -166,12 +189,14 @@
   {%- set mode = s.get('mode', 'upsert') -%}
   {%- set schedule = s.get('schedule', 'manual') -%}
   {%- set mappings = s.get('mappings') -%}
-  {%- set existing = run_query("select m.name as model from retl.syncs s join retl.models m on m.id = s.model_id where s.name = " ~ L(s['name'])) -%}
+  {%- set audience = s.get('audience') -%}
+  {%- set existing = run_query("select m.name as model, a.name as audience from retl.syncs s join retl.models m on m.id = s.model_id"
+        ~ " left join retl.audiences a on a.id = s.audience_id where s.name = " ~ L(s['name'])) -%}
   {%- if existing.rows | length == 0 -%}
     {%- set args = [
           "name => " ~ L(s['name']),
           "destination => " ~ L(s['destination']),
-          "model => " ~ L(retl_model),
+          ("audience => " ~ L(audience) if audience else "model => " ~ L(retl_model)),
           "mode => " ~ L(mode),
           "schedule => " ~ L(schedule)] -%}
     {%- if mappings is not none -%}
@@ -187,10 +212,14 @@
       {%- do args.append(k ~ " => " ~ pg_reverse_etl._typed_literal(s[k], type)) -%}
     {%- endfor -%}
     {%- do run_query("select retl.create_sync(" ~ args | join(", ") ~ ")") -%}
-    {%- do log("pg_reverse_etl: created sync " ~ s['name'] ~ " (model " ~ retl_model ~ " to " ~ s['destination'] ~ ", " ~ mode ~ ")", info=true) -%}
+    {%- do log("pg_reverse_etl: created sync " ~ s['name'] ~ " (" ~ ("audience " ~ audience if audience else "model " ~ retl_model) ~ " to " ~ s['destination'] ~ ", " ~ mode ~ ")", info=true) -%}
   {%- else -%}
-    {%- if existing.rows[0]['model'] != retl_model -%}
-      {%- do pg_reverse_etl._fail(node, "sync " ~ s['name'] ~ " exists and reads model " ~ existing.rows[0]['model'] ~ ", not " ~ retl_model ~ " (a sync cannot change its model: drop it with retl.drop_sync first)") -%}
+    {%- if existing.rows[0]['model'] != retl_model or existing.rows[0]['audience'] != audience -%}
+      {%- do pg_reverse_etl._fail(node, "sync " ~ s['name'] ~ " exists and reads "
+            ~ ("audience " ~ existing.rows[0]['audience'] ~ " of " if existing.rows[0]['audience'] else "")
+            ~ "model " ~ existing.rows[0]['model'] ~ ", not "
+            ~ ("audience " ~ audience ~ " of " if audience else "") ~ "model " ~ retl_model
+            ~ " (a sync cannot change what it reads: drop it with retl.drop_sync first)") -%}
     {%- endif -%}
     {#- One row of booleans: which settings differ from the config. -#}
     {%- set checks = [
