@@ -183,8 +183,11 @@
 {%- endmacro %}
 
 {#- create_sync, or alter_sync with only what differs from the config. -#}
-{% macro _define_sync(node, retl_model, s) -%}
+{% macro _define_sync(node, retl_model, sync_config) -%}
   {%- set L = pg_reverse_etl._literal -%}
+  {#- time_zone left out means UTC (create_sync's default), so removing it puts UTC back. -#}
+  {%- set s = {'time_zone': 'UTC'} -%}
+  {%- do s.update(sync_config) -%}
   {%- set settings = pg_reverse_etl._sync_settings() -%}
   {%- set mode = s.get('mode', 'upsert') -%}
   {%- set schedule = s.get('schedule', 'manual') -%}
