@@ -59,7 +59,7 @@ impl DbtProject {
         let mut client = connect();
         ensure_extension(&mut client);
         let base = unique("dbt");
-        let project = DbtProject {
+        let mut project = DbtProject {
             client,
             dbt,
             dir: std::env::temp_dir().join(&base),
@@ -72,7 +72,6 @@ impl DbtProject {
             audience: format!("{base}_a"),
             sync2: format!("{base}_s2"),
         };
-        let mut project = project;
         project.exec(&format!(
             "CREATE SCHEMA {src};
              CREATE TABLE {src}.people (id bigint PRIMARY KEY, email text, name text, plan text);
