@@ -415,3 +415,90 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     assert_eq!(p.client.query_one("SELECT count(*) FROM retl.models WHERE name = $1", &[&format!("{}_tx", p.model)]).unwrap().get::<_, i64>(0), 0);
     eprintln!("dbt invocations took {:.1} s", setup.elapsed().as_secs_f64());
 }
+
+/// The block that follows `<!-- recipe: name -->` in docs/RECIPES.md (the first ```sql one).
+fn recipe(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/RECIPES.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let start = text.find(&format!("<!-- recipe: {name} -->")).unwrap_or_else(|| panic!("no recipe {name}"));
+    let block = &text[start..];
+    block.split("```sql").nth(1).and_then(|b| b.split("```").next()).expect("a sql block").to_string()
+}
+
+/// The recipe's fixed names (destination, retl model, sync), dropped before and after.
+struct RecipeNames(postgres::Client);
+
+impl RecipeNames {
+    fn clean(&mut self) {
+        let _ = self.0.execute("SELECT retl.drop_sync('customer_health_to_crm', if_exists => true)", &[]);
+        let _ = self.0.execute("SELECT retl.drop_model('customer_health', if_exists => true)", &[]);
+        let _ = self.0.batch_execute("DROP SERVER IF EXISTS crm_hook CASCADE");
+    }
+}
+
+impl Drop for RecipeNames {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+#[test]
+fn the_dbt_recipe_runs_as_written() {
+    let fake = FakeWebhook::builder().token("recipe-token").start();
+    let unused = FakeWebhook::start();
+    let mut names = RecipeNames(connect());
+    names.clean();
+    let mut p = DbtProject::new(&unused.url(), &unused.url(), 0);
+    p.exec(&format!(
+        "CREATE TABLE {src}.customers (id bigint PRIMARY KEY, email text, plan text, churn_score numeric);
+         INSERT INTO {src}.customers SELECT i, 'c' || i || '@example.com', 'pro', i / 7.0 FROM generate_series(1, 6) i;",
+        src = p.source_schema
+    ));
+    let mut destination = recipe("dbt_destination");
+    for (from, to) in [("https://hooks.example.com/retl", fake.url()), ("your-webhook-token", "recipe-token".to_string())] {
+        assert!(destination.contains(from), "the recipe no longer contains {from:?}");
+        destination = destination.replace(from, &to);
+    }
+    p.exec(&destination);
+    std::fs::remove_dir_all(p.dir.join("models")).unwrap();
+    p.write(
+        "models/sources.yml",
+        &format!("version: 2\nsources:\n  - name: app\n    schema: {}\n    tables:\n      - name: customers\n", p.source_schema),
+    );
+    p.write("models/customer_health.sql", &recipe("dbt_model"));
+    let expected = |p: &mut DbtProject| -> BTreeMap<String, Value> {
+        p.client
+            .query(
+                &format!(
+                    "SELECT jsonb_build_object('id', id)::text, jsonb_build_object('email', email, 'plan', plan, 'churn_risk', churn_risk)::text
+                       FROM {}.customer_health",
+                    p.schema
+                ),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+                (parse(r.get(0)).to_string(), parse(r.get(1)))
+            })
+            .collect()
+    };
+
+    assert_dbt_ok(&p.dbt(&["deps"]), "dbt deps");
+    assert_dbt_ok(&p.dbt(&["build"]), "the recipe's first dbt build");
+    let first = expected(&mut p);
+    assert_eq!(first.len(), 6);
+    assert_eq!(first[&key(3)]["churn_risk"].to_string(), "0.43", "the dbt model's rounding");
+    assert_eq!(fake.records(), first);
+    assert_eq!(fake.request_count(), 1);
+
+    // One source row changes: the rebuild sends that row alone.
+    p.exec(&format!("UPDATE {}.customers SET churn_score = 0.9 WHERE id = 3", p.source_schema));
+    assert_dbt_ok(&p.dbt(&["build"]), "the recipe's second dbt build");
+    assert_eq!(fake.request_count(), 2);
+    assert_eq!(keys_in_request(&fake, 1), [key(3)].into_iter().collect());
+    assert_eq!(fake.records(), expected(&mut p));
+    drop(p);
+    names.clean();
+}
