@@ -124,7 +124,7 @@ impl Deliveries {
         let full_window = use_bulk || records.len() as i64 == window;
         let last_id = records.iter().map(|r| r.id).max().unwrap_or(after);
         let batches: Vec<Vec<OutboxRecord>> =
-            if use_bulk { vec![records] } else { connector::batches(connector.as_ref(), &records, batch_size) };
+            if use_bulk { vec![records] } else { connector::batches(connector.as_ref(), records, batch_size) };
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         let shared_state = dest.config.rate_limit.and_then(|_| shared::rate_state(dest.server));
         let shared_budget;

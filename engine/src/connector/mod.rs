@@ -183,23 +183,26 @@ pub fn quoted_list(names: &[&str]) -> String {
 }
 
 /// Splits records (in outbox order) into requests of at most `batch_size`, each holding one
-/// request group; groups keep their records' relative order.
-pub fn batches(dest: &dyn Destination, records: &[OutboxRecord], batch_size: usize) -> Vec<Vec<OutboxRecord>> {
+/// request group; groups keep their records' relative order. The records are moved, not
+/// copied: a window holds up to tens of thousands of payloads.
+pub fn batches(dest: &dyn Destination, records: Vec<OutboxRecord>, batch_size: usize) -> Vec<Vec<OutboxRecord>> {
     let mut groups: Vec<(u8, Vec<OutboxRecord>)> = Vec::new();
     for record in records {
-        let group = dest.request_group(record);
+        let group = dest.request_group(&record);
         match groups.iter_mut().find(|(g, _)| *g == group) {
-            Some((_, members)) => members.push(record.clone()),
-            None => groups.push((group, vec![record.clone()])),
+            Some((_, members)) => members.push(record),
+            None => groups.push((group, vec![record])),
         }
     }
-    groups
-        .into_iter()
-        .flat_map(|(group, members)| {
-            let size = batch_size.min(dest.group_batch_size(group)).max(1);
-            members.chunks(size).map(<[OutboxRecord]>::to_vec).collect::<Vec<_>>()
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (group, members) in groups {
+        let size = batch_size.min(dest.group_batch_size(group)).max(1);
+        let mut members = members.into_iter().peekable();
+        while members.peek().is_some() {
+            out.push(members.by_ref().take(size).collect());
+        }
+    }
+    out
 }
 
 /// Hex blake3 over the sync's identity (`scope`), the run and the record ids in order. A retry
@@ -386,6 +389,26 @@ mod tests {
         assert_eq!(effective_batch_size(&cfg, dest.as_ref()), 100);
         cfg.batch_size = 5000;
         assert_eq!(effective_batch_size(&cfg, dest.as_ref()), 1000);
+    }
+
+    #[test]
+    fn batches_split_by_group_in_order_and_cap_each_request() {
+        let cfg = crate::options::parse_server_options(&[("type".into(), "hubspot".into()), ("object".into(), "contacts".into()), ("id_property".into(), "email".into())]).unwrap();
+        let dest = for_config(&cfg);
+        // HubSpot: upserts, deletes of known ids (archive) and of unknown ones (lookup first)
+        // never share a request.
+        let mut records: Vec<OutboxRecord> = (1..=7).map(rec).collect();
+        for r in &mut records[2..4] {
+            r.op = Op::Delete;
+            r.destination_id = Some(format!("hs-{}", r.id));
+        }
+        records[5].op = Op::Delete;
+        let ids = |b: &Vec<Vec<OutboxRecord>>| -> Vec<Vec<i64>> { b.iter().map(|r| r.iter().map(|x| x.id).collect()).collect() };
+        let split = batches(dest.as_ref(), records.clone(), 2);
+        assert_eq!(ids(&split), vec![vec![1, 2], vec![5, 7], vec![3, 4], vec![6]]);
+        assert_eq!((split[2][0].op, split[2][0].destination_id.as_deref()), (Op::Delete, Some("hs-3")), "records are moved whole");
+        assert_eq!(ids(&batches(dest.as_ref(), records, 100)), vec![vec![1, 2, 5, 7], vec![3, 4], vec![6]]);
+        assert!(batches(dest.as_ref(), Vec::new(), 2).is_empty());
     }
 
     #[test]
