@@ -416,15 +416,6 @@ fn a_dbt_build_runs_the_sync_declared_in_the_model_config() {
     eprintln!("dbt invocations took {:.1} s", setup.elapsed().as_secs_f64());
 }
 
-/// The block that follows `<!-- recipe: name -->` in docs/RECIPES.md (the first ```sql one).
-fn recipe(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/RECIPES.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let start = text.find(&format!("<!-- recipe: {name} -->")).unwrap_or_else(|| panic!("no recipe {name}"));
-    let block = &text[start..];
-    block.split("```sql").nth(1).and_then(|b| b.split("```").next()).expect("a sql block").to_string()
-}
-
 /// The recipe's fixed names (destination, retl model, sync), dropped before and after.
 struct RecipeNames(postgres::Client);
 

@@ -12,16 +12,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The SQL block that follows `<!-- recipe: name -->` in docs/RECIPES.md.
-fn recipe(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/RECIPES.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let start = text.find(&format!("<!-- recipe: {name} -->")).unwrap_or_else(|| panic!("no recipe {name}"));
-    let block = &text[start..];
-    let sql = block.split("```sql").nth(1).and_then(|b| b.split("```").next()).expect("a sql block");
-    sql.to_string()
-}
-
 /// Waits, when a quarter hour (:00, :15, :30, :45 UTC) is less than a minute away, until it
 /// has passed: every recipe's schedule fires on such a slot, and a scheduled run starting in
 /// the middle of a test would take the rows the test's own run is to send.

@@ -252,3 +252,12 @@ pub fn row_errors(client: &mut Client, sync: &str) -> Vec<(String, Option<i32>, 
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
 }
+
+/// The SQL block that follows `<!-- recipe: name -->` in docs/RECIPES.md (its first ```sql block).
+pub fn recipe(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/RECIPES.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let start = text.find(&format!("<!-- recipe: {name} -->")).unwrap_or_else(|| panic!("no recipe {name}"));
+    let block = &text[start..];
+    block.split("```sql").nth(1).and_then(|b| b.split("```").next()).expect("a sql block").to_string()
+}
