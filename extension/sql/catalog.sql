@@ -511,14 +511,59 @@ BEGIN
     RETURN retl._check_query(query);
 END $$;
 
+-- (Re)create the view retl_models.<view_name> as select_sql, owned by owner, resolving names
+-- with the caller's search_path, and give again the grants listed.
+CREATE FUNCTION retl._create_view(view_name text, select_sql text, owner regrole, caller_search_path text,
+                                  grants text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g text;
+BEGIN
+    PERFORM set_config('search_path', caller_search_path, true);
+    BEGIN
+        EXECUTE format('CREATE VIEW retl_models.%I AS %s', view_name, select_sql);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE;
+    END;
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', view_name, owner::text);
+    FOREACH g IN ARRAY grants LOOP
+        EXECUTE g;
+    END LOOP;
+END $$;
+
+-- An audience's view: its model's rows that pass its filter.
+CREATE FUNCTION retl._audience_select(model_name text, filter text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', model_name, filter)
+$$;
+
+-- The key columns of a model must be columns of its view, each named once.
+CREATE FUNCTION retl._check_model_key(name text, primary_key text[]) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cols text[] := retl._model_columns(name);
+    k text;
+BEGIN
+    FOREACH k IN ARRAY primary_key LOOP
+        IF NOT k = ANY (cols) THEN
+            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(name)
+                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
+        END IF;
+    END LOOP;
+    IF cardinality(primary_key) <> (SELECT count(DISTINCT x) FROM unnest(primary_key) x) THEN
+        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END $$;
+
 CREATE FUNCTION retl._create_model(name text, query text, primary_key text[], caller_search_path text)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     caller regrole := retl._caller();
     select_sql text;
-    cols text[];
-    k text;
     model_id bigint;
 BEGIN
     PERFORM retl._check_name('model', name);
@@ -533,25 +578,8 @@ BEGIN
                     HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
     END IF;
     select_sql := retl._model_select(query, caller_search_path);
-    PERFORM set_config('search_path', caller_search_path, true);
-    BEGIN
-        EXECUTE format('CREATE VIEW retl_models.%I AS %s', name, select_sql);
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE;
-    END;
-    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', name, caller::text);
-    cols := retl._model_columns(name);
-    FOREACH k IN ARRAY primary_key LOOP
-        IF NOT k = ANY (cols) THEN
-            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(name)
-                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
-        END IF;
-    END LOOP;
-    IF cardinality(primary_key) <> (SELECT count(DISTINCT x) FROM unnest(primary_key) x) THEN
-        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM retl._create_view(name, select_sql, caller, caller_search_path);
+    PERFORM retl._check_model_key(name, primary_key);
     -- The caller must be able to read what the model reads: checked now, as the caller.
     PERFORM retl._check_readable(name, caller);
     INSERT INTO retl.models (name, query, primary_key, owner)
@@ -612,15 +640,7 @@ BEGIN
               USING ERRCODE = 'duplicate_object';
     END IF;
     PERFORM retl._check_filter(filter);
-    PERFORM set_config('search_path', caller_search_path, true);
-    BEGIN
-        EXECUTE format(E'CREATE VIEW retl_models.%I AS SELECT * FROM retl_models.%I WHERE (%s\n)', name, m.name, filter);
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE;
-    END;
-    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', name, caller::text);
+    PERFORM retl._create_view(name, retl._audience_select(m.name, filter), caller, caller_search_path);
     PERFORM retl._check_readable(name, caller);
     INSERT INTO retl.audiences (name, model_id, filter, owner)
     VALUES (name, m.id, filter, caller)

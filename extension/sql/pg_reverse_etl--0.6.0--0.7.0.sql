@@ -3,7 +3,8 @@
 -- audiences and syncs match a JSON spec, retl.export() writes them as one.
 \echo Use "ALTER EXTENSION pg_reverse_etl UPDATE TO '0.7.0'" to load this file. \quit
 
--- catalog.sql: the query of a model resolved by one function, for create and alter.
+-- catalog.sql: the query of a model resolved, its view made and its key checked by one
+-- function each, for create and alter alike.
 -- The SELECT a model's view is made of: a query as it is (after the parser's checks), or for
 -- the name of a table or view (resolved with the caller's search_path) SELECT * from it.
 CREATE FUNCTION retl._model_select(query text, caller_search_path text) RETURNS text
@@ -24,14 +25,59 @@ BEGIN
     RETURN retl._check_query(query);
 END $$;
 
+-- (Re)create the view retl_models.<view_name> as select_sql, owned by owner, resolving names
+-- with the caller's search_path, and give again the grants listed.
+CREATE FUNCTION retl._create_view(view_name text, select_sql text, owner regrole, caller_search_path text,
+                                  grants text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g text;
+BEGIN
+    PERFORM set_config('search_path', caller_search_path, true);
+    BEGIN
+        EXECUTE format('CREATE VIEW retl_models.%I AS %s', view_name, select_sql);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE;
+    END;
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', view_name, owner::text);
+    FOREACH g IN ARRAY grants LOOP
+        EXECUTE g;
+    END LOOP;
+END $$;
+
+-- An audience's view: its model's rows that pass its filter.
+CREATE FUNCTION retl._audience_select(model_name text, filter text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', model_name, filter)
+$$;
+
+-- The key columns of a model must be columns of its view, each named once.
+CREATE FUNCTION retl._check_model_key(name text, primary_key text[]) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cols text[] := retl._model_columns(name);
+    k text;
+BEGIN
+    FOREACH k IN ARRAY primary_key LOOP
+        IF NOT k = ANY (cols) THEN
+            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(name)
+                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
+        END IF;
+    END LOOP;
+    IF cardinality(primary_key) <> (SELECT count(DISTINCT x) FROM unnest(primary_key) x) THEN
+        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION retl._create_model(name text, query text, primary_key text[], caller_search_path text)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     caller regrole := retl._caller();
     select_sql text;
-    cols text[];
-    k text;
     model_id bigint;
 BEGIN
     PERFORM retl._check_name('model', name);
@@ -46,31 +92,40 @@ BEGIN
                     HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
     END IF;
     select_sql := retl._model_select(query, caller_search_path);
-    PERFORM set_config('search_path', caller_search_path, true);
-    BEGIN
-        EXECUTE format('CREATE VIEW retl_models.%I AS %s', name, select_sql);
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE;
-    END;
-    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', name, caller::text);
-    cols := retl._model_columns(name);
-    FOREACH k IN ARRAY primary_key LOOP
-        IF NOT k = ANY (cols) THEN
-            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(name)
-                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
-        END IF;
-    END LOOP;
-    IF cardinality(primary_key) <> (SELECT count(DISTINCT x) FROM unnest(primary_key) x) THEN
-        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM retl._create_view(name, select_sql, caller, caller_search_path);
+    PERFORM retl._check_model_key(name, primary_key);
     -- The caller must be able to read what the model reads: checked now, as the caller.
     PERFORM retl._check_readable(name, caller);
     INSERT INTO retl.models (name, query, primary_key, owner)
     VALUES (name, query, primary_key, caller)
     RETURNING id INTO model_id;
     RETURN model_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION retl._create_audience(name text, model text, filter text, caller_search_path text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caller regrole := retl._caller();
+    m retl.models;
+    audience_id bigint;
+BEGIN
+    PERFORM retl._check_name('audience', name);
+    SELECT * INTO m FROM retl.models WHERE models.name = _create_audience.model;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model % does not exist', retl._q(model) USING ERRCODE = 'undefined_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM retl.models x WHERE x.name = _create_audience.name)
+       OR EXISTS (SELECT 1 FROM retl.audiences a WHERE a.name = _create_audience.name) THEN
+        RAISE EXCEPTION 'audience % already exists (models and audiences share names)', retl._q(name)
+              USING ERRCODE = 'duplicate_object';
+    END IF;
+    PERFORM retl._check_filter(filter);
+    PERFORM retl._create_view(name, retl._audience_select(m.name, filter), caller, caller_search_path);
+    PERFORM retl._check_readable(name, caller);
+    INSERT INTO retl.audiences (name, model_id, filter, owner)
+    VALUES (name, m.id, filter, caller)
+    RETURNING id INTO audience_id;
+    RETURN audience_id;
 END $$;
 
 -- spec.sql
@@ -94,28 +149,6 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) e
      WHERE c.oid = to_regclass(format('retl_models.%I', view_name)) AND e.grantee <> c.relowner
 $$;
-
--- (Re)create the view retl_models.<view_name> as select_sql, owned by owner, resolving names
--- with the caller's search_path, and give again the grants listed.
-CREATE FUNCTION retl._create_view(view_name text, select_sql text, owner regrole, caller_search_path text, grants text[])
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    g text;
-BEGIN
-    PERFORM set_config('search_path', caller_search_path, true);
-    BEGIN
-        EXECUTE format('CREATE VIEW retl_models.%I AS %s', view_name, select_sql);
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE;
-    END;
-    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', view_name, owner::text);
-    FOREACH g IN ARRAY grants LOOP
-        EXECUTE g;
-    END LOOP;
-END $$;
 
 -- After a model or audience changed: the syncs reading it must still find their mapped
 -- columns, the destination's fields and key, and pass the destination's policy; their base
@@ -150,8 +183,6 @@ DECLARE
     new_query text;
     new_key text[];
     select_sql text;
-    cols text[];
-    k text;
     users text;
     a retl.audiences;
     model_grants text[];
@@ -169,9 +200,6 @@ BEGIN
         RAISE EXCEPTION 'model % needs a primary key', retl._q(name)
               USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
-    END IF;
-    IF cardinality(new_key) <> (SELECT count(DISTINCT x) FROM unnest(new_key) x) THEN
-        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A sync's snapshot, identity map and the destination's records are keyed by the model key.
     IF new_key <> m.primary_key THEN
@@ -194,16 +222,10 @@ BEGIN
     model_grants := retl._view_grants(m.name);
     EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', m.name);
     PERFORM retl._create_view(m.name, select_sql, m.owner, caller_search_path, model_grants);
-    cols := retl._model_columns(m.name);
-    FOREACH k IN ARRAY new_key LOOP
-        IF NOT k = ANY (cols) THEN
-            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(m.name)
-                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
-        END IF;
-    END LOOP;
+    PERFORM retl._check_model_key(m.name, new_key);
     PERFORM retl._check_readable(m.name, m.owner);
     FOR a IN SELECT * FROM retl.audiences x WHERE x.model_id = m.id ORDER BY x.id LOOP
-        PERFORM retl._create_view(a.name, format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', m.name, a.filter), a.owner,
+        PERFORM retl._create_view(a.name, retl._audience_select(m.name, a.filter), a.owner,
                                   caller_search_path, ARRAY(SELECT jsonb_array_elements_text(audience_grants -> a.name)));
         PERFORM retl._check_readable(a.name, a.owner);
     END LOOP;
@@ -241,7 +263,7 @@ BEGIN
     END IF;
     grants := retl._view_grants(a.name);
     EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', a.name);
-    PERFORM retl._create_view(a.name, format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', model_name, filter), a.owner,
+    PERFORM retl._create_view(a.name, retl._audience_select(model_name, filter), a.owner,
                               caller_search_path, grants);
     PERFORM retl._check_readable(a.name, a.owner);
     UPDATE retl.audiences SET filter = _alter_audience.filter WHERE id = a.id;

@@ -19,28 +19,6 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE c.oid = to_regclass(format('retl_models.%I', view_name)) AND e.grantee <> c.relowner
 $$;
 
--- (Re)create the view retl_models.<view_name> as select_sql, owned by owner, resolving names
--- with the caller's search_path, and give again the grants listed.
-CREATE FUNCTION retl._create_view(view_name text, select_sql text, owner regrole, caller_search_path text, grants text[])
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    g text;
-BEGIN
-    PERFORM set_config('search_path', caller_search_path, true);
-    BEGIN
-        EXECUTE format('CREATE VIEW retl_models.%I AS %s', view_name, select_sql);
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE;
-    END;
-    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE format('ALTER VIEW retl_models.%I OWNER TO %I', view_name, owner::text);
-    FOREACH g IN ARRAY grants LOOP
-        EXECUTE g;
-    END LOOP;
-END $$;
-
 -- After a model or audience changed: the syncs reading it must still find their mapped
 -- columns, the destination's fields and key, and pass the destination's policy; their base
 -- tables (and on-change triggers) follow the new definition, and their next run plans the
@@ -74,8 +52,6 @@ DECLARE
     new_query text;
     new_key text[];
     select_sql text;
-    cols text[];
-    k text;
     users text;
     a retl.audiences;
     model_grants text[];
@@ -93,9 +69,6 @@ BEGIN
         RAISE EXCEPTION 'model % needs a primary key', retl._q(name)
               USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Pass primary_key => ''{id}'' (several columns for a composite key).';
-    END IF;
-    IF cardinality(new_key) <> (SELECT count(DISTINCT x) FROM unnest(new_key) x) THEN
-        RAISE EXCEPTION 'primary key of model % lists a column twice', retl._q(name) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A sync's snapshot, identity map and the destination's records are keyed by the model key.
     IF new_key <> m.primary_key THEN
@@ -118,16 +91,10 @@ BEGIN
     model_grants := retl._view_grants(m.name);
     EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', m.name);
     PERFORM retl._create_view(m.name, select_sql, m.owner, caller_search_path, model_grants);
-    cols := retl._model_columns(m.name);
-    FOREACH k IN ARRAY new_key LOOP
-        IF NOT k = ANY (cols) THEN
-            RAISE EXCEPTION 'primary key column % is not in model %', retl._q(k), retl._q(m.name)
-                  USING ERRCODE = 'undefined_column', DETAIL = format('The model has columns: %s.', array_to_string(cols, ', '));
-        END IF;
-    END LOOP;
+    PERFORM retl._check_model_key(m.name, new_key);
     PERFORM retl._check_readable(m.name, m.owner);
     FOR a IN SELECT * FROM retl.audiences x WHERE x.model_id = m.id ORDER BY x.id LOOP
-        PERFORM retl._create_view(a.name, format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', m.name, a.filter), a.owner,
+        PERFORM retl._create_view(a.name, retl._audience_select(m.name, a.filter), a.owner,
                                   caller_search_path, ARRAY(SELECT jsonb_array_elements_text(audience_grants -> a.name)));
         PERFORM retl._check_readable(a.name, a.owner);
     END LOOP;
@@ -165,7 +132,7 @@ BEGIN
     END IF;
     grants := retl._view_grants(a.name);
     EXECUTE format('DROP VIEW IF EXISTS retl_models.%I', a.name);
-    PERFORM retl._create_view(a.name, format(E'SELECT * FROM retl_models.%I WHERE (%s\n)', model_name, filter), a.owner,
+    PERFORM retl._create_view(a.name, retl._audience_select(model_name, filter), a.owner,
                               caller_search_path, grants);
     PERFORM retl._check_readable(a.name, a.owner);
     UPDATE retl.audiences SET filter = _alter_audience.filter WHERE id = a.id;
