@@ -435,10 +435,11 @@ fn every_common_type_reaches_the_webhook_encoded_exactly() {
     assert_eq!(fake.request_count(), 0);
 }
 
-/// Row hashes (version 3, plan.rs) take most types by value and the rest by text: every change
-/// a destination would see is sent, including those a type's equality hides (an interval
-/// written another way, a renamed enum label, a case change under a nondeterministic
-/// collation). A numeric's trailing zeros are the one change left out: the same number.
+/// Fingerprints (hash version 4, fingerprint.rs) take most types by their bytes and the rest
+/// by text: every change a destination would see is sent, including those a type's equality
+/// hides (an interval written another way, a renamed enum label, a case change under a
+/// nondeterministic collation, and since version 4 a numeric's trailing zeros: 0.1 and 0.10
+/// are the same number, written differently in the payload).
 #[test]
 fn every_change_a_destination_would_see_is_sent_again() {
     let fake = FakeWebhook::start();
@@ -458,7 +459,7 @@ fn every_change_a_destination_would_see_is_sent_again() {
         ("UPDATE {t} SET c_real = 1.2 WHERE id = 1", "c_real", 1),
         ("UPDATE {t} SET c_bool = false WHERE id = 1", "c_bool", 1),
         ("UPDATE {t} SET c_escapes = replace(c_escapes, 'quote', 'QUOTE') WHERE id = 1", "c_escapes", 1),
-        ("UPDATE {t} SET c_numeric_tenth = 0.10 WHERE id = 1", "c_numeric_tenth", 0),
+        ("UPDATE {t} SET c_numeric_tenth = 0.10 WHERE id = 1", "c_numeric_tenth", 1),
     ];
     for (sql, column, sent) in changes {
         fake.clear_journal();

@@ -15,7 +15,8 @@ const SECOND: &str = "0.2.0";
 const THIRD: &str = "0.3.0";
 const FOURTH: &str = "0.4.0";
 const FIFTH: &str = "0.5.0";
-const PREVIOUS: &str = "0.6.0";
+const SIXTH: &str = "0.6.0";
+const PREVIOUS: &str = "0.7.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -390,8 +391,8 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
     assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 1, 1), "{run:?}");
     assert_eq!(fake.records(), model_records(&mut c, &model));
 
-    // A sync created now hashes the values (version 3): everything once, then nothing, and
-    // a numeric's trailing zero is the same number. An interval written differently is a change.
+    // A sync created now gets fingerprints (version 4): everything once, then nothing; a
+    // numeric's trailing zero and an interval written differently are changes.
     let (server3, sync3) = (format!("{base}_d3"), format!("{base}_s3"));
     let fake3 = FakeWebhook::start();
     c.batch_execute(&format!(
@@ -401,20 +402,17 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
     ))
     .unwrap();
     let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync3]).unwrap().get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(run_sync(&mut c, &sync3).delivered, 5);
     assert_eq!(fake3.records(), model_records(&mut c, &model));
-    c.batch_execute(&format!("UPDATE {table} SET score = 3.00 WHERE id = 3")).unwrap();
     let run = run_sync(&mut c, &sync3);
     assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
-    c.batch_execute(&format!("UPDATE {table} SET seen = interval '96 hours' WHERE id = 4")).unwrap();
+    c.batch_execute(&format!("UPDATE {table} SET score = 3.00 WHERE id = 3; UPDATE {table} SET seen = interval '96 hours' WHERE id = 4"))
+        .unwrap();
     let run = run_sync(&mut c, &sync3);
-    assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 1, 1), "{run:?}");
-    assert_eq!(keys_in_request(&fake3, 1), [key(4)].into_iter().collect());
-    // The same number: the destination keeps 3 where the model now writes 3.00.
-    let mut expected = model_records(&mut c, &model);
-    expected.get_mut(r#"{"id":3}"#).unwrap()["score"] = json!(3);
-    assert_eq!(fake3.records(), expected);
+    assert_eq!((run.status.as_str(), run.updates, run.delivered), ("succeeded", 2, 2), "{run:?}");
+    assert_eq!(keys_in_request(&fake3, 1), [key(3), key(4)].into_iter().collect());
+    assert_eq!(fake3.records(), model_records(&mut c, &model));
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync3}')")).unwrap();
 }
 
@@ -423,7 +421,7 @@ fn a_live_sync_survives_the_upgrade_from_0_6_0_and_its_model_can_then_be_changed
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{SIXTH}'"
     ))
     .unwrap();
     let base = unique("up6");
@@ -478,6 +476,75 @@ fn a_live_sync_survives_the_upgrade_from_0_6_0_and_its_model_can_then_be_changed
     let changes: i64 = c.query_one("SELECT count(*) FROM retl.apply(retl.export())", &[]).unwrap().get(0);
     assert_eq!(changes, 0);
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
+}
+
+#[test]
+fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get_fingerprints() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up7");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    // Defined with the 0.7.0 API; the state a 0.7.0 worker leaves (rows 1-4 acknowledged with
+    // hashes of version 3, row 5 not yet sent) is written as such: the workers wait for 0.8.0.
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'mirror');
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
+                                started_at, planned_at, finished_at, plan_scope, model_columns)
+         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
+                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
+           FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id),
+                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
+        url = fake.url()
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    // The sync keeps its version 3 hashes (and the SQL plan): the next run sends only row 5.
+    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
+    assert_eq!(version, 3);
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
+    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    c.batch_execute(&format!("DELETE FROM {table} WHERE id = 1")).unwrap();
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.deletes, run.delivered), ("succeeded", 1, 1), "{run:?}");
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+
+    // A sync created after the upgrade gets fingerprints and the one-pass plan: everything
+    // once, then nothing, then exactly what changed.
+    let (server4, sync4) = (format!("{base}_d4"), format!("{base}_s4"));
+    let fake4 = FakeWebhook::start();
+    c.batch_execute(&format!(
+        "CREATE SERVER {server4} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync4}', model => '{model}', destination => '{server4}', mode => 'mirror');",
+        url = fake4.url()
+    ))
+    .unwrap();
+    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync4]).unwrap().get(0);
+    assert_eq!(version, 4);
+    assert_eq!(run_sync(&mut c, &sync4).delivered, 4);
+    let run = run_sync(&mut c, &sync4);
+    assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
+    c.batch_execute(&format!("UPDATE {table} SET score = 20 WHERE id = 2; DELETE FROM {table} WHERE id = 3")).unwrap();
+    let run = run_sync(&mut c, &sync4);
+    assert_eq!((run.status.as_str(), run.updates, run.deletes, run.delivered), ("succeeded", 1, 1, 2), "{run:?}");
+    assert_eq!(fake4.records(), model_records(&mut c, &model));
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync4}')")).unwrap();
 }
 
 /// The model's rows as a webhook destination holds them: canonical key JSON -> payload.
@@ -537,7 +604,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

@@ -61,13 +61,12 @@ CREATE TABLE retl.syncs (
     schedule    text NOT NULL DEFAULT 'manual',
     time_zone   text NOT NULL DEFAULT 'UTC',
     next_run_at timestamptz,
-    -- How the planner hashes rows (plan.rs): 3 (the values' record hash, since 0.6.0), 2 (row
-    -- text, since 0.2.0) or 1 (jsonb text). A sync keeps the version it was created with: its
-    -- snapshot holds such hashes. Postgres 13 has no record hash (hash_record_extended came
-    -- with 14), so there new syncs get 2.
-    hash_version smallint NOT NULL
-        DEFAULT (CASE WHEN current_setting('server_version_num')::int >= 140000 THEN 3 ELSE 2 END)
-        CHECK (hash_version IN (1, 2, 3)),
+    -- How the planner hashes rows (plan.rs): 4 (fingerprints: a key identity and a field
+    -- hash, computed in Rust, which lets a whole model be planned in one pass; since 0.8.0),
+    -- 3 (the values' record hash, since 0.6.0), 2 (row text, since 0.2.0) or 1 (jsonb text).
+    -- A sync keeps the version it was created with: its snapshot holds such hashes.
+    hash_version smallint NOT NULL DEFAULT 4
+        CHECK (hash_version IN (1, 2, 3, 4)),
     -- Since 0.5.0. Safeguards every plan checks before it queues anything (plan.rs): at most
     -- max_rows changes per run; a mirror plan may delete at most max_delete_percent of what
     -- the sync delivered, a mirror or delete plan at most max_delete_rows rows, and a mirror
@@ -200,7 +199,7 @@ CREATE TABLE retl.snapshots (
     PRIMARY KEY (sync_id, key)
 );
 COMMENT ON TABLE retl.snapshots IS
-  'Per sync, every key the destination acknowledged and the blake3 hash of the mapped fields it holds; the next plan diffs the model against it.';
+  'Per sync, every key the destination acknowledged and a hash of the mapped fields it holds (with hash version 4, also of the key: its fingerprint); the next plan diffs the model against it.';
 
 -- The outbox: the current plan of a sync, row by row, until delivered.
 CREATE TABLE retl.outbox (

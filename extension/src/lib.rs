@@ -9,6 +9,8 @@ mod api;
 mod changes;
 mod destination;
 mod errors;
+mod fingerprint;
+mod one_pass;
 mod identity;
 mod key_source;
 mod parse;

@@ -281,15 +281,31 @@ fn carries_model_row(sync: &SyncDef) -> bool {
 /// The record key (`{"col": value, ...}` over the primary key) and "some key column is NULL",
 /// as SQL over the model row `m`.
 fn key_sql(sync: &SyncDef) -> (String, String) {
+    (key_object_sql(sync, "m."), key_null_sql(sync))
+}
+
+/// The record key over the model columns written `<prefix>column`.
+fn key_object_sql(sync: &SyncDef, prefix: &str) -> String {
     let pairs: Vec<(String, String)> = sync.primary_key.iter().map(|k| (k.clone(), k.clone())).collect();
-    let null = sync
-        .primary_key
+    retl_engine::mapping::build_object_sql(&pairs, prefix, |s| quote_literal(s), |s| quote_identifier(s))
+}
+
+/// The record key and the payload as SQL over the model columns written `<prefix>column`
+/// (`whole_row`: the model row, for syncs without mappings).
+pub(crate) fn key_and_payload_sql(sync: &SyncDef, prefix: &str, whole_row: &str) -> (String, String) {
+    let payload = match &sync.mappings {
+        None => whole_row_payload(sync, whole_row, prefix),
+        Some(pairs) => build_object_from(sync, pairs, prefix),
+    };
+    (key_object_sql(sync, prefix), payload)
+}
+
+fn key_null_sql(sync: &SyncDef) -> String {
+    sync.primary_key
         .iter()
         .map(|k| format!("m.{} IS NULL", quote_identifier(k)))
         .collect::<Vec<_>>()
-        .join(" OR ");
-    let key = retl_engine::mapping::build_object_sql(&pairs, "m.", |s| quote_literal(s), |s| quote_identifier(s));
-    (key, null)
+        .join(" OR ")
 }
 
 /// Which model rows a plan diffs against the snapshot.
@@ -334,7 +350,11 @@ fn materialize_select(sync: &SyncDef, columns: &[String], filter: &str) -> Strin
         return materialize_v1_select(sync, filter);
     }
     let (key, key_null) = key_sql(sync);
-    let hash = if sync.hash_version >= 3 { value_hash_sql(sync, columns) } else { row_text_hash_sql(sync, columns) };
+    let hash = match sync.hash_version {
+        4.. => fingerprint_sql(sync, columns),
+        3 => value_hash_sql(sync, columns),
+        _ => row_text_hash_sql(sync, columns),
+    };
     format!(
         "SELECT {key} AS key, ({key_null}) AS key_is_null, NULL::jsonb AS payload, {hash} AS hash, m AS r \
            FROM retl_models.{source} m{filter}",
@@ -390,6 +410,32 @@ fn value_hash_sql(sync: &SyncDef, columns: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!("int8send(hash_record_extended(ROW({fields}), hashtextextended({}, 0)))", quote_literal(&signature))
+}
+
+/// The model columns a fingerprint (version 4) hashes as fields, and their signature: the
+/// field names, which seed the hash (see [`value_hash_sql`]).
+pub(crate) fn fingerprint_fields(sync: &SyncDef, columns: &[String]) -> (Vec<String>, String) {
+    match &sync.mappings {
+        None => (columns.to_vec(), format!("v4:{}", columns.join(","))),
+        Some(pairs) => (
+            pairs.iter().map(|(_, col)| col.clone()).collect(),
+            format!("v4:{}", pairs.iter().map(|(field, col)| format!("{field}={col}")).collect::<Vec<_>>().join(",")),
+        ),
+    }
+}
+
+/// A fingerprint (version 4, fingerprint.rs) in SQL: the same bytes the one-pass plan
+/// computes in Rust, for plans of changed keys and previews.
+fn fingerprint_sql(sync: &SyncDef, columns: &[String]) -> String {
+    let (fields, signature) = fingerprint_fields(sync, columns);
+    let values = sync
+        .primary_key
+        .iter()
+        .chain(&fields)
+        .map(|col| format!("m.{}", quote_identifier(col)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("retl._fingerprint(ROW({values}), {}, {})", sync.primary_key.len(), quote_literal(&signature))
 }
 
 fn materialize_v1_select(sync: &SyncDef, filter: &str) -> String {
@@ -615,37 +661,14 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
         "retry" => failed_keys(client, sync),
         trigger => take_changed_keys(client, sync, trigger == "change"),
     };
-    let rows = materialize(client, sync, &scope)?;
-    let rows_in_model = (scope == Scope::Model).then_some(rows);
-    // Leftovers of an earlier failed run are superseded: this plan is computed afresh.
-    client
-        .update("DELETE FROM retl.outbox WHERE sync_id = $1", None, &[sync.id.into()])
-        .unwrap_or_else(|e| error!("{e}"));
-    // nulls => 'keep': the fields that are NULL are left out, so the destination keeps its value.
-    let sql = format!(
-        "WITH diff AS ({diff}), \
-              queued AS (INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
-                         SELECT $1, $2, op, key, CASE WHEN $4 THEN retl._without_nulls(payload) ELSE payload END, hash \
-                           FROM diff RETURNING 1) \
-         SELECT count(*) FILTER (WHERE change = 'new'), \
-                count(*) FILTER (WHERE change = 'changed'), \
-                count(*) FILTER (WHERE change = 'gone') \
-           FROM diff",
-        diff = diff_sql(sync, &scope)
-    );
-    let keys = match &scope {
-        Scope::Model => None,
-        Scope::Keys(keys) => Some(keys.as_str()),
+    let (rows_in_model, (new, changed, gone)) = match plan_in_one_pass(client, sync, &scope, run_id)? {
+        Some(planned) => planned,
+        None => {
+            let rows = materialize(client, sync, &scope)?;
+            clear_outbox(client, sync);
+            ((scope == Scope::Model).then_some(rows), queue_diff(client, sync, &scope, run_id))
+        }
     };
-    let (new, changed, gone) = client
-        .update(
-            sql.as_str(),
-            None,
-            &[sync.id.into(), run_id.into(), keys.into(), sync.guards.keep_nulls_out.into()],
-        )
-        .and_then(|t| t.first().get_three::<i64, i64, i64>())
-        .unwrap_or_else(|e| error!("{e}"));
-    let (new, changed, gone) = (new.unwrap_or(0), changed.unwrap_or(0), gone.unwrap_or(0));
     // In delete mode every planned row is a deletion.
     let summary = if sync.mode == Mode::Delete {
         PlanSummary { rows_in_model, scope: scope.name(), inserts: 0, updates: 0, deletes: new }
@@ -666,6 +689,64 @@ pub fn plan_run(client: &mut SpiClient, sync: &SyncDef, run_id: i64) -> Result<P
         .unwrap_or_else(|e| error!("{e}"));
     identity::as_role(sync.owner, || drop_plan_table(client)).unwrap_or_else(|e| error!("{e}"));
     Ok(summary)
+}
+
+/// Leftovers of an earlier failed run are superseded: a plan is computed afresh.
+fn clear_outbox(client: &mut SpiClient, sync: &SyncDef) {
+    client
+        .update("DELETE FROM retl.outbox WHERE sync_id = $1", None, &[sync.id.into()])
+        .unwrap_or_else(|e| error!("{e}"));
+}
+
+/// The one-pass plan (one_pass.rs) of a whole model, where it applies: the rows in the model
+/// and the (new, changed, gone) rows it queued. None: the SQL plan is to be made instead (a
+/// plan of some keys, an older hash version, or a NULL or duplicate key for it to report).
+fn plan_in_one_pass(
+    client: &mut SpiClient,
+    sync: &SyncDef,
+    scope: &Scope,
+    run_id: i64,
+) -> Result<Option<(Option<i64>, (i64, i64, i64))>, RetlError> {
+    if *scope != Scope::Model || !crate::one_pass::applies(sync) {
+        return Ok(None);
+    }
+    let columns = check_columns(client, sync)?;
+    clear_outbox(client, sync);
+    Ok(match crate::one_pass::plan(client, sync, &columns, run_id) {
+        crate::one_pass::Outcome::Planned { rows_in_model, new, changed, gone } => Some((Some(rows_in_model), (new, changed, gone))),
+        crate::one_pass::Outcome::KeyProblem => None,
+    })
+}
+
+/// Queue the diff of pg_temp.retl_plan against the snapshot (the SQL plan): (new, changed,
+/// gone) rows queued.
+fn queue_diff(client: &mut SpiClient, sync: &SyncDef, scope: &Scope, run_id: i64) -> (i64, i64, i64) {
+    // nulls => 'keep': the fields that are NULL are left out, so the destination keeps its value.
+    let sql = format!(
+        "WITH diff AS ({diff}), \
+              queued AS (INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
+                         SELECT $1, $2, op, key, CASE WHEN $4 THEN retl._without_nulls(payload) ELSE payload END, hash \
+                           FROM diff RETURNING 1) \
+         SELECT count(*) FILTER (WHERE change = 'new'), \
+                count(*) FILTER (WHERE change = 'changed'), \
+                count(*) FILTER (WHERE change = 'gone') \
+           FROM diff",
+        diff = diff_sql(sync, scope)
+    );
+    let keys = match scope {
+        Scope::Model => None,
+        Scope::Keys(keys) => Some(keys.as_str()),
+    };
+    let (new, changed, gone) = client
+        .update(
+            sql.as_str(),
+            None,
+            &[sync.id.into(), run_id.into(), keys.into(), sync.guards.keep_nulls_out.into()],
+        )
+        .and_then(|t| t.first().get_three::<i64, i64, i64>())
+        .unwrap_or_else(|e| error!("{e}"));
+    let (new, changed, gone) = (new.unwrap_or(0), changed.unwrap_or(0), gone.unwrap_or(0));
+    (new, changed, gone)
 }
 
 /// A retry (retl.retry_failed) plans only the keys the destination rejected, with those still

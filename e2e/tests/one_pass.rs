@@ -1,0 +1,179 @@
+//! The one-pass plan of a whole model (syncs with fingerprints, hash version 4, since 0.8.0):
+//! the snapshot's fingerprints in memory, the model streamed once, only new and changed rows
+//! written to the outbox. What it queues must be exactly what the SQL plan queued, and its
+//! fingerprints exactly those SQL computes (`retl._fingerprint`, used by previews and by plans
+//! of changed keys), or rows would be sent again and again.
+mod common;
+use common::*;
+use serde_json::json;
+
+fn ops_sent(fake: &FakeWebhook) -> Vec<(String, String)> {
+    let mut ops: Vec<(String, String)> = fake
+        .requests()
+        .iter()
+        .flat_map(|r| r.body.clone().unwrap()["records"].as_array().unwrap().clone())
+        .map(|rec| (rec["op"].as_str().unwrap().to_string(), rec["key"].to_string()))
+        .collect();
+    ops.sort();
+    ops
+}
+
+fn preview(f: &mut Fixture) -> Vec<(String, String)> {
+    f.client
+        .query("SELECT op, key::text FROM retl.preview($1) ORDER BY key", &[&f.sync])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn hash_version(f: &mut Fixture) -> i16 {
+    f.client
+        .query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&f.sync])
+        .unwrap()
+        .get(0)
+}
+
+/// 12,000 rows: more than one cursor fetch (10,000) and more than one outbox write (5,000).
+const ROWS: i64 = 12_000;
+
+#[test]
+fn a_whole_model_plan_queues_exactly_what_changed() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), ROWS, "mirror", "batch_size '1000'", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(hash_version(&mut f), 4);
+    // Values kept out of line (TOAST): one compressible, one not.
+    f.exec(&format!(
+        "UPDATE {t} SET name = repeat('long name ', 20000) WHERE id = 7;
+         UPDATE {t} SET email = (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i) WHERE id = 8;",
+        t = f.table
+    ));
+
+    let first = f.run();
+    assert_eq!(
+        (first.status.as_str(), first.rows_in_model, first.inserts, first.updates, first.deletes, first.delivered),
+        ("succeeded", Some(ROWS), ROWS, 0, 0, ROWS),
+        "{first:?}"
+    );
+    assert_eq!(fake.records(), f.model_state());
+
+    // Nothing changed: nothing queued, no request, and SQL's fingerprints agree.
+    fake.clear_journal();
+    let again = f.run();
+    assert_eq!((again.status.as_str(), again.rows_in_model, again.inserts + again.updates + again.deletes), ("succeeded", Some(ROWS), 0), "{again:?}");
+    assert_eq!(fake.request_count(), 0);
+    assert_eq!(preview(&mut f), []);
+
+    // Three updated (one to NULL, one of the long values), two deleted, two new.
+    f.exec(&format!(
+        "UPDATE {t} SET score = score + 1 WHERE id = 1;
+         UPDATE {t} SET email = NULL WHERE id = 11999;
+         UPDATE {t} SET name = name || '!' WHERE id = 7;
+         DELETE FROM {t} WHERE id IN (2, 6000);
+         INSERT INTO {t} VALUES (20001, 'new@example.com', 'New', 1), (20002, NULL, NULL, NULL);",
+        t = f.table
+    ));
+    let planned = preview(&mut f);
+    fake.clear_journal();
+    let run = f.run();
+    assert_eq!(
+        (run.status.as_str(), run.rows_in_model, run.inserts, run.updates, run.deletes, run.delivered),
+        ("succeeded", Some(ROWS), 2, 3, 2, 7),
+        "{run:?}"
+    );
+    let mut expected: Vec<(String, String)> = [
+        ("delete", 2),
+        ("delete", 6000),
+        ("upsert", 1),
+        ("upsert", 7),
+        ("upsert", 11999),
+        ("upsert", 20001),
+        ("upsert", 20002),
+    ]
+    .iter()
+    .map(|(op, id)| (op.to_string(), key(*id)))
+    .collect();
+    expected.sort();
+    assert_eq!(ops_sent(&fake), expected);
+    // The preview (the SQL plan) showed exactly what the one-pass plan sent.
+    let mut planned: Vec<(String, String)> =
+        planned.into_iter().map(|(op, k)| (op, serde_json::from_str::<serde_json::Value>(&k).unwrap().to_string())).collect();
+    planned.sort();
+    assert_eq!(planned, expected);
+    assert_eq!(fake.records(), f.model_state());
+    fake.clear_journal();
+    let last = f.run();
+    assert_eq!(last.inserts + last.updates + last.deletes, 0, "{last:?}");
+    assert_eq!(fake.request_count(), 0);
+}
+
+/// An insert-mode sync sends new keys only; an update-mode sync sends changed ones too, as
+/// updates.
+#[test]
+fn modes_choose_what_a_whole_model_plan_queues() {
+    for (mode, inserts, updates, ops) in [("insert", 1, 0, vec!["insert"]), ("update", 1, 1, vec!["update", "update"])] {
+        let fake = FakeWebhook::start();
+        let mut f = Fixture::new(&fake.url(), 3, mode, "", None);
+        let _drop = DropSyncs(vec![f.sync.clone()]);
+        if mode == "update" {
+            for id in 1..=3 {
+                fake.preload(json!({"id": id}), json!({"old": true}));
+            }
+        }
+        assert_eq!(f.run().delivered, 3, "{mode}");
+        if mode == "update" {
+            fake.preload(json!({"id": 4}), json!({"old": true}));
+        }
+        f.exec(&format!("UPDATE {t} SET score = 0 WHERE id = 2; DELETE FROM {t} WHERE id = 3; INSERT INTO {t} VALUES (4, 'd@x', 'D', 4)", t = f.table));
+        fake.clear_journal();
+        let run = f.run();
+        assert_eq!((run.status.as_str(), run.inserts, run.updates, run.deletes), ("succeeded", inserts, updates, 0), "{mode}: {run:?}");
+        let sent: Vec<String> = ops_sent(&fake).into_iter().map(|(op, _)| op).collect();
+        assert_eq!(sent, ops, "{mode}");
+    }
+}
+
+/// A run that plans only the keys commits touched (SQL fingerprints) and the next whole-model
+/// run (the one-pass plan's) agree: after the change run, the whole model sends nothing.
+#[test]
+fn changed_key_plans_and_whole_model_plans_agree() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 50, "mirror", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(f.run().delivered, 50);
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', schedule => 'on change')", f.sync));
+    // The first change run after the alter plans the whole model; the second only its keys.
+    for (round, sql) in [
+        (1, format!("UPDATE {} SET score = -1 WHERE id = 1", f.table)),
+        (2, format!("UPDATE {t} SET name = 'Changed' WHERE id = 2; INSERT INTO {t} VALUES (51, 'n@x', 'N', 5)", t = f.table)),
+    ] {
+        f.exec(&sql);
+        let sync = f.sync.clone();
+        wait_until(SHORT, "the change run to finish", || {
+            let row = f
+                .client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE trigger = 'change'), count(*) FILTER (WHERE status IN ('queued', 'delivering'))
+                       FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1",
+                    &[&sync],
+                )
+                .unwrap();
+            row.get::<_, i64>(0) >= round && row.get::<_, i64>(1) == 0
+        });
+    }
+    let scope: Option<String> = f
+        .client
+        .query_one(
+            "SELECT r.plan_scope FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id DESC LIMIT 1",
+            &[&f.sync],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(scope.as_deref(), Some("changed keys"));
+    assert_eq!(fake.records(), f.model_state());
+    fake.clear_journal();
+    let whole = f.run();
+    assert_eq!((whole.status.as_str(), whole.inserts + whole.updates + whole.deletes), ("succeeded", 0), "{whole:?}");
+    assert_eq!(fake.request_count(), 0);
+}
