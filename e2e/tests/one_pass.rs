@@ -177,3 +177,42 @@ fn changed_key_plans_and_whole_model_plans_agree() {
     assert_eq!((whole.status.as_str(), whole.inserts + whole.updates + whole.deletes), ("succeeded", 0), "{whole:?}");
     assert_eq!(fake.request_count(), 0);
 }
+
+/// A key the snapshot holds, returned twice, or a NULL key, hands the plan to the SQL plan,
+/// which refuses it exactly as before: nothing queued, nothing sent. Once fixed, the run sends
+/// exactly what changed meanwhile.
+#[test]
+fn a_key_seen_twice_or_null_after_the_first_run_is_refused_with_nothing_queued() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 5, "mirror", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    assert_eq!(f.run().delivered, 5);
+    f.exec(&format!(
+        "ALTER TABLE {t} DROP CONSTRAINT {t}_pkey; INSERT INTO {t} VALUES (2, 'b2@x', 'B2', 1); UPDATE {t} SET score = 0 WHERE id = 1",
+        t = f.table
+    ));
+    fake.clear_journal();
+    let run = f.run();
+    assert_eq!(
+        (run.status.as_str(), run.error),
+        ("failed", Some(format!("model \"{}\" returned 1 duplicate primary key (e.g. {{\"id\": 2}} appears 2 times)", f.model)))
+    );
+    assert_eq!((f.outbox_rows(), fake.request_count()), (0, 0));
+
+    f.exec(&format!(
+        "DELETE FROM {t} WHERE email = 'b2@x'; ALTER TABLE {t} ALTER id DROP NOT NULL; INSERT INTO {t} VALUES (NULL, 'n@x', 'N', 1)",
+        t = f.table
+    ));
+    let run = f.run();
+    assert_eq!(
+        (run.status.as_str(), run.error),
+        ("failed", Some(format!("model \"{}\" returned 1 row with a NULL primary key (id)", f.model)))
+    );
+    assert_eq!((f.outbox_rows(), fake.request_count()), (0, 0));
+
+    f.exec(&format!("DELETE FROM {t} WHERE id IS NULL", t = f.table));
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.deletes), ("succeeded", 0, 1, 0), "{run:?}");
+    assert_eq!(ops_sent(&fake), [("upsert".to_string(), key(1))]);
+    assert_eq!(fake.records(), f.model_state());
+}

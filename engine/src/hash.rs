@@ -101,9 +101,124 @@ pub fn split_fingerprint(fingerprint: &[u8]) -> Option<(u128, u64)> {
     Some((key, fields))
 }
 
+/// A snapshot's fingerprints in memory, for the one-pass plan: found by key identity, each
+/// marked once its row is seen in the model (the rest are gone from it). Bucketed by the
+/// identity's top bits (identities are uniform, so a bucket holds about one entry): a probe
+/// reads two places, and the index takes 24 bytes per row plus at most 4, where a hash map
+/// would take about twice that.
+pub struct FingerprintIndex {
+    /// (key identity high half, low half, field hash), sorted by the high half.
+    entries: Vec<[u64; 3]>,
+    /// entries[starts[b]..starts[b + 1]] is bucket b.
+    starts: Vec<u32>,
+    bits: u32,
+    seen: Vec<bool>,
+}
+
+impl FingerprintIndex {
+    /// From (key identity, field hash) pairs.
+    pub fn new(pairs: Vec<(u128, u64)>) -> Self {
+        let mut entries: Vec<[u64; 3]> = pairs.into_iter().map(|(key, fields)| [(key >> 64) as u64, key as u64, fields]).collect();
+        entries.sort_unstable_by_key(|e| e[0]);
+        // About one bucket per entry, fewer than 2^32 entries (u32 offsets).
+        let bits = usize::BITS - 1 - entries.len().max(1).leading_zeros();
+        let mut starts = vec![0u32; (1usize << bits) + 1];
+        for e in &entries {
+            starts[Self::bucket(e[0], bits) + 1] += 1;
+        }
+        for b in 1..starts.len() {
+            starts[b] += starts[b - 1];
+        }
+        let seen = vec![false; entries.len()];
+        FingerprintIndex { entries, starts, bits, seen }
+    }
+
+    fn bucket(high: u64, bits: u32) -> usize {
+        if bits == 0 { 0 } else { (high >> (64 - bits)) as usize }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of this key identity.
+    pub fn find(&self, key: u128) -> Option<usize> {
+        let (high, low) = ((key >> 64) as u64, key as u64);
+        let b = Self::bucket(high, self.bits);
+        (self.starts[b] as usize..self.starts[b + 1] as usize).find(|&i| self.entries[i][0] == high && self.entries[i][1] == low)
+    }
+
+    pub fn fields(&self, i: usize) -> u64 {
+        self.entries[i][2]
+    }
+
+    pub fn is_seen(&self, i: usize) -> bool {
+        self.seen[i]
+    }
+
+    pub fn set_seen(&mut self, i: usize) {
+        self.seen[i] = true;
+    }
+
+    /// The entries not marked seen.
+    pub fn unseen(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.entries.len()).filter(|&i| !self.seen[i])
+    }
+
+    /// Entry i's fingerprint, as stored.
+    pub fn fingerprint(&self, i: usize) -> [u8; FINGERPRINT_LEN] {
+        let [high, low, fields] = self.entries[i];
+        let mut out = [0u8; FINGERPRINT_LEN];
+        out[..16].copy_from_slice(&(((high as u128) << 64) | low as u128).to_le_bytes());
+        out[16..].copy_from_slice(&fields.to_le_bytes());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fingerprint_index_finds_every_entry_and_nothing_else() {
+        for n in [0usize, 1, 2, 3, 1000, 4097] {
+            let fingerprints: Vec<[u8; FINGERPRINT_LEN]> = (0..n)
+                .map(|i| {
+                    let mut input = FingerprintInput::default();
+                    input.key(Part::KeyNumber, i.to_string().as_bytes());
+                    input.field(Part::Integer, &(i as i64 * 7).to_le_bytes());
+                    input.finish(1)
+                })
+                .collect();
+            let mut index = FingerprintIndex::new(fingerprints.iter().map(|f| split_fingerprint(f).unwrap()).collect());
+            assert_eq!(index.len(), n);
+            for f in &fingerprints {
+                let (key, fields) = split_fingerprint(f).unwrap();
+                let i = index.find(key).unwrap_or_else(|| panic!("n = {n}: an entry is missing"));
+                assert_eq!(index.fields(i), fields);
+                assert_eq!(&index.fingerprint(i), f, "stored bytes come back");
+                // Identities that share the high half (the bucket) but not the low are apart.
+                assert_eq!(index.find(key ^ 1), None);
+            }
+            assert_eq!(index.find(u128::MAX), None);
+            assert_eq!(index.find(0), None);
+            // Marked entries leave the unseen ones.
+            for f in fingerprints.iter().step_by(2) {
+                let i = index.find(split_fingerprint(f).unwrap().0).unwrap();
+                assert!(!index.is_seen(i));
+                index.set_seen(i);
+            }
+            let mut unseen: Vec<[u8; FINGERPRINT_LEN]> = index.unseen().map(|i| index.fingerprint(i)).collect();
+            unseen.sort();
+            let mut expected: Vec<[u8; FINGERPRINT_LEN]> = fingerprints.iter().skip(1).step_by(2).copied().collect();
+            expected.sort();
+            assert_eq!(unseen, expected, "n = {n}");
+        }
+    }
 
     fn fingerprint(key: &[(Part, &[u8])], fields: &[(Part, &[u8])], seed: u64) -> [u8; FINGERPRINT_LEN] {
         let mut input = FingerprintInput::default();

@@ -18,7 +18,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiClient};
 use pgrx::{PgMemoryContexts, PgTupleDesc};
-use retl_engine::hash::split_fingerprint;
+use retl_engine::hash::{split_fingerprint, FingerprintIndex};
 use std::ffi::CString;
 
 /// Rows fetched from the model's cursor at a time.
@@ -42,69 +42,23 @@ pub fn applies(sync: &SyncDef) -> bool {
     sync.hash_version >= 4 && sync.mode != Mode::Delete
 }
 
-/// The snapshot's fingerprints, bucketed by the key identity's top bits (the identities are
-/// uniform, so buckets hold about one entry): two reads per probe, 24 bytes per row plus 4 per
-/// bucket, where a hash map would take about twice that.
-struct SnapshotIndex {
-    /// (key identity high, low, field hash), sorted by the high half.
-    entries: Vec<[u64; 3]>,
-    /// entries[starts[b]..starts[b + 1]] is bucket b.
-    starts: Vec<u32>,
-    bits: u32,
-    seen: Vec<bool>,
-}
-
-impl SnapshotIndex {
-    fn new(mut entries: Vec<[u64; 3]>) -> Self {
-        entries.sort_unstable_by_key(|e| e[0]);
-        let bits = usize::BITS - 1 - entries.len().max(1).leading_zeros();
-        let mut starts = vec![0u32; (1usize << bits) + 1];
-        for e in &entries {
-            starts[Self::bucket_of(e[0], bits) + 1] += 1;
-        }
-        for b in 1..starts.len() {
-            starts[b] += starts[b - 1];
-        }
-        let seen = vec![false; entries.len()];
-        SnapshotIndex { entries, starts, bits, seen }
-    }
-
-    fn bucket_of(high: u64, bits: u32) -> usize {
-        if bits == 0 { 0 } else { (high >> (64 - bits)) as usize }
-    }
-
-    fn find(&self, key: u128) -> Option<usize> {
-        let (high, low) = ((key >> 64) as u64, key as u64);
-        let b = Self::bucket_of(high, self.bits);
-        (self.starts[b] as usize..self.starts[b + 1] as usize).find(|&i| self.entries[i][0] == high && self.entries[i][1] == low)
-    }
-
-    fn fingerprint_of(&self, i: usize) -> Vec<u8> {
-        let [high, low, fields] = self.entries[i];
-        let key = ((high as u128) << 64) | low as u128;
-        let mut out = key.to_le_bytes().to_vec();
-        out.extend_from_slice(&fields.to_le_bytes());
-        out
-    }
-}
-
 /// Read the fingerprints of sync `sync_id`'s snapshot (with the current user's rights: the
 /// worker's).
-fn load_snapshot(sync: &SyncDef) -> SnapshotIndex {
+fn load_snapshot(sync: &SyncDef) -> FingerprintIndex {
     let mut entries = Vec::new();
     let query = "SELECT hash FROM retl.snapshots WHERE sync_id = $1";
     let mut bad = false;
     for_each_row(query, &[sync.id.into()], pg_sys::InvalidOid, |values, nulls, _| {
         let bytes: Option<Vec<u8>> = unsafe { FromDatum::from_datum(values[0], nulls[0]) };
         match bytes.as_deref().and_then(split_fingerprint) {
-            Some((key, fields)) => entries.push([(key >> 64) as u64, key as u64, fields]),
+            Some((key, fields)) => entries.push((key, fields)),
             None => bad = true,
         }
     });
     if bad {
         error!("the snapshot of sync \"{}\" holds a hash that is not a fingerprint of version 4", sync.name);
     }
-    SnapshotIndex::new(entries)
+    FingerprintIndex::new(entries)
 }
 
 /// Runs `query` through a cursor and calls `row` with each row's values (as the cursor's
@@ -308,10 +262,10 @@ pub fn plan(client: &mut SpiClient, sync: &SyncDef, columns: &[String], run_id: 
         }
         let (key, fields) = split_fingerprint(&fingerprint).expect("24 bytes");
         match snapshot.find(key) {
-            Some(i) if snapshot.seen[i] => key_problem = true,
+            Some(i) if snapshot.is_seen(i) => key_problem = true,
             Some(i) => {
-                snapshot.seen[i] = true;
-                if snapshot.entries[i][2] != fields {
+                snapshot.set_seen(i);
+                if snapshot.fields(i) != fields {
                     if let Some(op) = changed_op {
                         changed += 1;
                         writer.keep(&mut pending_changed, tuple, &fingerprint);
@@ -345,8 +299,7 @@ pub fn plan(client: &mut SpiClient, sync: &SyncDef, columns: &[String], run_id: 
     }
     let mut gone = 0i64;
     if sync.mode == Mode::Mirror {
-        let unseen: Vec<Vec<u8>> =
-            (0..snapshot.entries.len()).filter(|&i| !snapshot.seen[i]).map(|i| snapshot.fingerprint_of(i)).collect();
+        let unseen: Vec<Vec<u8>> = snapshot.unseen().map(|i| snapshot.fingerprint(i).to_vec()).collect();
         for chunk in unseen.chunks(GONE_PER_STATEMENT) {
             let queued = client
                 .update(
