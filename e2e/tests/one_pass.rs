@@ -106,6 +106,21 @@ fn a_whole_model_plan_queues_exactly_what_changed() {
     let last = f.run();
     assert_eq!(last.inserts + last.updates + last.deletes, 0, "{last:?}");
     assert_eq!(fake.request_count(), 0);
+
+    // A widened integer column (int to bigint) writes the same payload: nothing is sent.
+    f.client
+        .execute(
+            "SELECT retl.alter_model(name => $1, query => $2)",
+            &[&f.model, &format!("SELECT id, email, name, score::bigint AS score FROM {}", f.table)],
+        )
+        .unwrap();
+    let widened = run_from_row(
+        &f.client
+            .query_one(&format!("SELECT {RUN_COLUMNS} FROM retl.run($1, allow_schema_change => true, wait => true)"), &[&f.sync])
+            .unwrap(),
+    );
+    assert_eq!((widened.status.as_str(), widened.inserts + widened.updates + widened.deletes), ("succeeded", 0), "{widened:?}");
+    assert_eq!(fake.request_count(), 0);
 }
 
 /// An insert-mode sync sends new keys only; an update-mode sync sends changed ones too, as

@@ -83,7 +83,14 @@ fn for_each_row(
         args.iter().map(|a| a.datum().map(|d| d.sans_lifetime()).unwrap_or(pg_sys::Datum::from(0usize))).collect();
     let nulls: Vec<std::ffi::c_char> = args.iter().map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char).collect();
     let mut portal: pg_sys::Portal = std::ptr::null_mut();
-    as_role(&mut || unsafe {
+    let open = |f: &mut dyn FnMut()| {
+        if role == pg_sys::InvalidOid {
+            f()
+        } else {
+            plan::as_model_owner(role, || f())
+        }
+    };
+    open(&mut || unsafe {
         portal = pg_sys::SPI_cursor_open_with_args(
             std::ptr::null(),
             query.as_ptr(),

@@ -248,6 +248,31 @@ pub fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// Runs `f`, which plans a model's query, as the sync's owner; in a worker, also with `jit` as
+/// the server has it (the worker's session turns it off for its own statements, see worker.rs;
+/// a model is the user's query, planned as a session of theirs would plan it).
+pub fn as_model_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    let jit = unsafe { pg_sys::GetConfigOptionResetString(c"jit".as_ptr()) };
+    if unsafe { pg_sys::IsBackgroundWorker } && !jit.is_null() {
+        unsafe {
+            pg_sys::set_config_option(
+                c"jit".as_ptr(),
+                jit,
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+    let out = identity::as_role(owner, f);
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    out
+}
+
 /// A model column as it goes into a payload: its value, or for bytea its base64 text (without
 /// the line breaks `encode` puts every 76 characters).
 fn column_value(sync: &SyncDef, prefix: &str, col: &str) -> String {
@@ -514,7 +539,7 @@ fn drop_plan_table(client: &mut SpiClient) -> Result<(), pgrx::spi::SpiError> {
 /// keys. Restricted to some keys, the check still sees every row carrying one of them.
 fn materialize(client: &mut SpiClient, sync: &SyncDef, scope: &Scope) -> Result<i64, RetlError> {
     let columns = check_columns(client, sync)?;
-    let materialized = identity::as_role(sync.owner, || {
+    let materialized = as_model_owner(sync.owner, || {
         drop_plan_table(client)?;
         let filled = match scope {
             Scope::Model => {

@@ -69,6 +69,7 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&settings::database_name()), None);
     name_in_pg_stat_activity(n);
+    no_jit_for_bookkeeping();
     shared::set_worker_state(n, WorkerState::Starting, 0, 0);
     log!("pg_reverse_etl worker {} started in database \"{}\"", n + 1, settings::database_name());
 
@@ -86,6 +87,17 @@ pub extern "C-unwind" fn retl_worker_main(arg: pg_sys::Datum) {
     // Exit code 1: the postmaster starts the worker again after retl's restart interval if it
     // was stopped on its own (pg_terminate_backend); at server shutdown it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// The worker's own statements (run queue, alerts, acknowledgements) touch a few rows each, but
+/// the planner can cost them high enough to be JIT-compiled: the alert pass, with a large
+/// outbox, crossed `jit_above_cost` and spent 0.8 s compiling every 2 s, when it runs in 5 ms
+/// without. So the worker's session has `jit` off; a model's query is planned with the server's
+/// setting (plan::with_model_settings).
+fn no_jit_for_bookkeeping() {
+    unsafe {
+        pg_sys::SetConfigOption(c"jit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+    }
 }
 
 /// application_name "pg_reverse_etl worker N", so each worker is told apart in pg_stat_activity.
