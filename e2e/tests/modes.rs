@@ -4,17 +4,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn ops_sent(fake: &FakeWebhook) -> Vec<(String, String)> {
-    let mut ops: Vec<(String, String)> = fake
-        .requests()
-        .iter()
-        .flat_map(|r| r.body.clone().unwrap()["records"].as_array().unwrap().clone())
-        .map(|rec| (rec["op"].as_str().unwrap().to_string(), rec["key"].to_string()))
-        .collect();
-    ops.sort();
-    ops
-}
-
 #[test]
 fn mirror_deletes_exactly_the_removed_keys() {
     let fake = FakeWebhook::start();

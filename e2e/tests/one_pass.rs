@@ -7,17 +7,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn ops_sent(fake: &FakeWebhook) -> Vec<(String, String)> {
-    let mut ops: Vec<(String, String)> = fake
-        .requests()
-        .iter()
-        .flat_map(|r| r.body.clone().unwrap()["records"].as_array().unwrap().clone())
-        .map(|rec| (rec["op"].as_str().unwrap().to_string(), rec["key"].to_string()))
-        .collect();
-    ops.sort();
-    ops
-}
-
 fn preview(f: &mut Fixture) -> Vec<(String, String)> {
     f.client
         .query("SELECT op, key::text FROM retl.preview($1) ORDER BY key", &[&f.sync])

@@ -425,30 +425,8 @@ fn a_live_sync_survives_the_upgrade_from_0_6_0_and_its_model_can_then_be_changed
     ))
     .unwrap();
     let base = unique("up6");
-    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
-    // Defined with the 0.6.0 API; the state a 0.6.0 worker leaves (rows 1-4 acknowledged with
-    // hashes of version 3, row 5 not yet sent) is written as such: the workers wait for 0.7.0.
-    c.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
-         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
-         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
-         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
-         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'upsert');
-         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
-                                started_at, planned_at, finished_at, plan_scope, model_columns)
-         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
-                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
-           FROM retl.syncs WHERE name = '{sync}';
-         INSERT INTO retl.snapshots (sync_id, key, hash)
-         SELECT s.id, jsonb_build_object('id', m.id),
-                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
-           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
-        url = fake.url()
-    ))
-    .unwrap();
-    for id in 1..=4i64 {
-        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
-    }
+    // Defined with the 0.6.0 API: the workers wait for 0.7.0.
+    let (table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "upsert");
 
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
 
@@ -487,30 +465,8 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
     ))
     .unwrap();
     let base = unique("up7");
-    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
-    // Defined with the 0.7.0 API; the state a 0.7.0 worker leaves (rows 1-4 acknowledged with
-    // hashes of version 3, row 5 not yet sent) is written as such: the workers wait for 0.8.0.
-    c.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
-         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
-         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
-         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
-         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => 'mirror');
-         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
-                                started_at, planned_at, finished_at, plan_scope, model_columns)
-         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
-                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
-           FROM retl.syncs WHERE name = '{sync}';
-         INSERT INTO retl.snapshots (sync_id, key, hash)
-         SELECT s.id, jsonb_build_object('id', m.id),
-                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
-           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
-        url = fake.url()
-    ))
-    .unwrap();
-    for id in 1..=4i64 {
-        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
-    }
+    // Defined with the 0.7.0 API: the workers wait for 0.8.0.
+    let (table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "mirror");
 
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
 
@@ -545,6 +501,36 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
     assert_eq!((run.status.as_str(), run.updates, run.deletes, run.delivered), ("succeeded", 1, 1, 2), "{run:?}");
     assert_eq!(fake4.records(), model_records(&mut c, &model));
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync4}')")).unwrap();
+}
+
+/// A sync as a worker of 0.6.0 or 0.7.0 leaves it, written as such (the workers wait for the
+/// library's version): a table and model of rows 1-5, a `mode` sync to `fake` whose run
+/// acknowledged rows 1-4 with hashes of version 3 (the fake holds them), row 5 not yet sent.
+/// Returns (table, model, sync).
+fn live_sync_with_v3_hashes(c: &mut postgres::Client, fake: &FakeWebhook, base: &str, mode: &str) -> (String, String, String) {
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, email text, score int);
+         INSERT INTO {table} SELECT i, 'u' || i || '@example.com', i FROM generate_series(1, 5) i;
+         SELECT retl.create_model(name => '{model}', query => 'SELECT id, email, score FROM {table}', primary_key => '{{id}}');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => '{mode}');
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, delivered, api_calls,
+                                started_at, planned_at, finished_at, plan_scope, model_columns)
+         SELECT id, 'manual', 'succeeded', 4, 4, 4, 1, now(), now(), now(), 'model',
+                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
+           FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.snapshots (sync_id, key, hash)
+         SELECT s.id, jsonb_build_object('id', m.id),
+                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
+           FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
+        url = fake.url()
+    ))
+    .unwrap();
+    for id in 1..=4i64 {
+        fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
+    }
+    (table, model, sync)
 }
 
 /// The model's rows as a webhook destination holds them: canonical key JSON -> payload.

@@ -261,3 +261,15 @@ pub fn recipe(name: &str) -> String {
     let block = &text[start..];
     block.split("```sql").nth(1).and_then(|b| b.split("```").next()).expect("a sql block").to_string()
 }
+
+/// Every record the fake answered, as (op, key JSON), sorted.
+pub fn ops_sent(fake: &FakeWebhook) -> Vec<(String, String)> {
+    let mut ops: Vec<(String, String)> = fake
+        .requests()
+        .iter()
+        .flat_map(|r| r.body.clone().unwrap()["records"].as_array().unwrap().clone())
+        .map(|rec| (rec["op"].as_str().unwrap().to_string(), rec["key"].to_string()))
+        .collect();
+    ops.sort();
+    ops
+}
