@@ -220,3 +220,32 @@ fn a_key_seen_twice_or_null_after_the_first_run_is_refused_with_nothing_queued()
     assert_eq!(ops_sent(&fake), [("upsert".to_string(), key(1))]);
     assert_eq!(fake.records(), f.model_state());
 }
+
+/// An outbox row's sync is its run's (0.8.0 checks only the run's foreign key): dropping a sync
+/// whose run failed with rows still queued leaves none of its rows behind, nor its snapshot or
+/// runs.
+#[test]
+fn dropping_a_sync_leaves_nothing_of_it_behind() {
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 5, "upsert", "", None);
+    assert_eq!(f.run().delivered, 5);
+    // Every request refused from now on: the next run fails with its rows queued.
+    f.exec(&format!("ALTER SERVER {} OPTIONS (SET url 'http://127.0.0.1:9/hook')", f.server));
+    f.exec(&format!("UPDATE {} SET score = score + 1", f.table));
+    let failed = f.run();
+    assert_eq!((failed.status.as_str(), failed.updates), ("failed", 5), "{failed:?}");
+    let id: i64 = f.client.query_one("SELECT id FROM retl.syncs WHERE name = $1", &[&f.sync]).unwrap().get(0);
+    let left = |c: &mut postgres::Client| -> (i64, i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM retl.outbox WHERE sync_id = $1), (SELECT count(*) FROM retl.snapshots WHERE sync_id = $1),
+                        (SELECT count(*) FROM retl.runs WHERE sync_id = $1)",
+                &[&id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(left(&mut f.client), (5, 5, 2));
+    f.exec(&format!("SELECT retl.drop_sync('{}')", f.sync));
+    assert_eq!(left(&mut f.client), (0, 0, 0));
+}

@@ -118,16 +118,21 @@ pub struct FingerprintIndex {
 impl FingerprintIndex {
     /// From (key identity, field hash) pairs.
     pub fn new(pairs: Vec<(u128, u64)>) -> Self {
-        Self::from_chunks(vec![pairs])
+        Self::from_chunks(vec![pairs.into_iter().map(|(key, fields)| Self::entry(key, fields)).collect()])
     }
 
-    /// From chunks of (key identity, field hash) pairs, as a reader fetches them: each chunk is
-    /// freed once copied into the index (24 bytes a row, allocated once), so that building the
-    /// index of 10M rows never holds much more than its 240 MB and the pairs' 320 MB.
-    pub fn from_chunks(chunks: Vec<Vec<(u128, u64)>>) -> Self {
+    /// An entry of the index: what [`FingerprintIndex::from_chunks`] takes.
+    pub fn entry(key: u128, fields: u64) -> [u64; 3] {
+        [(key >> 64) as u64, key as u64, fields]
+    }
+
+    /// From chunks of entries, as a reader fetches them: each chunk is freed once copied into
+    /// the index (24 bytes a row, allocated once), so that building the index of 10M rows holds
+    /// little more than twice its 240 MB at any time.
+    pub fn from_chunks(chunks: Vec<Vec<[u64; 3]>>) -> Self {
         let mut entries: Vec<[u64; 3]> = Vec::with_capacity(chunks.iter().map(Vec::len).sum());
         for chunk in chunks {
-            entries.extend(chunk.into_iter().map(|(key, fields)| [(key >> 64) as u64, key as u64, fields]));
+            entries.extend(chunk);
         }
         entries.sort_unstable_by_key(|e| e[0]);
         // About one bucket per entry, fewer than 2^32 entries (u32 offsets).

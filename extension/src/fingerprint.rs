@@ -147,32 +147,42 @@ unsafe fn push(input: &mut FingerprintInput, digits: &mut String, is_key: bool, 
         How::Float4 => add(Part::Float4, &(raw as u32).to_le_bytes()),
         How::Float8 => add(Part::Float8, &(raw as u64).to_le_bytes()),
         How::Uuid => add(Part::Uuid, unsafe { std::slice::from_raw_parts(value.cast_mut_ptr::<u8>(), 16) }),
-        How::Varlena(part) => {
-            let original = value.cast_mut_ptr::<pg_sys::varlena>();
-            let detoasted = unsafe { pg_sys::pg_detoast_datum_packed(original) };
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    pgrx::varlena::vardata_any(detoasted) as *const u8,
-                    pgrx::varlena::varsize_any_exhdr(detoasted),
-                )
-            };
-            if *part == Part::Numeric && cfg!(target_endian = "big") {
-                // numeric is 16-bit units (header, weight, digits): hashed little-endian.
-                let swapped: Vec<u8> = bytes.chunks(2).flat_map(|c| c.iter().rev().copied()).collect();
-                add(*part, &swapped);
-            } else {
-                add(*part, bytes);
-            }
-            if detoasted != original {
-                unsafe { pg_sys::pfree(detoasted.cast()) };
-            }
-        }
+        How::Varlena(part) => unsafe {
+            with_varlena_bytes(value, |bytes| {
+                if *part == Part::Numeric && cfg!(target_endian = "big") {
+                    // numeric is 16-bit units (header, weight, digits): hashed little-endian.
+                    let swapped: Vec<u8> = bytes.chunks(2).flat_map(|c| c.iter().rev().copied()).collect();
+                    add(*part, &swapped);
+                } else {
+                    add(*part, bytes);
+                }
+            })
+        },
         How::Output(part, finfo) => {
             let text = unsafe { pg_sys::OutputFunctionCall(&**finfo as *const _ as *mut _, value) };
             add(*part, unsafe { std::ffi::CStr::from_ptr(text) }.to_bytes());
             unsafe { pg_sys::pfree(text.cast()) };
         }
     }
+}
+
+/// `f` over a varlena datum's bytes, detoasted if need be: a short inline value is read where
+/// it is, and a copy made to detoast it is freed afterwards (so that reading millions of
+/// values leaves nothing behind in the current memory context).
+///
+/// # Safety
+/// `value` is a varlena datum.
+pub unsafe fn with_varlena_bytes<R>(value: pg_sys::Datum, f: impl FnOnce(&[u8]) -> R) -> R {
+    let original = value.cast_mut_ptr::<pg_sys::varlena>();
+    let detoasted = unsafe { pg_sys::pg_detoast_datum_packed(original) };
+    let bytes = unsafe {
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(detoasted) as *const u8, pgrx::varlena::varsize_any_exhdr(detoasted))
+    };
+    let out = f(bytes);
+    if detoasted != original {
+        unsafe { pg_sys::pfree(detoasted.cast()) };
+    }
+    out
 }
 
 /// The fingerprint (version 4) of a model row: `row` holds the key's `key_columns` values,

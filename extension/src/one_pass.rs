@@ -11,7 +11,7 @@
 //! seen twice, or NULL, hands the plan back to the SQL plan, which reports it exactly as it
 //! always has.
 
-use crate::fingerprint::Fingerprinter;
+use crate::fingerprint::{with_varlena_bytes, Fingerprinter};
 use crate::identity;
 use crate::plan::{self, Mode, SyncDef};
 use pgrx::datum::DatumWithOid;
@@ -46,14 +46,14 @@ pub fn applies(sync: &SyncDef) -> bool {
 /// worker's). Each is read in place, without a copy: a palloc'd copy per row would stay in the
 /// plan's memory until its end (480 MB for 10M rows).
 fn load_snapshot(sync: &SyncDef) -> FingerprintIndex {
-    let mut chunks: Vec<Vec<(u128, u64)>> = Vec::new();
-    let mut chunk: Vec<(u128, u64)> = Vec::with_capacity(FETCH_ROWS as usize);
+    let mut chunks: Vec<Vec<[u64; 3]>> = Vec::new();
+    let mut chunk: Vec<[u64; 3]> = Vec::with_capacity(FETCH_ROWS as usize);
     let query = "SELECT hash FROM retl.snapshots WHERE sync_id = $1";
     let mut bad = false;
-    for_each_row(query, &[sync.id.into()], pg_sys::InvalidOid, |values, nulls, _| {
-        let parsed = (!nulls[0]).then(|| unsafe { varlena_bytes(values[0], |bytes| split_fingerprint(bytes)) }).flatten();
+    for_each_row(query, &[sync.id.into()], None, |values, nulls, _| {
+        let parsed = (!nulls[0]).then(|| unsafe { with_varlena_bytes(values[0], split_fingerprint) }).flatten();
         match parsed {
-            Some(pair) => chunk.push(pair),
+            Some((key, fields)) => chunk.push(FingerprintIndex::entry(key, fields)),
             None => bad = true,
         }
         if chunk.len() == chunk.capacity() {
@@ -67,36 +67,19 @@ fn load_snapshot(sync: &SyncDef) -> FingerprintIndex {
     FingerprintIndex::from_chunks(chunks)
 }
 
-/// `f` over a varlena datum's bytes, detoasted if need be (a short inline value is read where
-/// it is; a copy made to detoast is freed afterwards).
-unsafe fn varlena_bytes<R>(value: pg_sys::Datum, f: impl FnOnce(&[u8]) -> R) -> R {
-    let original = value.cast_mut_ptr::<pg_sys::varlena>();
-    let detoasted = unsafe { pg_sys::pg_detoast_datum_packed(original) };
-    let bytes = unsafe {
-        std::slice::from_raw_parts(pgrx::varlena::vardata_any(detoasted) as *const u8, pgrx::varlena::varsize_any_exhdr(detoasted))
-    };
-    let out = f(bytes);
-    if detoasted != original {
-        unsafe { pg_sys::pfree(detoasted.cast()) };
-    }
-    out
-}
-
 /// Runs `query` through a cursor and calls `row` with each row's values (as the cursor's
-/// tuple descriptor describes them) and the raw tuple, fetching (and running the query) as
-/// `role` when it is valid, as the current user otherwise.
+/// tuple descriptor describes them) and the raw tuple. With `model_owner`, the query is a
+/// model's: planned and run as that role (plan::as_model_owner); without, as the current user.
 fn for_each_row(
     query: &str,
     args: &[DatumWithOid],
-    role: pg_sys::Oid,
+    model_owner: Option<pg_sys::Oid>,
     mut row: impl FnMut(&[pg_sys::Datum], &[bool], pg_sys::HeapTuple),
 ) {
-    let as_role = |f: &mut dyn FnMut()| {
-        if role == pg_sys::InvalidOid {
-            f()
-        } else {
-            identity::as_role(role, || f())
-        }
+    let as_owner = |f: &mut dyn FnMut(), open: bool| match model_owner {
+        None => f(),
+        Some(owner) if open => plan::as_model_owner(owner, || f()),
+        Some(owner) => identity::as_role(owner, || f()),
     };
     let query = CString::new(query).expect("no NUL in generated SQL");
     let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
@@ -104,14 +87,7 @@ fn for_each_row(
         args.iter().map(|a| a.datum().map(|d| d.sans_lifetime()).unwrap_or(pg_sys::Datum::from(0usize))).collect();
     let nulls: Vec<std::ffi::c_char> = args.iter().map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char).collect();
     let mut portal: pg_sys::Portal = std::ptr::null_mut();
-    let open = |f: &mut dyn FnMut()| {
-        if role == pg_sys::InvalidOid {
-            f()
-        } else {
-            plan::as_model_owner(role, || f())
-        }
-    };
-    open(&mut || unsafe {
+    as_owner(&mut || unsafe {
         portal = pg_sys::SPI_cursor_open_with_args(
             std::ptr::null(),
             query.as_ptr(),
@@ -122,13 +98,16 @@ fn for_each_row(
             false,
             0,
         );
-    });
+    }, true);
     let mut datums: Vec<pg_sys::Datum> = Vec::new();
     let mut isnull: Vec<bool> = Vec::new();
     loop {
-        as_role(&mut || unsafe { pg_sys::SPI_cursor_fetch(portal, true, FETCH_ROWS as _) });
+        as_owner(&mut || unsafe { pg_sys::SPI_cursor_fetch(portal, true, FETCH_ROWS as _) }, false);
         let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-        if table.is_null() || count == 0 {
+        if count == 0 {
+            if !table.is_null() {
+                unsafe { pg_sys::SPI_freetuptable(table) };
+            }
             break;
         }
         unsafe {
@@ -280,7 +259,7 @@ pub fn plan(client: &mut SpiClient, sync: &SyncDef, columns: &[String], run_id: 
     let mut key_problem = false;
     let (mut pending_new, mut pending_changed) = (Pending::new("retl one-pass new rows"), Pending::new("retl one-pass changed rows"));
     let query = format!("SELECT m.* FROM retl_models.{} m", quote_identifier(&sync.source));
-    for_each_row(&query, &[], sync.owner, |values, nulls, tuple| {
+    for_each_row(&query, &[], Some(sync.owner), |values, nulls, tuple| {
         if key_problem {
             return;
         }
