@@ -393,20 +393,8 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
 
     // A sync created now gets fingerprints (version 4): everything once, then nothing; a
     // numeric's trailing zero and an interval written differently are changes.
-    let (server3, sync3) = (format!("{base}_d3"), format!("{base}_s3"));
     let fake3 = FakeWebhook::start();
-    c.batch_execute(&format!(
-        "CREATE SERVER {server3} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
-         SELECT retl.create_sync(name => '{sync3}', model => '{model}', destination => '{server3}', mode => 'upsert');",
-        url = fake3.url()
-    ))
-    .unwrap();
-    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync3]).unwrap().get(0);
-    assert_eq!(version, 4);
-    assert_eq!(run_sync(&mut c, &sync3).delivered, 5);
-    assert_eq!(fake3.records(), model_records(&mut c, &model));
-    let run = run_sync(&mut c, &sync3);
-    assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
+    let sync3 = a_new_sync_gets_fingerprints(&mut c, &fake3, &format!("{base}_3"), &model, "upsert", 5);
     c.batch_execute(&format!("UPDATE {table} SET score = 3.00 WHERE id = 3; UPDATE {table} SET seen = interval '96 hours' WHERE id = 4"))
         .unwrap();
     let run = run_sync(&mut c, &sync3);
@@ -483,19 +471,8 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
 
     // A sync created after the upgrade gets fingerprints and the one-pass plan: everything
     // once, then nothing, then exactly what changed.
-    let (server4, sync4) = (format!("{base}_d4"), format!("{base}_s4"));
     let fake4 = FakeWebhook::start();
-    c.batch_execute(&format!(
-        "CREATE SERVER {server4} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
-         SELECT retl.create_sync(name => '{sync4}', model => '{model}', destination => '{server4}', mode => 'mirror');",
-        url = fake4.url()
-    ))
-    .unwrap();
-    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync4]).unwrap().get(0);
-    assert_eq!(version, 4);
-    assert_eq!(run_sync(&mut c, &sync4).delivered, 4);
-    let run = run_sync(&mut c, &sync4);
-    assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
+    let sync4 = a_new_sync_gets_fingerprints(&mut c, &fake4, &format!("{base}_4"), &model, "mirror", 4);
     c.batch_execute(&format!("UPDATE {table} SET score = 20 WHERE id = 2; DELETE FROM {table} WHERE id = 3")).unwrap();
     let run = run_sync(&mut c, &sync4);
     assert_eq!((run.status.as_str(), run.updates, run.deletes, run.delivered), ("succeeded", 1, 1, 2), "{run:?}");
@@ -531,6 +508,25 @@ fn live_sync_with_v3_hashes(c: &mut postgres::Client, fake: &FakeWebhook, base: 
         fake.preload(json!({"id": id}), json!({"id": id, "email": format!("u{id}@example.com"), "score": id}));
     }
     (table, model, sync)
+}
+
+/// A `mode` sync of `model` (`rows` rows) created after an upgrade, to `fake`: it gets
+/// fingerprints (hash version 4), its first run sends every row, the next nothing. Returns it.
+fn a_new_sync_gets_fingerprints(c: &mut postgres::Client, fake: &FakeWebhook, base: &str, model: &str, mode: &str, rows: i64) -> String {
+    let (server, sync) = (format!("{base}_d"), format!("{base}_s"));
+    c.batch_execute(&format!(
+        "CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}', mode => '{mode}');",
+        url = fake.url()
+    ))
+    .unwrap();
+    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
+    assert_eq!(version, 4);
+    assert_eq!(run_sync(c, &sync).delivered, rows);
+    assert_eq!(fake.records(), model_records(c, model));
+    let run = run_sync(c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
+    sync
 }
 
 /// The model's rows as a webhook destination holds them: canonical key JSON -> payload.
