@@ -102,17 +102,19 @@ pub fn split_fingerprint(fingerprint: &[u8]) -> Option<(u128, u64)> {
 }
 
 /// A snapshot's fingerprints in memory, for the one-pass plan: found by key identity, each
-/// marked once its row is seen in the model (the rest are gone from it). Bucketed by the
-/// identity's top bits (identities are uniform, so a bucket holds about one entry): a probe
-/// reads two places, and the index takes 24 bytes per row plus at most 4, where a hash map
-/// would take about twice that.
+/// marked once its row is seen in the model (the rest are gone from it). Sorted by the
+/// identity's top bits and bucketed by them, about 16 entries a bucket (identities are
+/// uniform): the bucket offsets (4 bytes per 16 rows) and the seen marks (a bit a row) stay in
+/// the processor's cache, so a probe costs about one miss, in the entries, where one bucket per
+/// entry cost two (the probes were a third of a zero-change plan). 24 bytes a row in all.
 pub struct FingerprintIndex {
     /// (key identity high half, low half, field hash), sorted by the high half.
     entries: Vec<[u64; 3]>,
     /// entries[starts[b]..starts[b + 1]] is bucket b.
     starts: Vec<u32>,
     bits: u32,
-    seen: Vec<bool>,
+    /// One bit per entry.
+    seen: Vec<u64>,
 }
 
 impl FingerprintIndex {
@@ -135,8 +137,8 @@ impl FingerprintIndex {
             entries.extend(chunk);
         }
         entries.sort_unstable_by_key(|e| e[0]);
-        // About one bucket per entry, fewer than 2^32 entries (u32 offsets).
-        let bits = usize::BITS - 1 - entries.len().max(1).leading_zeros();
+        // About 16 entries a bucket, fewer than 2^32 entries (u32 offsets).
+        let bits = (usize::BITS - 1 - entries.len().max(1).leading_zeros()).saturating_sub(4);
         let mut starts = vec![0u32; (1usize << bits) + 1];
         for e in &entries {
             starts[Self::bucket(e[0], bits) + 1] += 1;
@@ -144,7 +146,7 @@ impl FingerprintIndex {
         for b in 1..starts.len() {
             starts[b] += starts[b - 1];
         }
-        let seen = vec![false; entries.len()];
+        let seen = vec![0u64; entries.len().div_ceil(64)];
         FingerprintIndex { entries, starts, bits, seen }
     }
 
@@ -172,16 +174,16 @@ impl FingerprintIndex {
     }
 
     pub fn is_seen(&self, i: usize) -> bool {
-        self.seen[i]
+        self.seen[i / 64] & (1 << (i % 64)) != 0
     }
 
     pub fn set_seen(&mut self, i: usize) {
-        self.seen[i] = true;
+        self.seen[i / 64] |= 1 << (i % 64);
     }
 
     /// The entries not marked seen.
     pub fn unseen(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.entries.len()).filter(|&i| !self.seen[i])
+        (0..self.entries.len()).filter(|&i| !self.is_seen(i))
     }
 
     /// Entry i's fingerprint, as stored.
