@@ -12,7 +12,6 @@
 //! always has.
 
 use crate::fingerprint::{with_varlena_bytes, Fingerprinter};
-use crate::identity;
 use crate::plan::{self, Mode, SyncDef};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -76,10 +75,9 @@ fn for_each_row(
     model_owner: Option<pg_sys::Oid>,
     mut row: impl FnMut(&[pg_sys::Datum], &[bool], pg_sys::HeapTuple),
 ) {
-    let as_owner = |f: &mut dyn FnMut(), open: bool| match model_owner {
+    let as_owner = |f: &mut dyn FnMut()| match model_owner {
         None => f(),
-        Some(owner) if open => plan::as_model_owner(owner, || f()),
-        Some(owner) => identity::as_role(owner, || f()),
+        Some(owner) => plan::as_model_owner(owner, || f()),
     };
     let query = CString::new(query).expect("no NUL in generated SQL");
     let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
@@ -98,11 +96,11 @@ fn for_each_row(
             false,
             0,
         );
-    }, true);
+    });
     let mut datums: Vec<pg_sys::Datum> = Vec::new();
     let mut isnull: Vec<bool> = Vec::new();
     loop {
-        as_owner(&mut || unsafe { pg_sys::SPI_cursor_fetch(portal, true, FETCH_ROWS as _) }, false);
+        as_owner(&mut || unsafe { pg_sys::SPI_cursor_fetch(portal, true, FETCH_ROWS as _) });
         let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
         if count == 0 {
             if !table.is_null() {

@@ -8,6 +8,7 @@ use crate::safeguards::{self, Allowed, Planned, Safeguards};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
+use std::ffi::{CStr, CString};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -215,7 +216,7 @@ fn build_object(sync: &SyncDef, pairs: &[(String, String)]) -> String {
 /// only change how values are written, never how a model's query reads its input. The time
 /// zone is the server's (what workers run with), so a preview in a session with another
 /// TimeZone shows what a run sends, and `current_date` in a model means the same in both.
-const OUTPUT_SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+const OUTPUT_SETTINGS: &[(&CStr, &CStr)] = &[
     (c"IntervalStyle", c"iso_8601"),
     // The output style only: the input order (MDY, DMY, YMD) a model's literals use is kept.
     (c"DateStyle", c"ISO"),
@@ -224,12 +225,34 @@ const OUTPUT_SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
 ];
 
 /// Runs `f` under [`OUTPUT_SETTINGS`] and the server's TimeZone, restoring the caller's
-/// settings afterwards (an error restores them with the transaction's abort).
+/// settings afterwards.
 pub fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
+    let time_zone = server_setting(c"TimeZone");
+    let settings: Vec<(&CStr, &CStr)> =
+        OUTPUT_SETTINGS.iter().copied().chain(time_zone.as_deref().map(|tz| (c"TimeZone", tz))).collect();
+    with_settings(&settings, f)
+}
+
+/// Runs `f`, which plans a model's query, as the sync's owner; in a worker, also with `jit` as
+/// the server has it (the worker's session turns it off for its own statements, see worker.rs;
+/// a model is the user's query, planned as a session of theirs would plan it).
+pub fn as_model_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let jit = if unsafe { pg_sys::IsBackgroundWorker } { server_setting(c"jit") } else { None };
+    let settings: Vec<(&CStr, &CStr)> = jit.as_deref().map(|jit| (c"jit", jit)).into_iter().collect();
+    with_settings(&settings, || identity::as_role(owner, f))
+}
+
+/// A setting's value as the server has it (its reset value, whatever this session set).
+fn server_setting(name: &CStr) -> Option<CString> {
+    let value = unsafe { pg_sys::GetConfigOptionResetString(name.as_ptr()) };
+    (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_owned())
+}
+
+/// Runs `f` with `settings` in force, restoring the caller's afterwards (an error restores
+/// them with the transaction's abort).
+fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    let server_time_zone = unsafe { pg_sys::GetConfigOptionResetString(c"TimeZone".as_ptr()) };
-    let time_zone = (!server_time_zone.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(server_time_zone) }.to_owned());
-    for (name, value) in OUTPUT_SETTINGS.iter().copied().chain(time_zone.as_deref().map(|tz| (c"TimeZone", tz))) {
+    for (name, value) in settings {
         unsafe {
             pg_sys::set_config_option(
                 name.as_ptr(),
@@ -244,31 +267,6 @@ pub fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     let out = f();
-    unsafe { pg_sys::AtEOXact_GUC(true, level) };
-    out
-}
-
-/// Runs `f`, which plans a model's query, as the sync's owner; in a worker, also with `jit` as
-/// the server has it (the worker's session turns it off for its own statements, see worker.rs;
-/// a model is the user's query, planned as a session of theirs would plan it).
-pub fn as_model_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let level = unsafe { pg_sys::NewGUCNestLevel() };
-    let jit = unsafe { pg_sys::GetConfigOptionResetString(c"jit".as_ptr()) };
-    if unsafe { pg_sys::IsBackgroundWorker } && !jit.is_null() {
-        unsafe {
-            pg_sys::set_config_option(
-                c"jit".as_ptr(),
-                jit,
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-    }
-    let out = identity::as_role(owner, f);
     unsafe { pg_sys::AtEOXact_GUC(true, level) };
     out
 }
