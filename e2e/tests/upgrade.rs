@@ -380,11 +380,8 @@ fn a_live_sync_keeps_its_row_hashes_through_the_upgrade_from_0_5_0_and_new_syncs
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
 
     // The sync keeps hashing as its snapshot was hashed: the next run sends only row 5.
-    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
-    assert_eq!(version, 2);
-    let run = run_sync(&mut c, &sync);
-    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
-    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    assert_eq!(hash_version(&mut c, &sync), 2);
+    only_the_missing_row_5_is_sent(&mut c, &fake, &sync);
     // Version 2 hashes the text, so a numeric's new trailing zero is a change there.
     c.batch_execute(&format!("UPDATE {table} SET score = 2.0 WHERE id = 2")).unwrap();
     let run = run_sync(&mut c, &sync);
@@ -424,9 +421,7 @@ fn a_live_sync_survives_the_upgrade_from_0_6_0_and_its_model_can_then_be_changed
         .unwrap()
         .get(0);
     assert_eq!(runs, 1);
-    let run = run_sync(&mut c, &sync);
-    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
-    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    only_the_missing_row_5_is_sent(&mut c, &fake, &sync);
     assert_eq!(fake.records(), model_records(&mut c, &model));
 
     // What 0.7.0 adds works on the upgraded catalog: the model changes in place (one row's
@@ -459,11 +454,8 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
 
     // The sync keeps its version 3 hashes (and the SQL plan): the next run sends only row 5.
-    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
-    assert_eq!(version, 3);
-    let run = run_sync(&mut c, &sync);
-    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
-    assert_eq!(keys_in_request(&fake, 0), [key(5)].into_iter().collect());
+    assert_eq!(hash_version(&mut c, &sync), 3);
+    only_the_missing_row_5_is_sent(&mut c, &fake, &sync);
     c.batch_execute(&format!("DELETE FROM {table} WHERE id = 1")).unwrap();
     let run = run_sync(&mut c, &sync);
     assert_eq!((run.status.as_str(), run.deletes, run.delivered), ("succeeded", 1, 1), "{run:?}");
@@ -520,13 +512,25 @@ fn a_new_sync_gets_fingerprints(c: &mut postgres::Client, fake: &FakeWebhook, ba
         url = fake.url()
     ))
     .unwrap();
-    let version: i16 = c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0);
-    assert_eq!(version, 4);
+    assert_eq!(hash_version(c, &sync), 4);
     assert_eq!(run_sync(c, &sync).delivered, rows);
     assert_eq!(fake.records(), model_records(c, model));
     let run = run_sync(c, &sync);
     assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
     sync
+}
+
+/// The sync's hash version.
+fn hash_version(c: &mut postgres::Client, sync: &str) -> i16 {
+    c.query_one("SELECT hash_version FROM retl.syncs WHERE name = $1", &[&sync]).unwrap().get(0)
+}
+
+/// The next run of a sync whose rows 1-4 were acknowledged before the upgrade (their hashes
+/// kept) sends row 5 alone, in the fake's first request.
+fn only_the_missing_row_5_is_sent(c: &mut postgres::Client, fake: &FakeWebhook, sync: &str) {
+    let run = run_sync(c, sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.delivered), ("succeeded", 1, 0, 1), "{run:?}");
+    assert_eq!(keys_in_request(fake, 0), [key(5)].into_iter().collect());
 }
 
 /// The model's rows as a webhook destination holds them: canonical key JSON -> payload.
