@@ -13,7 +13,7 @@
 
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
-use retl_engine::hash::{fingerprint_seed, FingerprintInput, Part, FINGERPRINT_LEN};
+use retl_engine::hash::{decimal, fingerprint_seed, FingerprintInput, Part, FINGERPRINT_LEN};
 
 /// How one column's values go into a fingerprint, decided once from its type.
 enum How {
@@ -84,7 +84,6 @@ pub struct Fingerprinter {
     fields: Vec<(usize, How)>,
     seed: u64,
     input: FingerprintInput,
-    digits: String,
 }
 
 impl Fingerprinter {
@@ -97,7 +96,6 @@ impl Fingerprinter {
             fields: field_attrs.iter().map(|&i| (i, field_how(type_of(i)))).collect(),
             seed: fingerprint_seed(signature),
             input: FingerprintInput::default(),
-            digits: String::new(),
         }
     }
 
@@ -110,16 +108,16 @@ impl Fingerprinter {
         let mut key_is_null = false;
         for (i, how) in &self.keys {
             key_is_null |= nulls[*i];
-            unsafe { push(&mut self.input, &mut self.digits, true, how, values[*i], nulls[*i]) };
+            unsafe { push(&mut self.input, true, how, values[*i], nulls[*i]) };
         }
         for (i, how) in &self.fields {
-            unsafe { push(&mut self.input, &mut self.digits, false, how, values[*i], nulls[*i]) };
+            unsafe { push(&mut self.input, false, how, values[*i], nulls[*i]) };
         }
         (self.input.finish(self.seed), key_is_null)
     }
 }
 
-unsafe fn push(input: &mut FingerprintInput, digits: &mut String, is_key: bool, how: &How, value: pg_sys::Datum, null: bool) {
+unsafe fn push(input: &mut FingerprintInput, is_key: bool, how: &How, value: pg_sys::Datum, null: bool) {
     let mut add = |part: Part, bytes: &[u8]| if is_key { input.key(part, bytes) } else { input.field(part, bytes) };
     if null {
         return add(Part::Null, b"");
@@ -133,10 +131,8 @@ unsafe fn push(input: &mut FingerprintInput, digits: &mut String, is_key: bool, 
                 _ => raw as i64,
             };
             if matches!(how, How::KeyInteger(_)) {
-                use std::fmt::Write;
-                digits.clear();
-                let _ = write!(digits, "{n}");
-                add(Part::KeyNumber, digits.as_bytes());
+                let mut digits = [0u8; 20];
+                add(Part::KeyNumber, decimal(n, &mut digits));
             } else {
                 add(Part::Integer, &n.to_le_bytes());
             }
@@ -174,7 +170,10 @@ unsafe fn push(input: &mut FingerprintInput, digits: &mut String, is_key: bool, 
 /// `value` is a varlena datum.
 pub unsafe fn with_varlena_bytes<R>(value: pg_sys::Datum, f: impl FnOnce(&[u8]) -> R) -> R {
     let original = value.cast_mut_ptr::<pg_sys::varlena>();
-    let detoasted = unsafe { pg_sys::pg_detoast_datum_packed(original) };
+    // pg_detoast_datum_packed's test, made here: most values are inline and uncompressed, and
+    // each call into Postgres sets up an error trap (a few percent of a plan, for a value).
+    let toasted = unsafe { pgrx::varlena::varatt_is_4b_c(original) || pgrx::varlena::varatt_is_1b_e(original) };
+    let detoasted = if toasted { unsafe { pg_sys::pg_detoast_datum_packed(original) } } else { original };
     let bytes = unsafe {
         std::slice::from_raw_parts(pgrx::varlena::vardata_any(detoasted) as *const u8, pgrx::varlena::varsize_any_exhdr(detoasted))
     };
@@ -212,3 +211,4 @@ fn _fingerprint(row: pgrx::AnyElement, key_columns: i32, signature: &str) -> Vec
         fingerprint.to_vec()
     }
 }
+
