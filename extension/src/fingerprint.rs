@@ -211,4 +211,3 @@ fn _fingerprint(row: pgrx::AnyElement, key_columns: i32, signature: &str) -> Vec
         fingerprint.to_vec()
     }
 }
-

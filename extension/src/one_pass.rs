@@ -290,6 +290,24 @@ impl Writer {
         pending.bytes += unsafe { (*tuple).t_len } as usize;
     }
 
+    /// Keep `tuple` for the outbox as `op`, and write the batch once it is full.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &self,
+        client: &mut SpiClient,
+        sync: &SyncDef,
+        run_id: i64,
+        op: &str,
+        pending: &mut Pending,
+        tuple: pg_sys::HeapTuple,
+        fingerprint: &[u8],
+    ) {
+        self.keep(pending, tuple, fingerprint);
+        if pending.rows.len() >= FLUSH_ROWS || pending.bytes >= FLUSH_BYTES {
+            self.flush(client, sync, run_id, op, pending);
+        }
+    }
+
     fn flush(&self, client: &mut SpiClient, sync: &SyncDef, run_id: i64, op: &str, pending: &mut Pending) {
         if pending.rows.is_empty() {
             return;
@@ -390,10 +408,7 @@ pub fn plan(client: &mut SpiClient, sync: &SyncDef, columns: &[String], run_id: 
                     if snapshot.fields(i) != fields {
                         if let Some(op) = changed_op {
                             changed += 1;
-                            writer.keep(&mut pending_changed, tuple, fingerprint);
-                            if pending_changed.rows.len() >= FLUSH_ROWS || pending_changed.bytes >= FLUSH_BYTES {
-                                writer.flush(client, sync, run_id, op, &mut pending_changed);
-                            }
+                            writer.queue(client, sync, run_id, op, &mut pending_changed, tuple, fingerprint);
                         }
                     }
                 }
@@ -401,10 +416,7 @@ pub fn plan(client: &mut SpiClient, sync: &SyncDef, columns: &[String], run_id: 
                     new_keys.push(key);
                     if let Some(op) = new_op {
                         new += 1;
-                        writer.keep(&mut pending_new, tuple, fingerprint);
-                        if pending_new.rows.len() >= FLUSH_ROWS || pending_new.bytes >= FLUSH_BYTES {
-                            writer.flush(client, sync, run_id, op, &mut pending_new);
-                        }
+                        writer.queue(client, sync, run_id, op, &mut pending_new, tuple, fingerprint);
                     }
                 }
             }
