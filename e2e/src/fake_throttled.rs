@@ -336,15 +336,18 @@ fn apply_request(shared: &Shared, request: &mut Request, at: f64) -> (u16, Strin
     let Some(key) = request_header(request, "idempotency-key").filter(|k| !k.trim().is_empty()) else {
         return invalid(shared, 400, "missing Idempotency-Key header".into());
     };
-    let mut raw = Vec::new();
-    if request.as_reader().read_to_end(&mut raw).is_err() {
-        return invalid(shared, 400, "could not read the request body".into());
-    }
+    let raw = request.take_body();
     let body: Value = match serde_json::from_slice(&raw) {
         Ok(v) => v,
         Err(e) => return invalid(shared, 400, format!("body is not valid JSON: {e}")),
     };
-    let body_hash = fields_hash(&body);
+    // A replay must carry the very same body: the same bytes (the extension sends a batch
+    // again as it first serialised it).
+    let body_hash = {
+        let mut h = DefaultHasher::new();
+        raw.hash(&mut h);
+        h.finish()
+    };
     {
         let mut st = shared.state();
         if let Some((stored_hash, response)) = st.answered.get(&key) {
