@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from 0.1.0, 0.2.0, 0.3.0, 0.4.0, 0.5.0 and 0.6.0: syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from every earlier release (0.1.0 to 0.8.0): syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -16,7 +16,8 @@ const THIRD: &str = "0.3.0";
 const FOURTH: &str = "0.4.0";
 const FIFTH: &str = "0.5.0";
 const SIXTH: &str = "0.6.0";
-const PREVIOUS: &str = "0.7.0";
+const SEVENTH: &str = "0.7.0";
+const PREVIOUS: &str = "0.8.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -444,7 +445,7 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{SEVENTH}'"
     ))
     .unwrap();
     let base = unique("up7");
@@ -470,6 +471,110 @@ fn a_live_sync_keeps_its_hashes_through_the_upgrade_from_0_7_0_and_new_syncs_get
     assert_eq!((run.status.as_str(), run.updates, run.deletes, run.delivered), ("succeeded", 1, 1, 2), "{run:?}");
     assert_eq!(fake4.records(), model_records(&mut c, &model));
     c.batch_execute(&format!("SELECT retl.drop_sync('{sync}'); SELECT retl.drop_sync('{sync4}')")).unwrap();
+}
+
+#[test]
+fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_references_are_still_kept() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up8");
+    // Defined with the 0.8.0 API (the workers wait for 0.9.0): rows 1-4 acknowledged, row 5
+    // not yet sent, and a failed run that left an update of row 1 queued.
+    let (_table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "upsert");
+    c.batch_execute(&format!(
+        "UPDATE retl.syncs SET hash_version = 3 WHERE name = '{sync}';
+         INSERT INTO retl.runs (sync_id, trigger, status, planned_updates, started_at, planned_at, finished_at, error)
+         SELECT id, 'manual', 'failed', 1, now(), now(), now(), 'delivery failed' FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
+         SELECT s.id, r.id, 'upsert', '{{\"id\": 1}}', '{{\"id\": 1, \"email\": \"u1@example.com\", \"score\": 1}}', '\\x00'
+           FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id AND r.status = 'failed' WHERE s.name = '{sync}';"
+    ))
+    .unwrap();
+    let counts = |c: &mut postgres::Client| -> (i64, i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = $1),
+                        (SELECT count(*) FROM retl.snapshots n JOIN retl.syncs s ON s.id = n.sync_id WHERE s.name = $1),
+                        (SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1)",
+                &[&sync],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(counts(&mut c), (1, 4, 2));
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+
+    // Nothing lost: the queued row, the snapshot, the history.
+    assert_eq!(counts(&mut c), (1, 4, 2));
+    let fkeys: i64 = c
+        .query_one("SELECT count(*) FROM pg_constraint WHERE conrelid IN ('retl.outbox'::regclass, 'retl.snapshots'::regclass) AND contype = 'f'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(fkeys, 0, "checked by statement triggers instead");
+
+    // The references are still kept: a row of a run or sync that does not exist is refused
+    // (and nothing of its statement stays), a reference cannot change, and deleting a run or a
+    // sync deletes its rows.
+    let refused = c
+        .batch_execute(
+            "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) VALUES (1, -7, 'upsert', '{\"id\": 9}', '{}', '\\x00')",
+        )
+        .unwrap_err();
+    let db = refused.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("23503", "insert into table \"outbox\" refers to run -7, which does not exist")
+    );
+    let refused = c
+        .batch_execute("INSERT INTO retl.snapshots (sync_id, key, hash) VALUES (-8, '{\"id\": 9}', '\\x00')")
+        .unwrap_err();
+    let db = refused.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("23503", "insert into table \"snapshots\" refers to sync -8, which does not exist")
+    );
+    let refused = c.batch_execute("UPDATE retl.outbox SET run_id = run_id + 1000").unwrap_err();
+    let db = refused.as_db_error().unwrap();
+    assert_eq!((db.code().code(), db.message()), ("0A000", "the run of a row of retl.outbox cannot change"));
+    assert_eq!(counts(&mut c), (1, 4, 2));
+
+    // The next run plans afresh (the leftover superseded) and sends what the snapshot lacks.
+    only_the_missing_row_5_is_sent(&mut c, &fake, &sync);
+    assert_eq!(counts(&mut c), (0, 5, 3));
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+
+    // Deleting a run deletes its queued rows (a failed run's, written here as a plan would).
+    c.batch_execute(&format!(
+        "INSERT INTO retl.runs (sync_id, trigger, status, started_at, finished_at, error)
+         SELECT id, 'manual', 'failed', now(), now(), 'delivery failed' FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
+         SELECT r.sync_id, r.id, 'upsert', jsonb_build_object('id', i), '{{}}', '\\x00'
+           FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id, generate_series(1, 3) i
+          WHERE s.name = '{sync}' AND r.status = 'failed' AND r.planned_at IS NULL;"
+    ))
+    .unwrap();
+    assert_eq!(counts(&mut c), (3, 5, 4));
+    c.batch_execute(&format!(
+        "DELETE FROM retl.runs r USING retl.syncs s WHERE s.id = r.sync_id AND s.name = '{sync}' AND r.planned_at IS NULL"
+    ))
+    .unwrap();
+    assert_eq!(counts(&mut c), (0, 5, 3));
+    c.batch_execute(&format!("SELECT retl.drop_sync('{sync}')")).unwrap();
+    assert_eq!(counts(&mut c), (0, 0, 0));
+    let orphans: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM retl.outbox o WHERE NOT EXISTS (SELECT FROM retl.runs r WHERE r.id = o.run_id))
+                  + (SELECT count(*) FROM retl.snapshots n WHERE NOT EXISTS (SELECT FROM retl.syncs s WHERE s.id = n.sync_id))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0);
 }
 
 /// A sync as a worker of 0.6.0 or 0.7.0 leaves it, written as such (the workers wait for the
@@ -545,7 +650,7 @@ fn model_records(c: &mut postgres::Client, model: &str) -> std::collections::BTr
 }
 
 /// Every object of the extension, described in a way that differs when anything users or the
-/// workers see differs: columns, defaults, constraints, indexes, view and function
+/// workers see differs: columns, defaults, constraints, indexes, triggers, view and function
 /// definitions, privileges, comments.
 fn describe_catalog(c: &mut postgres::Client) -> Vec<String> {
     let sql = r#"
@@ -571,6 +676,10 @@ fn describe_catalog(c: &mut postgres::Client) -> Vec<String> {
                       CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END)
           FROM pg_class c WHERE c.relnamespace = 'retl'::regnamespace AND c.relkind IN ('r', 'v')
         UNION ALL
+        SELECT format('trigger %s', pg_get_triggerdef(t.oid))
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'retl'::regnamespace AND NOT t.tgisinternal
+        UNION ALL
         SELECT format('function %s acl=%s comment=%s def=%s', p.oid::regprocedure, p.proacl,
                       obj_description(p.oid, 'pg_proc'), pg_get_functiondef(p.oid))
           FROM pg_proc p WHERE p.pronamespace = 'retl'::regnamespace
@@ -590,7 +699,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {
