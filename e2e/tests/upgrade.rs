@@ -577,6 +577,27 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
     assert_eq!(orphans, 0);
 }
 
+/// Inside the transaction that creates the extension, which is what a restore with
+/// `pg_restore --single-transaction` runs, the outbox's and the snapshot's references are
+/// not checked: a dump is consistent, and its order of the tables' data no longer accounts for
+/// these two references. Outside it they are.
+#[test]
+fn references_are_not_checked_while_a_restore_creates_the_extension() {
+    let mut admin = connect();
+    let db = unique("restoring");
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    {
+        let mut c = connect_db(&db);
+        let orphan = |id: i32| format!("INSERT INTO retl.snapshots (sync_id, key, hash) VALUES (-8, '{{\"id\": {id}}}', '\\x00')");
+        c.batch_execute(&format!("BEGIN; CREATE EXTENSION pg_reverse_etl; {}; COMMIT", orphan(1))).unwrap();
+        let refused = c.batch_execute(&orphan(2)).unwrap_err();
+        assert_eq!(refused.as_db_error().unwrap().code().code(), "23503");
+        let held: i64 = c.query_one("SELECT count(*) FROM retl.snapshots", &[]).unwrap().get(0);
+        assert_eq!(held, 1);
+    }
+    admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+}
+
 /// A sync as a worker of 0.6.0 or 0.7.0 leaves it, written as such (the workers wait for the
 /// library's version): a table and model of rows 1-5, a `mode` sync to `fake` whose run
 /// acknowledged rows 1-4 with hashes of version 3 (the fake holds them), row 5 not yet sent.

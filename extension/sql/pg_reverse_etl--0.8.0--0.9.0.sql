@@ -17,8 +17,9 @@ ALTER TABLE retl.snapshots DROP CONSTRAINT snapshots_sync_id_fkey;
 --
 -- Not checked while the extension is being created or updated in the same transaction: that
 -- is a restore (pg_restore --single-transaction, see "Backups"), which loads the tables' rows
--- from one consistent dump, and in the order of their foreign keys only (these rows could
--- otherwise come before their runs' and syncs').
+-- from one consistent dump. pg_dump orders an extension's tables' data by their foreign keys
+-- and their names: today other tables' foreign keys still put runs and syncs first, but
+-- nothing in these two references does any more.
 CREATE FUNCTION retl._check_refs() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
