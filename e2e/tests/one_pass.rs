@@ -221,9 +221,9 @@ fn a_key_seen_twice_or_null_after_the_first_run_is_refused_with_nothing_queued()
     assert_eq!(fake.records(), f.model_state());
 }
 
-/// An outbox row's sync is its run's (only the run is checked, since 0.9.0 once per statement): dropping a sync
-/// whose run failed with rows still queued leaves none of its rows behind, nor its snapshot or
-/// runs.
+/// An outbox row's sync is its run's (only the run is checked, since 0.9.0 once per
+/// statement): dropping a sync whose run failed with rows still queued leaves none of its rows
+/// behind, nor its snapshot or runs.
 #[test]
 fn dropping_a_sync_leaves_nothing_of_it_behind() {
     let fake = FakeWebhook::start();
