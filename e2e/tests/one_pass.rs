@@ -249,3 +249,54 @@ fn dropping_a_sync_leaves_nothing_of_it_behind() {
     f.exec(&format!("SELECT retl.drop_sync('{}')", f.sync));
     assert_eq!(left(&mut f.client), (0, 0, 0));
 }
+
+/// Mapped payloads are `to_jsonb` of a row whose columns are named after the destination
+/// fields when every field can name a column, and `jsonb_build_object` when one cannot (a
+/// Postgres name holds 63 bytes; a longer alias would be cut). Either way every field arrives
+/// under its exact name with the model's value: names with spaces, quotes and capitals, one
+/// that is the payload row's alias, a column mapped to several fields, NULLs.
+#[test]
+fn mapped_payloads_carry_every_field_under_its_exact_name() {
+    for longest in [63, 64] {
+        let fake = FakeWebhook::start();
+        let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+        let _drop = DropSyncs(vec![f.sync.clone()]);
+        let long_field = format!("{}_score", "x".repeat(longest - 6));
+        assert_eq!(long_field.len(), longest);
+        let mappings = json!({
+            "Email Address": "email",
+            "we\"ird 'name'": "name",
+            "retl_payload_row": "score",
+            "score": "score",
+            long_field.clone(): "score",
+        });
+        f.client
+            .execute("SELECT retl.alter_sync(name => $1, mappings => $2::text::jsonb)", &[&f.sync, &mappings.to_string()])
+            .unwrap();
+        assert_eq!(hash_version(&mut f), 4);
+        f.exec(&format!("UPDATE {} SET email = NULL WHERE id = 2", f.table));
+        let expected = |f: &mut Fixture| -> std::collections::BTreeMap<String, serde_json::Value> {
+            f.model_state()
+                .into_iter()
+                .map(|(key, row)| {
+                    let fields = json!({
+                        "Email Address": row["email"],
+                        "we\"ird 'name'": row["name"],
+                        "retl_payload_row": row["score"],
+                        "score": row["score"],
+                        long_field.clone(): row["score"],
+                    });
+                    (key, fields)
+                })
+                .collect()
+        };
+        let first = f.run();
+        assert_eq!((first.status.as_str(), first.inserts, first.delivered), ("succeeded", 3, 3), "{longest}: {first:?}");
+        assert_eq!(fake.records(), expected(&mut f), "{longest}");
+        // A changed row goes through the same statement.
+        f.exec(&format!("UPDATE {} SET score = 7, name = NULL WHERE id = 3", f.table));
+        let changed = f.run();
+        assert_eq!((changed.status.as_str(), changed.updates, changed.delivered), ("succeeded", 1, 1), "{longest}: {changed:?}");
+        assert_eq!(fake.records(), expected(&mut f), "{longest}");
+    }
+}

@@ -268,12 +268,12 @@ impl Writer {
             columns.iter().map(|c| format!("u.{}", quote_identifier(c))).collect::<Vec<_>>().join(", "),
             quote_identifier(&sync.source)
         );
-        let (key, payload) = plan::key_and_payload_sql(sync, "u.", &whole_row);
+        let (key, payload, lateral) = plan::key_and_payload_sql(sync, "u.", &whole_row);
         let sql = format!(
             "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
              SELECT $1, $2, $3, key, CASE WHEN $6 THEN retl._without_nulls(payload) ELSE payload END, fingerprint \
                FROM (SELECT {key} AS key, {payload} AS payload, u.{fingerprint} AS fingerprint \
-                       FROM unnest($4::retl_models.{source}[], $5::bytea[]) AS u({aliases})) p",
+                       FROM unnest($4::retl_models.{source}[], $5::bytea[]) AS u({aliases}){lateral}) p",
             fingerprint = quote_identifier(&fingerprint),
             source = quote_identifier(&sync.source),
         );
