@@ -1,4 +1,4 @@
-//! ALTER EXTENSION pg_reverse_etl UPDATE from every earlier release (0.1.0 to 0.8.0): syncs defined under an
+//! ALTER EXTENSION pg_reverse_etl UPDATE from every earlier release (0.1.0 to 0.9.0): syncs defined under an
 //! earlier version and their state (run history, snapshot, row errors) survive, the next run
 //! sends exactly what the snapshot says is missing, on-change syncs keep running (and, from
 //! 0.3.0, plan only the changed keys), and an upgraded catalog equals a freshly installed one.
@@ -17,7 +17,8 @@ const FOURTH: &str = "0.4.0";
 const FIFTH: &str = "0.5.0";
 const SIXTH: &str = "0.6.0";
 const SEVENTH: &str = "0.7.0";
-const PREVIOUS: &str = "0.8.0";
+const EIGHTH: &str = "0.8.0";
+const PREVIOUS: &str = "0.9.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -478,7 +479,7 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{EIGHTH}'"
     ))
     .unwrap();
     let base = unique("up8");
@@ -575,6 +576,83 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
         .unwrap()
         .get(0);
     assert_eq!(orphans, 0);
+}
+
+/// A run that was delivering when the database was updated from 0.9.0 (its rows queued in the
+/// outbox, which 0.10.0 keys by run and id) is delivered after the update: the destination gets
+/// exactly the queued rows, the snapshot takes them, the outbox empties, and the next run sends
+/// nothing. The snapshot keeps its rows and gets room on its pages (fillfactor 90).
+#[test]
+fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+    ))
+    .unwrap();
+    let base = unique("up9");
+    // Defined with the 0.9.0 API (the workers wait for 0.10.0): rows 1-4 acknowledged, then a
+    // run planned the new row 5 and the change of row 2 and was delivering them.
+    let (table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "upsert");
+    let v3_hash = "int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))";
+    c.batch_execute(&format!(
+        "UPDATE retl.syncs SET hash_version = 3 WHERE name = '{sync}';
+         UPDATE {table} SET score = 20 WHERE id = 2;
+         INSERT INTO retl.runs (sync_id, trigger, status, rows_in_model, planned_inserts, planned_updates, started_at, planned_at,
+                                plan_scope, model_columns)
+         SELECT id, 'manual', 'delivering', 5, 1, 1, now(), now(), 'model',
+                '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
+           FROM retl.syncs WHERE name = '{sync}';
+         INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
+         SELECT s.id, r.id, 'upsert', jsonb_build_object('id', m.id), to_jsonb(m.*), {v3_hash}
+           FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id AND r.status = 'delivering',
+                retl_models.{model} m
+          WHERE s.name = '{sync}' AND m.id IN (5, 2) ORDER BY m.id DESC;"
+    ))
+    .unwrap();
+    let counts = |c: &mut postgres::Client| -> (i64, i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = $1),
+                        (SELECT count(*) FROM retl.snapshots n JOIN retl.syncs s ON s.id = n.sync_id WHERE s.name = $1),
+                        (SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1)",
+                &[&sync],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(counts(&mut c), (2, 4, 2));
+
+    c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
+    let (fillfactor, primary_key): (Vec<String>, String) = c
+        .query_one(
+            "SELECT (SELECT reloptions FROM pg_class WHERE oid = 'retl.snapshots'::regclass),
+                    (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'retl.outbox'::regclass AND contype = 'p')",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((fillfactor, primary_key.as_str()), (vec!["fillfactor=90".to_string()], "PRIMARY KEY (run_id, id)"));
+
+    // The workers take the run up where it was: both queued rows, in one request.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let run = loop {
+        let run = last_run_of(&mut c, &sync);
+        if run.status != "delivering" || std::time::Instant::now() > deadline {
+            break run;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!((run.status.as_str(), run.delivered, run.failed), ("succeeded", 2, 0), "{run:?}");
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(keys_in_request(&fake, 0), [key(5), key(2)].into_iter().collect());
+    assert_eq!(fake.records(), model_records(&mut c, &model));
+    assert_eq!(counts(&mut c), (0, 5, 2));
+
+    // The snapshot holds what was delivered: the next run sends nothing.
+    let run = run_sync(&mut c, &sync);
+    assert_eq!((run.status.as_str(), run.inserts, run.updates, run.deletes, run.api_calls), ("succeeded", 0, 0, 0, 0), "{run:?}");
+    assert_eq!(fake.requests().len(), 1);
 }
 
 /// Inside the transaction that creates the extension, which is what a restore with
@@ -692,7 +770,7 @@ fn describe_catalog(c: &mut postgres::Client) -> Vec<String> {
         SELECT format('index %s', regexp_replace(pg_get_indexdef(indexrelid), '\S+_idx\d* ', 'IDX '))
           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'retl'::regnamespace
         UNION ALL
-        SELECT format('relation %s kind=%s acl=%s comment=%s def=%s', c.relname, c.relkind, c.relacl,
+        SELECT format('relation %s kind=%s acl=%s options=%s comment=%s def=%s', c.relname, c.relkind, c.relacl, c.reloptions,
                       obj_description(c.oid, 'pg_class'),
                       CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END)
           FROM pg_class c WHERE c.relnamespace = 'retl'::regnamespace AND c.relkind IN ('r', 'v')
@@ -720,7 +798,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, EIGHTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

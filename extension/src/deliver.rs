@@ -271,12 +271,12 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                     .update(
                         "INSERT INTO retl.identities (sync_id, key, destination_id) \
                          SELECT o.sync_id, o.key, d.destination_id \
-                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.id = d.id \
+                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.run_id = $3 AND o.id = d.id \
                           WHERE o.op <> 'delete' \
                          ON CONFLICT (sync_id, key) DO UPDATE \
                          SET destination_id = excluded.destination_id, updated_at = now()",
                         None,
-                        &[ids.into(), destination_ids.into()],
+                        &[ids.into(), destination_ids.into(), run_id.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
@@ -285,7 +285,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
             // forget the destination id of a deleted key.
             client
                 .update(
-                    "WITH acked AS (DELETE FROM retl.outbox WHERE id = ANY($1) RETURNING sync_id, op, key, hash), \
+                    "WITH acked AS (DELETE FROM retl.outbox WHERE run_id = $3 AND id = ANY($1) RETURNING sync_id, op, key, hash), \
                           kept AS (INSERT INTO retl.snapshots (sync_id, key, hash, delivered_at) \
                                    SELECT sync_id, key, hash, now() FROM acked WHERE op <> 'delete' OR $2 \
                                    ON CONFLICT (sync_id, key) DO UPDATE \
@@ -298,7 +298,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                                    WHERE a.op = 'delete' AND i.sync_id = a.sync_id AND i.key = a.key RETURNING 1) \
                      SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM healed)",
                     None,
-                    &[acked.into(), erasing.into()],
+                    &[acked.into(), erasing.into(), run_id.into()],
                 )
                 .map_err(|e| e.to_string())?;
             if !report.rejected.is_empty() {
@@ -308,7 +308,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                 client
                     .update(
                         "WITH rejected AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, http_status, response)), \
-                              moved AS (DELETE FROM retl.outbox o USING rejected r WHERE o.id = r.id \
+                              moved AS (DELETE FROM retl.outbox o USING rejected r WHERE o.run_id = $4 AND o.id = r.id \
                                         RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, o.hash, r.http_status, r.response) \
                          INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, hash, http_status, response) \
                          SELECT sync_id, key, run_id, op, payload, hash, http_status, response FROM moved \
@@ -317,16 +317,16 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                              http_status = excluded.http_status, response = excluded.response, \
                              attempts = retl.row_errors.attempts + 1, last_failed_at = now()",
                         None,
-                        &[ids.into(), statuses.into(), messages.into()],
+                        &[ids.into(), statuses.into(), messages.into(), run_id.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
             if !report.unresolved.is_empty() {
                 client
                     .update(
-                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE id = ANY($1)",
+                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE run_id = $2 AND id = ANY($1)",
                         None,
-                        &[report.unresolved.clone().into()],
+                        &[report.unresolved.clone().into(), run_id.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
