@@ -263,20 +263,27 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
     let outcome = transaction(|| {
         Spi::connect_mut(|client| {
             let acked = report.acked.clone();
+            // The outbox's primary key is (run_id, id). Its rows are looked up by their ids and
+            // also by the ids' range (here and below): a range is always a condition of the
+            // index scan, whereas the planner may turn a list of ids into a filter over every
+            // row the run has left (it did, with the statistics of a freshly filled outbox:
+            // 30 ms instead of 2 ms per 1000 rows).
+            let (lo, hi) = id_range(&acked);
             // Ids the destination named go to the identity map first (the outbox rows that
             // carry their keys are deleted just below).
             if !report.destination_ids.is_empty() {
                 let (ids, destination_ids): (Vec<i64>, Vec<String>) = report.destination_ids.iter().cloned().unzip();
+                let (named_lo, named_hi) = id_range(&ids);
                 client
                     .update(
                         "INSERT INTO retl.identities (sync_id, key, destination_id) \
                          SELECT o.sync_id, o.key, d.destination_id \
-                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.run_id = $3 AND o.id = d.id \
+                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.run_id = $3 AND o.id BETWEEN $4 AND $5 AND o.id = d.id \
                           WHERE o.op <> 'delete' \
                          ON CONFLICT (sync_id, key) DO UPDATE \
                          SET destination_id = excluded.destination_id, updated_at = now()",
                         None,
-                        &[ids.into(), destination_ids.into(), run_id.into()],
+                        &[ids.into(), destination_ids.into(), run_id.into(), named_lo.into(), named_hi.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
@@ -285,7 +292,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
             // forget the destination id of a deleted key.
             client
                 .update(
-                    "WITH acked AS (DELETE FROM retl.outbox WHERE run_id = $3 AND id = ANY($1) RETURNING sync_id, op, key, hash), \
+                    "WITH acked AS (DELETE FROM retl.outbox WHERE run_id = $3 AND id BETWEEN $4 AND $5 AND id = ANY($1) RETURNING sync_id, op, key, hash), \
                           kept AS (INSERT INTO retl.snapshots (sync_id, key, hash, delivered_at) \
                                    SELECT sync_id, key, hash, now() FROM acked WHERE op <> 'delete' OR $2 \
                                    ON CONFLICT (sync_id, key) DO UPDATE \
@@ -298,17 +305,19 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                                    WHERE a.op = 'delete' AND i.sync_id = a.sync_id AND i.key = a.key RETURNING 1) \
                      SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM healed)",
                     None,
-                    &[acked.into(), erasing.into(), run_id.into()],
+                    &[acked.into(), erasing.into(), run_id.into(), lo.into(), hi.into()],
                 )
                 .map_err(|e| e.to_string())?;
             if !report.rejected.is_empty() {
                 let ids: Vec<i64> = report.rejected.iter().map(|r| r.id).collect();
+                let (rejected_lo, rejected_hi) = id_range(&ids);
                 let statuses: Vec<Option<i32>> = report.rejected.iter().map(|r| r.status.map(i32::from)).collect();
                 let messages: Vec<String> = report.rejected.iter().map(|r| r.message.clone()).collect();
                 client
                     .update(
                         "WITH rejected AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, http_status, response)), \
-                              moved AS (DELETE FROM retl.outbox o USING rejected r WHERE o.run_id = $4 AND o.id = r.id \
+                              moved AS (DELETE FROM retl.outbox o USING rejected r \
+                                        WHERE o.run_id = $4 AND o.id BETWEEN $5 AND $6 AND o.id = r.id \
                                         RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, o.hash, r.http_status, r.response) \
                          INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, hash, http_status, response) \
                          SELECT sync_id, key, run_id, op, payload, hash, http_status, response FROM moved \
@@ -317,16 +326,17 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                              http_status = excluded.http_status, response = excluded.response, \
                              attempts = retl.row_errors.attempts + 1, last_failed_at = now()",
                         None,
-                        &[ids.into(), statuses.into(), messages.into(), run_id.into()],
+                        &[ids.into(), statuses.into(), messages.into(), run_id.into(), rejected_lo.into(), rejected_hi.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
             if !report.unresolved.is_empty() {
+                let (unresolved_lo, unresolved_hi) = id_range(&report.unresolved);
                 client
                     .update(
-                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE run_id = $2 AND id = ANY($1)",
+                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE run_id = $2 AND id BETWEEN $3 AND $4 AND id = ANY($1)",
                         None,
-                        &[report.unresolved.clone().into(), run_id.into()],
+                        &[report.unresolved.clone().into(), run_id.into(), unresolved_lo.into(), unresolved_hi.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
@@ -369,6 +379,11 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
         log!("pg_reverse_etl: could not record batch {batch_no} of run {run_id}: {message}");
     }
     outcome
+}
+
+/// The smallest and largest of `ids` (an empty range when there are none).
+fn id_range(ids: &[i64]) -> (i64, i64) {
+    (ids.iter().copied().min().unwrap_or(1), ids.iter().copied().max().unwrap_or(0))
 }
 
 /// Close a run: failed with `error`, cancelled, partial (some rows rejected) or succeeded.
