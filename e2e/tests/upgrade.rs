@@ -495,17 +495,7 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
            FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id AND r.status = 'failed' WHERE s.name = '{sync}';"
     ))
     .unwrap();
-    let counts = |c: &mut postgres::Client| -> (i64, i64, i64) {
-        let row = c
-            .query_one(
-                "SELECT (SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = $1),
-                        (SELECT count(*) FROM retl.snapshots n JOIN retl.syncs s ON s.id = n.sync_id WHERE s.name = $1),
-                        (SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1)",
-                &[&sync],
-            )
-            .unwrap();
-        (row.get(0), row.get(1), row.get(2))
-    };
+    let counts = |c: &mut postgres::Client| queued_snapshot_and_runs(c, &sync);
     assert_eq!(counts(&mut c), (1, 4, 2));
 
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
@@ -610,17 +600,7 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
           WHERE s.name = '{sync}' AND m.id IN (5, 2) ORDER BY m.id DESC;"
     ))
     .unwrap();
-    let counts = |c: &mut postgres::Client| -> (i64, i64, i64) {
-        let row = c
-            .query_one(
-                "SELECT (SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = $1),
-                        (SELECT count(*) FROM retl.snapshots n JOIN retl.syncs s ON s.id = n.sync_id WHERE s.name = $1),
-                        (SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1)",
-                &[&sync],
-            )
-            .unwrap();
-        (row.get(0), row.get(1), row.get(2))
-    };
+    let counts = |c: &mut postgres::Client| queued_snapshot_and_runs(c, &sync);
     assert_eq!(counts(&mut c), (2, 4, 2));
 
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
@@ -722,6 +702,19 @@ fn a_new_sync_gets_fingerprints(c: &mut postgres::Client, fake: &FakeWebhook, ba
     let run = run_sync(c, &sync);
     assert_eq!((run.status.as_str(), run.inserts + run.updates + run.deletes), ("succeeded", 0), "{run:?}");
     sync
+}
+
+/// How many rows of `sync` the outbox, the snapshot and the run history hold.
+fn queued_snapshot_and_runs(c: &mut postgres::Client, sync: &str) -> (i64, i64, i64) {
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id WHERE s.name = $1),
+                    (SELECT count(*) FROM retl.snapshots n JOIN retl.syncs s ON s.id = n.sync_id WHERE s.name = $1),
+                    (SELECT count(*) FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1)",
+            &[&sync],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
 }
 
 /// The sync's hash version.
