@@ -584,7 +584,6 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
     // Defined with the 0.9.0 API (the workers wait for 0.10.0): rows 1-4 acknowledged, then a
     // run planned the new row 5 and the change of row 2 and was delivering them.
     let (table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "upsert");
-    let v3_hash = "int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))";
     c.batch_execute(&format!(
         "UPDATE retl.syncs SET hash_version = 3 WHERE name = '{sync}';
          UPDATE {table} SET score = 20 WHERE id = 2;
@@ -594,7 +593,7 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
                 '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
            FROM retl.syncs WHERE name = '{sync}';
          INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
-         SELECT s.id, r.id, 'upsert', jsonb_build_object('id', m.id), to_jsonb(m.*), {v3_hash}
+         SELECT s.id, r.id, 'upsert', jsonb_build_object('id', m.id), to_jsonb(m.*), {V3_HASH}
            FROM retl.syncs s JOIN retl.runs r ON r.sync_id = s.id AND r.status = 'delivering',
                 retl_models.{model} m
           WHERE s.name = '{sync}' AND m.id IN (5, 2) ORDER BY m.id DESC;"
@@ -615,14 +614,10 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
     assert_eq!((fillfactor, primary_key.as_str()), (vec!["fillfactor=90".to_string()], "PRIMARY KEY (run_id, id)"));
 
     // The workers take the run up where it was: both queued rows, in one request.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let run = loop {
-        let run = last_run_of(&mut c, &sync);
-        if run.status != "delivering" || std::time::Instant::now() > deadline {
-            break run;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    wait_until(std::time::Duration::from_secs(30), "the queued run to be delivered", || {
+        last_run_of(&mut c, &sync).status != "delivering"
+    });
+    let run = last_run_of(&mut c, &sync);
     assert_eq!((run.status.as_str(), run.delivered, run.failed), ("succeeded", 2, 0), "{run:?}");
     assert_eq!(fake.requests().len(), 1);
     assert_eq!(keys_in_request(&fake, 0), [key(5), key(2)].into_iter().collect());
@@ -656,6 +651,10 @@ fn references_are_not_checked_while_a_restore_creates_the_extension() {
     admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
 }
 
+/// The version-3 hash of a row `m` of the models these tests define (id, email, score), as SQL.
+const V3_HASH: &str =
+    "int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))";
+
 /// A sync as a worker of 0.6.0 or 0.7.0 leaves it, written as such (the workers wait for the
 /// library's version): a table and model of rows 1-5, a `mode` sync to `fake` whose run
 /// acknowledged rows 1-4 with hashes of version 3 (the fake holds them), row 5 not yet sent.
@@ -674,8 +673,7 @@ fn live_sync_with_v3_hashes(c: &mut postgres::Client, fake: &FakeWebhook, base: 
                 '{{\"id\": \"bigint\", \"email\": \"text\", \"score\": \"integer\"}}'
            FROM retl.syncs WHERE name = '{sync}';
          INSERT INTO retl.snapshots (sync_id, key, hash)
-         SELECT s.id, jsonb_build_object('id', m.id),
-                int8send(hash_record_extended(ROW(m.id, (m.email)::text COLLATE \"C\", m.score), hashtextextended('v3:id,email,score', 0)))
+         SELECT s.id, jsonb_build_object('id', m.id), {V3_HASH}
            FROM retl_models.{model} m, retl.syncs s WHERE s.name = '{sync}' AND m.id <= 4;",
         url = fake.url()
     ))
