@@ -207,3 +207,85 @@ fn a_table_dropped_with_cascade_does_not_break_other_syncs_and_its_model_can_sti
     let left: i64 = c.query_one("SELECT count(*) FROM retl.models WHERE name = $1", &[&format!("{gone}_m")]).unwrap().get(0);
     assert_eq!(left, 0);
 }
+
+#[test]
+fn drop_extension_waits_for_a_workers_transaction_instead_of_deadlocking_with_it() {
+    // A worker that had locked one of the extension's tables and then waited for another one
+    // the drop already held made a deadlock, and Postgres failed the DBA's DROP EXTENSION.
+    // Every worker transaction now holds the extension itself first, so the drop waits for
+    // the transaction at its first lock. A plan made slow by the model holds one open.
+    let fake = FakeWebhook::start();
+    let mut c = connect();
+    ensure_extension(&mut c);
+    let base = unique("dropwait");
+    let (table, model, server, sync) = (format!("{base}_t"), format!("{base}_m"), format!("{base}_d"), format!("{base}_s"));
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, v text); INSERT INTO {table} VALUES (1, 'a'), (2, 'b');
+         SELECT retl.create_model(name => '{model}', primary_key => '{{id}}',
+                                  query => 'SELECT t.id, t.v FROM public.{table} t, (SELECT pg_sleep(3)) s');
+         CREATE SERVER {server} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{url}');
+         SELECT retl.create_sync(name => '{sync}', model => '{model}', destination => '{server}');",
+        url = fake.url()
+    ))
+    .unwrap();
+    c.query_one("SELECT id FROM retl.run($1)", &[&sync]).unwrap();
+    let mut planner = None;
+    wait_until(SHORT, "a worker to plan the slow model", || {
+        planner = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' AND query LIKE $1",
+                &[&format!("retl: sync {sync} run %: planning")],
+            )
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0));
+        planner.is_some()
+    });
+    let holds: Vec<String> = c
+        .query(
+            "SELECT mode FROM pg_locks WHERE pid = $1 AND granted AND locktype = 'object'
+               AND classid = 'pg_extension'::regclass
+               AND objid = (SELECT oid FROM pg_extension WHERE extname = 'pg_reverse_etl')",
+            &[&planner.unwrap()],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(holds, vec!["AccessShareLock".to_string()], "the planning worker holds the extension");
+
+    let mut dropper = connect();
+    let dropper_pid: i32 = dropper.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let started = Instant::now();
+    let drop = std::thread::spawn(move || {
+        dropper.batch_execute("DROP EXTENSION pg_reverse_etl CASCADE").map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{} ({:?})", db.message(), db.detail()),
+            None => e.to_string(),
+        })
+    });
+    // The drop waits on the extension, holding none of its tables.
+    let mut waits_for = Vec::new();
+    wait_until(SHORT, "the drop to wait", || {
+        waits_for = c
+            .query("SELECT locktype, classid::regclass::text FROM pg_locks WHERE pid = $1 AND NOT granted", &[&dropper_pid])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
+            .collect();
+        !waits_for.is_empty()
+    });
+    assert_eq!(waits_for, vec![("object".to_string(), Some("pg_extension".to_string()))]);
+    let held: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND granted AND locktype = 'relation'
+               AND relation IN (SELECT oid FROM pg_class WHERE relnamespace = 'retl'::regnamespace)",
+            &[&dropper_pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "the drop holds no table while it waits");
+    assert_eq!(drop.join().unwrap(), Ok(()));
+    assert!(started.elapsed() < SHORT);
+    let left: i64 = c.query_one("SELECT count(*) FROM pg_extension WHERE extname = 'pg_reverse_etl'", &[]).unwrap().get(0);
+    assert_eq!(left, 0);
+    ensure_extension(&mut c);
+}

@@ -11,6 +11,7 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
+        share_the_extension();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(AssertUnwindSafe(f))
@@ -26,6 +27,23 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String
         }
     }
     outcome
+}
+
+/// Hold the extension itself (ACCESS SHARE) before this transaction touches any of its tables.
+///
+/// `DROP EXTENSION` locks the extension first and then each of its tables in turn. A worker
+/// that had locked the outbox and then waited for a snapshot table the drop already held
+/// made a deadlock, and Postgres broke it by failing the DBA's `DROP EXTENSION`. Holding the
+/// extension first orders the two: the drop waits at its very first lock until this short
+/// transaction ends, and a transaction starting during the drop waits for it to commit.
+/// Taken before the snapshot, so a transaction that waited sees the drop's outcome.
+unsafe fn share_the_extension() {
+    let oid = unsafe { pg_sys::get_extension_oid(c"pg_reverse_etl".as_ptr(), true) };
+    if oid != pg_sys::InvalidOid {
+        unsafe {
+            pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, oid, 0, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+        };
+    }
 }
 
 /// Hand the table statistics this process gathered (rows inserted, updated, deleted) to the

@@ -110,7 +110,11 @@ impl Fixture {
     }
 
     pub fn exec(&mut self, sql: &str) {
-        self.client.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        // A server error's Display is only "db error": show its message and detail.
+        self.client.batch_execute(sql).unwrap_or_else(|e| match e.as_db_error() {
+            Some(db) => panic!("{sql}: {} ({:?})", db.message(), db.detail()),
+            None => panic!("{sql}: {e}"),
+        });
     }
 
     pub fn count(&mut self, sql: &str) -> i64 {
