@@ -40,8 +40,24 @@ start() {
     # RETL_E2E_TOKEN: the end-to-end tests check that a user mapping's token_env is read from
     # the server's environment. It is a test value, not a secret.
     as_pg env RETL_E2E_TOKEN=token-from-the-server-environment \
-        "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$RUN_DIR/postgres.log" -w -t 60 start >/dev/null
-    echo "postgres running on 127.0.0.1:$PORT (log: $RUN_DIR/postgres.log)"
+        "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$RUN_DIR/postgres.log" -w -t 60 \
+        -o "-c shared_buffers=$(shared_buffers)" start >/dev/null
+    echo "postgres running on 127.0.0.1:$PORT (log: $RUN_DIR/postgres.log, shared_buffers $(shared_buffers))"
+}
+
+# A quarter of the machine's memory, the starting point the Postgres documentation gives for
+# a dedicated server, between Debian's default of 128MB and 8GB. With 128MB a 1M-row sync's
+# snapshot, outbox and model did not fit, and plans and deliveries spent their time writing
+# out dirty pages to make room (measured in docs/BENCHMARKS.md). Set at every start, so an
+# existing cluster gets it too; RETL_SHARED_BUFFERS overrides it.
+shared_buffers() {
+    if [ -n "${RETL_SHARED_BUFFERS:-}" ]; then echo "$RETL_SHARED_BUFFERS"; return; fi
+    local kb mb
+    kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+    mb=$((kb / 1024 / 4))
+    [ "$mb" -lt 128 ] && mb=128
+    [ "$mb" -gt 8192 ] && mb=8192
+    echo "${mb}MB"
 }
 
 stop() {
