@@ -1,10 +1,11 @@
 //! Worker lifecycle: SIGTERM stops a worker within a second without losing in-flight work,
 //! SIGHUP reloads settings, and DROP EXTENSION / ALTER EXTENSION ... UPDATE while the workers
-//! run crash nothing (they wait quietly until the catalog fits their library again); a table
+//! run crash nothing (they wait quietly until the catalog fits their library again), and a
+//! DROP EXTENSION waits for a worker's transaction instead of deadlocking with it; a table
 //! dropped with CASCADE under an on-change sync leaves the other syncs working.
 //!
-//! The last test drops the extension in the workers' database: `make e2e` runs test files one
-//! after another, and every other file creates the extension when it is missing.
+//! The last two tests drop the extension in the workers' database: `make e2e` runs test files
+//! one after another, and every other file creates the extension when it is missing.
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
