@@ -255,7 +255,9 @@ fn a_wait_cancelled_by_statement_timeout_leaves_the_run_going_and_the_session_us
 fn a_sync_dropped_during_the_wait_raises_instead_of_returning_nulls() {
     let fake = FakeWebhook::start();
     fake.script(vec![Scripted::Delay(Duration::from_millis(1500))]);
-    let mut f = Fixture::new(&fake.url(), 2, "upsert", "", None);
+    // One row a window: drop_sync waits for the worker's window in flight (the first row),
+    // then drops the sync before the second window.
+    let mut f = Fixture::new(&fake.url(), 2, "upsert", "batch_size '1', max_concurrency '1'", None);
     let sync = f.sync.clone();
     let waiter = {
         let sync = sync.clone();

@@ -117,6 +117,43 @@ fn a_sighup_reloads_settings_in_the_workers() {
 }
 
 #[test]
+fn a_sync_dropped_while_its_batch_is_in_flight_waits_for_the_batch_to_be_recorded() {
+    // drop_sync deletes the sync's runs and outbox rows. Run between a batch's request and
+    // the transaction that records its answer, it left that transaction rows gone from under
+    // it; run during that transaction, the two could deadlock (each holding rows the other
+    // deletes or locks). It now waits for the worker's step on the sync to end.
+    let fake = FakeWebhook::start();
+    fake.script(vec![Scripted::Delay(Duration::from_secs(2))]);
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
+    let log = ServerLog::from_now(&mut f.client);
+    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
+    // (The fake journals a delayed request when it answers it.)
+    let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
+    wait_until(SHORT, "the request in flight", || {
+        f.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' AND query LIKE $1",
+                &[&delivering],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    assert_eq!(fake.request_count(), 0, "not answered yet");
+    let started = Instant::now();
+    f.exec(&format!("SELECT retl.drop_sync(name => '{}')", f.sync));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200), "drop_sync returned after {waited:?}, before the answer came");
+    assert_eq!(f.count(&format!("SELECT count(*) FROM retl.syncs WHERE name = '{}'", f.sync)), 0);
+    assert_eq!(f.count("SELECT count(*) FROM retl.outbox o WHERE NOT EXISTS (SELECT FROM retl.syncs s WHERE s.id = o.sync_id)"), 0);
+    assert_eq!(fake.records().len(), 3, "the batch in flight was answered");
+    std::thread::sleep(Duration::from_millis(500));
+    let text = log.text(&mut f.client);
+    let complaints: Vec<&str> = text.lines().filter(|l| l.contains("ERROR") || l.contains("could not record")).collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
+#[test]
 fn drop_extension_and_update_while_the_workers_run() {
     let fake = FakeWebhook::start();
     fake.script((0..5).map(|_| Scripted::Delay(Duration::from_millis(300))).collect());

@@ -18,7 +18,8 @@ const FIFTH: &str = "0.5.0";
 const SIXTH: &str = "0.6.0";
 const SEVENTH: &str = "0.7.0";
 const EIGHTH: &str = "0.8.0";
-const PREVIOUS: &str = "0.9.0";
+const NINTH: &str = "0.9.0";
+const PREVIOUS: &str = "0.10.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -574,15 +575,26 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
 /// nothing. The snapshot keeps its rows and gets room on its pages (fillfactor 90).
 #[test]
 fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
+    a_run_delivering_during_the_upgrade_is_delivered_after_it(NINTH);
+}
+
+#[test]
+fn a_run_delivering_during_the_upgrade_from_0_10_0_is_delivered_after_it() {
+    a_run_delivering_during_the_upgrade_is_delivered_after_it(PREVIOUS);
+}
+
+/// A run of a version-`from` database was delivering when the extension was updated: the
+/// workers of this version deliver it (0.10.0 and 0.11.0 each rebuilt the outbox's key).
+fn a_run_delivering_during_the_upgrade_is_delivered_after_it(from: &str) {
     let fake = FakeWebhook::start();
     let mut c = connect();
     c.batch_execute(&format!(
-        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{PREVIOUS}'"
+        "DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE; CREATE EXTENSION pg_reverse_etl VERSION '{from}'"
     ))
     .unwrap();
-    let base = unique("up9");
-    // Defined with the 0.9.0 API (the workers wait for 0.10.0): rows 1-4 acknowledged, then a
-    // run planned the new row 5 and the change of row 2 and was delivering them.
+    let base = unique("updeliver");
+    // Defined with the old API (the workers wait for the update): rows 1-4 acknowledged, then
+    // a run planned the new row 5 and the change of row 2 and was delivering them.
     let (table, model, sync) = live_sync_with_v3_hashes(&mut c, &fake, &base, "upsert");
     c.batch_execute(&format!(
         "UPDATE retl.syncs SET hash_version = 3 WHERE name = '{sync}';
@@ -603,15 +615,49 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
     assert_eq!(counts(&mut c), (2, 4, 2));
 
     c.batch_execute(&format!("ALTER EXTENSION pg_reverse_etl UPDATE TO '{CURRENT}'")).unwrap();
-    let (fillfactor, primary_key): (Vec<String>, String) = c
+    let (fillfactor, indexes): (Vec<String>, Vec<String>) = c
         .query_one(
             "SELECT (SELECT reloptions FROM pg_class WHERE oid = 'retl.snapshots'::regclass),
-                    (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'retl.outbox'::regclass AND contype = 'p')",
+                    (SELECT array_agg(pg_get_indexdef(indexrelid)) FROM pg_index WHERE indrelid = 'retl.outbox'::regclass)",
             &[],
         )
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
-    assert_eq!((fillfactor, primary_key.as_str()), (vec!["fillfactor=90".to_string()], "PRIMARY KEY (run_id, id)"));
+    assert_eq!(
+        (fillfactor, indexes),
+        (
+            vec!["fillfactor=90".to_string()],
+            vec!["CREATE UNIQUE INDEX outbox_pkey ON retl.outbox USING btree (sync_id, run_id, id)".to_string()]
+        )
+    );
+    // Rows are found by sync, run and id: a row filed under another sync than its run's is
+    // refused (it would never be found).
+    let misfiled = c
+        .batch_execute(&format!(
+            "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
+             SELECT r.sync_id + 1000, r.id, 'upsert', '{{\"id\": 9}}', '{{}}', '\\x00'
+               FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{sync}' ORDER BY r.id DESC LIMIT 1"
+        ))
+        .unwrap_err();
+    let (run_id, sync_id): (i64, i64) = c
+        .query_one(
+            "SELECT r.id, r.sync_id FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id DESC LIMIT 1",
+            &[&sync],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let db = misfiled.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        (
+            "23503",
+            format!(
+                "insert into table \"outbox\" files a row of run {run_id} under sync {}, but run {run_id} is of sync {sync_id}",
+                sync_id + 1000
+            )
+            .as_str()
+        )
+    );
 
     // The workers take the run up where it was: both queued rows, in one request.
     wait_until(std::time::Duration::from_secs(30), "the queued run to be delivered", || {
@@ -789,7 +835,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, EIGHTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, EIGHTH, NINTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

@@ -213,9 +213,8 @@ COMMENT ON TABLE retl.snapshots IS
 CREATE TABLE retl.outbox (
     -- Unique with its run (the primary key below): rows are found by run, in id order.
     id       bigint GENERATED ALWAYS AS IDENTITY,
-    -- The run's sync (for the planner's and the status views' lookups by sync). Not checked
-    -- since 0.8.0: run_id already ties the row to its sync (a dropped sync deletes its runs,
-    -- and they their outbox rows).
+    -- The run's sync: the first column of the primary key, for the lookups by sync (the
+    -- planner's, the status views', erasure). Checked with the run (retl._check_refs below).
     sync_id  bigint NOT NULL,
     -- Its run, checked once per statement rather than per row (see retl._check_refs below).
     run_id   bigint NOT NULL,
@@ -224,12 +223,12 @@ CREATE TABLE retl.outbox (
     payload  jsonb,
     hash     bytea NOT NULL,
     attempts int NOT NULL DEFAULT 0,
-    -- One index for both the delivery's reads (a run's rows in id order) and its deletes (by
-    -- run and id): every index costs a plan that writes 100k rows about 0.25-0.3 s, and until
-    -- 0.10.0 the outbox had one on id alone besides this one (measured for 0.10.0).
-    PRIMARY KEY (run_id, id)
+    -- The one index, for every lookup: a sync's rows, a run's rows in id order (the delivery's
+    -- reads) and rows by run and id (its acknowledgements). Every index costs a plan that
+    -- writes 100k rows 0.15-0.3 s: the outbox had three until 0.10.0, two until 0.11.0, when
+    -- the one on sync_id alone went (measured for 0.10.0 and 0.11.0).
+    PRIMARY KEY (sync_id, run_id, id)
 );
-CREATE INDEX outbox_sync_idx ON retl.outbox (sync_id);
 COMMENT ON TABLE retl.outbox IS
   'Changes planned and not yet acknowledged by the destination. A row leaves it when acknowledged (snapshot advanced) or rejected (moved to retl.row_errors).';
 
@@ -251,17 +250,25 @@ CREATE FUNCTION retl._check_refs() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     referenced bigint;
+    claimed bigint;
+    actual bigint;
 BEGIN
     IF retl._installing() THEN
         RETURN NULL;
     END IF;
     IF TG_TABLE_NAME = 'outbox' THEN
-        FOR referenced IN SELECT DISTINCT n.run_id FROM new_rows n LOOP
-            PERFORM FROM retl.runs r WHERE r.id = referenced FOR KEY SHARE;
+        FOR referenced, claimed IN SELECT DISTINCT n.run_id, n.sync_id FROM new_rows n LOOP
+            SELECT r.sync_id INTO actual FROM retl.runs r WHERE r.id = referenced FOR KEY SHARE;
             IF NOT FOUND THEN
                 RAISE foreign_key_violation USING
                     MESSAGE = format('insert into table "outbox" refers to run %s, which does not exist', referenced),
                     HINT = 'Outbox rows are written by the plan of an existing run; deleting a run deletes its outbox rows.';
+            ELSIF actual <> claimed THEN
+                -- Rows are found by sync, run and id: one filed under another sync is lost.
+                RAISE foreign_key_violation USING
+                    MESSAGE = format('insert into table "outbox" files a row of run %s under sync %s, but run %s is of sync %s',
+                                     referenced, claimed, referenced, actual),
+                    HINT = 'An outbox row''s sync_id is the sync of its run.';
             END IF;
         END LOOP;
     ELSE
@@ -277,13 +284,13 @@ BEGIN
     RETURN NULL;
 END $$;
 COMMENT ON FUNCTION retl._check_refs() IS
-  'Trigger: the runs of the outbox rows, or the syncs of the snapshot rows, a statement inserted exist (locked FOR KEY SHARE, as by a foreign key check); once per statement.';
+  'Trigger: the runs of the outbox rows (each of the row''s sync), or the syncs of the snapshot rows, a statement inserted exist (locked FOR KEY SHARE, as by a foreign key check); once per statement.';
 
 CREATE FUNCTION retl._cascade_refs() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_TABLE_NAME = 'runs' THEN
-        DELETE FROM retl.outbox o USING old_rows d WHERE o.run_id = d.id;
+        DELETE FROM retl.outbox o USING old_rows d WHERE o.sync_id = d.sync_id AND o.run_id = d.id;
     ELSE
         DELETE FROM retl.snapshots s USING old_rows d WHERE s.sync_id = d.id;
     END IF;
@@ -1039,6 +1046,12 @@ BEGIN
     IF if_exists AND NOT EXISTS (SELECT 1 FROM retl.syncs WHERE syncs.name = drop_sync.name) THEN
         RETURN;
     END IF;
+    -- Wait for the worker planning or delivering the sync to end its step (a plan, or a
+    -- window of batches), and keep the workers off it until this commits: they hold this
+    -- lock while they work on a sync (worker.rs, pick_run). Without it the drop deleted the
+    -- rows a batch in flight was about to record, or deadlocked with the recording. Taken
+    -- before the sync's row is locked, which the worker's statements need too.
+    PERFORM pg_advisory_xact_lock(1380275276, syncs.id::int4) FROM retl.syncs WHERE syncs.name = drop_sync.name;
     s := retl._sync_for_change(name);
     SELECT string_agg(retl._q(c.name), ', ' ORDER BY c.name) INTO children
       FROM retl.sync_parents p JOIN retl.syncs c ON c.id = p.sync_id WHERE p.parent_id = s.id;
@@ -1053,7 +1066,7 @@ BEGIN
     PERFORM retl._refresh_change_triggers();
 END $$;
 COMMENT ON FUNCTION retl.drop_sync(text, boolean) IS
-  'Drop a sync with its snapshot, queue, row errors and run history. Nothing is deleted in the destination.';
+  'Drop a sync with its snapshot, queue, row errors and run history. Nothing is deleted in the destination. Waits for a worker planning or delivering the sync to end its current step.';
 
 CREATE FUNCTION retl.pause(sync text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -42,12 +42,16 @@ impl AlertClock {
     }
 }
 
-/// One worker at a time (the scheduler's advisory lock key 1); the others skip this pass.
+/// One worker at a time (the advisory lock key ALERTS_KEY); the others skip this pass.
 fn evaluate() {
     let result = transaction(|| {
         Spi::connect_mut(|client| {
             let got = client
-                .select("SELECT pg_try_advisory_xact_lock($1, 1)", Some(1), &[crate::scheduler::LOCK_NAMESPACE.into()])
+                .select(
+                    "SELECT pg_try_advisory_xact_lock($1, $2)",
+                    Some(1),
+                    &[crate::scheduler::LOCK_NAMESPACE.into(), crate::scheduler::ALERTS_KEY.into()],
+                )
                 .and_then(|t| t.first().get_one::<bool>())
                 .map_err(|e| e.to_string())?
                 .unwrap_or(false);

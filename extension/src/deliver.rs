@@ -89,7 +89,7 @@ impl Deliveries {
         // A large run to Salesforce goes through one Bulk API job for its upserts first.
         let bulk = dest.config.salesforce.as_ref().filter(|o| o.bulk_threshold.is_some()).map(|o| Salesforce::new(&dest.config.url, o));
         let bulk_threshold = dest.config.salesforce.as_ref().and_then(|o| o.bulk_threshold).unwrap_or(usize::MAX) as i64;
-        let use_bulk = bulk.is_some() && transaction(|| Ok(upserts_waiting(run_id, bulk_threshold))).unwrap_or(false);
+        let use_bulk = bulk.is_some() && transaction(|| Ok(upserts_waiting(sync.id, run_id, bulk_threshold))).unwrap_or(false);
         let window = if use_bulk { BULK_WINDOW } else { (batch_size * limits.max_concurrency) as i64 };
         // A Bulk window takes upserts only and leaves the deletes behind it: no cursor then.
         let after = if use_bulk { 0 } else { self.cursors.remove(&run_id).unwrap_or(0) };
@@ -214,7 +214,7 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool, aft
         client
             .update("UPDATE retl.runs SET last_served_at = clock_timestamp() WHERE id = $1", None, &[run_id.into()])
             .unwrap_or_else(|e| error!("{e}"));
-        // The window must be read in id order along the (run_id, id) index, whatever the
+        // The window must be read in id order along the (sync_id, run_id, id) index, whatever the
         // statistics say: a freshly filled outbox has none until autovacuum analyzes it, and
         // the planner then sorted every remaining row of the run for each window (0.8 s per
         // window with 300k rows left).
@@ -226,9 +226,9 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool, aft
                 "SELECT o.id, o.op, o.key::text, o.payload::text, i.destination_id \
                    FROM retl.outbox o \
                    LEFT JOIN retl.identities i ON i.sync_id = o.sync_id AND i.key = o.key \
-                  WHERE o.run_id = $1 AND o.id > $4 AND NOT ($3 AND o.op = 'delete') ORDER BY o.id LIMIT $2",
+                  WHERE o.sync_id = $5 AND o.run_id = $1 AND o.id > $4 AND NOT ($3 AND o.op = 'delete') ORDER BY o.id LIMIT $2",
                 None,
-                &[run_id.into(), window.into(), upserts_only.into(), after.into()],
+                &[run_id.into(), window.into(), upserts_only.into(), after.into(), sync.id.into()],
             )
             .unwrap_or_else(|e| error!("{e}"));
         let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
@@ -247,10 +247,10 @@ fn load_window(sync: &SyncDef, run_id: i64, window: i64, upserts_only: bool, aft
 }
 
 /// Whether at least `threshold` rows other than deletes wait in the run's outbox.
-fn upserts_waiting(run_id: i64, threshold: i64) -> bool {
+fn upserts_waiting(sync_id: i64, run_id: i64, threshold: i64) -> bool {
     Spi::get_one_with_args::<bool>(
-        "SELECT count(*) >= $2 FROM (SELECT 1 FROM retl.outbox WHERE run_id = $1 AND op <> 'delete' LIMIT $2) w",
-        &[run_id.into(), threshold.into()],
+        "SELECT count(*) >= $2 FROM (SELECT 1 FROM retl.outbox WHERE sync_id = $3 AND run_id = $1 AND op <> 'delete' LIMIT $2) w",
+        &[run_id.into(), threshold.into(), sync_id.into()],
     )
     .ok()
     .flatten()
@@ -263,7 +263,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
     let outcome = transaction(|| {
         Spi::connect_mut(|client| {
             let acked = report.acked.clone();
-            // The outbox's primary key is (run_id, id). Its rows are looked up by their ids and
+            // The outbox's primary key is (sync_id, run_id, id). Its rows are looked up by their ids and
             // also by the ids' range (here and below): a range is always a condition of the
             // index scan, whereas the planner may turn a list of ids into a filter over every
             // row the run has left (it did, with the statistics of a freshly filled outbox:
@@ -278,12 +278,12 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                     .update(
                         "INSERT INTO retl.identities (sync_id, key, destination_id) \
                          SELECT o.sync_id, o.key, d.destination_id \
-                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.run_id = $3 AND o.id BETWEEN $4 AND $5 AND o.id = d.id \
+                           FROM unnest($1::bigint[], $2::text[]) AS d(id, destination_id) JOIN retl.outbox o ON o.sync_id = $6 AND o.run_id = $3 AND o.id BETWEEN $4 AND $5 AND o.id = d.id \
                           WHERE o.op <> 'delete' \
                          ON CONFLICT (sync_id, key) DO UPDATE \
                          SET destination_id = excluded.destination_id, updated_at = now()",
                         None,
-                        &[ids.into(), destination_ids.into(), run_id.into(), named_lo.into(), named_hi.into()],
+                        &[ids.into(), destination_ids.into(), run_id.into(), named_lo.into(), named_hi.into(), sync.id.into()],
                     )
                     .map_err(|e| e.to_string())?;
             }
@@ -292,7 +292,8 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
             // forget the destination id of a deleted key.
             client
                 .update(
-                    "WITH acked AS (DELETE FROM retl.outbox WHERE run_id = $3 AND id BETWEEN $4 AND $5 AND id = ANY($1) RETURNING sync_id, op, key, hash), \
+                    "WITH acked AS (DELETE FROM retl.outbox WHERE sync_id = $6 AND run_id = $3 AND id BETWEEN $4 AND $5 AND id = ANY($1) \
+                                    RETURNING sync_id, op, key, hash), \
                           kept AS (INSERT INTO retl.snapshots (sync_id, key, hash, delivered_at) \
                                    SELECT sync_id, key, hash, now() FROM acked WHERE op <> 'delete' OR $2 \
                                    ON CONFLICT (sync_id, key) DO UPDATE \
@@ -305,7 +306,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                                    WHERE a.op = 'delete' AND i.sync_id = a.sync_id AND i.key = a.key RETURNING 1) \
                      SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM healed)",
                     None,
-                    &[acked.into(), erasing.into(), run_id.into(), lo.into(), hi.into()],
+                    &[acked.into(), erasing.into(), run_id.into(), lo.into(), hi.into(), sync.id.into()],
                 )
                 .map_err(|e| e.to_string())?;
             if !report.rejected.is_empty() {
@@ -317,7 +318,7 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                     .update(
                         "WITH rejected AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, http_status, response)), \
                               moved AS (DELETE FROM retl.outbox o USING rejected r \
-                                        WHERE o.run_id = $4 AND o.id BETWEEN $5 AND $6 AND o.id = r.id \
+                                        WHERE o.sync_id = $7 AND o.run_id = $4 AND o.id BETWEEN $5 AND $6 AND o.id = r.id \
                                         RETURNING o.sync_id, o.key, o.run_id, o.op, o.payload, o.hash, r.http_status, r.response) \
                          INSERT INTO retl.row_errors (sync_id, key, run_id, op, payload, hash, http_status, response) \
                          SELECT sync_id, key, run_id, op, payload, hash, http_status, response FROM moved \
@@ -326,7 +327,15 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                              http_status = excluded.http_status, response = excluded.response, \
                              attempts = retl.row_errors.attempts + 1, last_failed_at = now()",
                         None,
-                        &[ids.into(), statuses.into(), messages.into(), run_id.into(), rejected_lo.into(), rejected_hi.into()],
+                        &[
+                            ids.into(),
+                            statuses.into(),
+                            messages.into(),
+                            run_id.into(),
+                            rejected_lo.into(),
+                            rejected_hi.into(),
+                            sync.id.into(),
+                        ],
                     )
                     .map_err(|e| e.to_string())?;
             }
@@ -334,9 +343,16 @@ fn record_batch(sync: &SyncDef, run_id: i64, batch_no: i32, size: usize, report:
                 let (unresolved_lo, unresolved_hi) = id_range(&report.unresolved);
                 client
                     .update(
-                        "UPDATE retl.outbox SET attempts = attempts + 1 WHERE run_id = $2 AND id BETWEEN $3 AND $4 AND id = ANY($1)",
+                        "UPDATE retl.outbox SET attempts = attempts + 1 \
+                          WHERE sync_id = $5 AND run_id = $2 AND id BETWEEN $3 AND $4 AND id = ANY($1)",
                         None,
-                        &[report.unresolved.clone().into(), run_id.into(), unresolved_lo.into(), unresolved_hi.into()],
+                        &[
+                            report.unresolved.clone().into(),
+                            run_id.into(),
+                            unresolved_lo.into(),
+                            unresolved_hi.into(),
+                            sync.id.into(),
+                        ],
                     )
                     .map_err(|e| e.to_string())?;
             }
