@@ -371,7 +371,9 @@ def bench_rate_limit(conn, binary, port, repeats):
 
 def environment(conn):
     version = conn.execute("SHOW server_version").fetchone()[0]
-    ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_reverse_etl'").fetchone()
+    # The version each fresh_extension() creates (the one installed now is whatever the last
+    # user left: it made the reports of two A/B runs name each other's version).
+    ext = conn.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'pg_reverse_etl'").fetchone()
     workers = conn.execute("SHOW retl.workers").fetchone()[0]
     settings = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in ("shared_buffers", "work_mem", "max_wal_size")}
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
