@@ -39,6 +39,16 @@ fn worker_pids(c: &mut postgres::Client) -> Vec<i32> {
         .collect()
 }
 
+/// The worker whose activity (pg_stat_activity.query) is LIKE `activity`, if one is.
+fn worker_doing(c: &mut postgres::Client, activity: &str) -> Option<i32> {
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' AND query LIKE $1",
+        &[&activity],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
 #[test]
 fn a_sigterm_stops_a_worker_within_a_second_and_its_run_resumes() {
     let fake = FakeWebhook::start();
@@ -129,16 +139,7 @@ fn a_sync_dropped_while_its_batch_is_in_flight_waits_for_the_batch_to_be_recorde
     f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
     // (The fake journals a delayed request when it answers it.)
     let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
-    wait_until(SHORT, "the request in flight", || {
-        f.client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' AND query LIKE $1",
-                &[&delivering],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    wait_until(SHORT, "the request in flight", || worker_doing(&mut f.client, &delivering).is_some());
     assert_eq!(fake.request_count(), 0, "not answered yet");
     let started = Instant::now();
     f.exec(&format!("SELECT retl.drop_sync(name => '{}')", f.sync));
@@ -148,6 +149,36 @@ fn a_sync_dropped_while_its_batch_is_in_flight_waits_for_the_batch_to_be_recorde
     assert_eq!(f.count("SELECT count(*) FROM retl.outbox o WHERE NOT EXISTS (SELECT FROM retl.syncs s WHERE s.id = o.sync_id)"), 0);
     assert_eq!(fake.records().len(), 3, "the batch in flight was answered");
     std::thread::sleep(Duration::from_millis(500));
+    let text = log.text(&mut f.client);
+    let complaints: Vec<&str> = text.lines().filter(|l| l.contains("ERROR") || l.contains("could not record")).collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
+#[test]
+fn a_sync_moved_to_another_destination_while_its_batch_is_in_flight_waits_for_the_batch() {
+    // A new destination empties the sync's snapshot and queue, under the batch in flight to
+    // the old one (as drop_sync did): alter_sync now waits for the worker's step too.
+    let old = FakeWebhook::start();
+    old.script(vec![Scripted::Delay(Duration::from_secs(2))]);
+    let new = FakeWebhook::start();
+    let mut f = Fixture::new(&old.url(), 3, "upsert", "", None);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    let moved_to = format!("{}_new", f.server);
+    f.exec(&format!("CREATE SERVER {moved_to} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{}')", new.url()));
+    let log = ServerLog::from_now(&mut f.client);
+    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
+    let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
+    wait_until(SHORT, "the request in flight", || worker_doing(&mut f.client, &delivering).is_some());
+    let started = Instant::now();
+    f.exec(&format!("SELECT retl.alter_sync(name => '{}', destination => '{moved_to}')", f.sync));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200), "alter_sync returned after {waited:?}, before the answer came");
+    assert_eq!(old.records().len(), 3, "the batch in flight was answered");
+    assert_eq!(f.count(&format!("SELECT count(*) FROM retl.snapshots s JOIN retl.syncs y ON y.id = s.sync_id WHERE y.name = '{}'", f.sync)), 0);
+    // The new destination gets every row.
+    let run = f.run();
+    assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 3), "{run:?}");
+    assert_eq!(new.records(), f.model_state());
     let text = log.text(&mut f.client);
     let complaints: Vec<&str> = text.lines().filter(|l| l.contains("ERROR") || l.contains("could not record")).collect();
     assert!(complaints.is_empty(), "{complaints:?}");
@@ -269,13 +300,7 @@ fn drop_extension_waits_for_a_workers_transaction_instead_of_deadlocking_with_it
     c.query_one("SELECT id FROM retl.run($1)", &[&sync]).unwrap();
     let mut planner = None;
     wait_until(SHORT, "a worker to plan the slow model", || {
-        planner = c
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reverse_etl worker' AND query LIKE $1",
-                &[&format!("retl: sync {sync} run %: planning")],
-            )
-            .unwrap()
-            .map(|r| r.get::<_, i32>(0));
+        planner = worker_doing(&mut c, &format!("retl: sync {sync} run %: planning"));
         planner.is_some()
     });
     let holds: Vec<String> = c

@@ -958,10 +958,17 @@ CREATE FUNCTION retl.alter_sync(
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s retl.syncs := retl._sync_for_change(name);
+    s retl.syncs;
     source_name text;
     unknown text;
 BEGIN
+    -- A new destination empties the sync's snapshot and queue: first wait for a worker's step
+    -- on the sync, as drop_sync does (there: why, and why before the row lock).
+    IF alter_sync.destination IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(1380275276, syncs.id::int4) FROM retl.syncs
+          WHERE syncs.name = alter_sync.name AND syncs.destination <> alter_sync.destination;
+    END IF;
+    s := retl._sync_for_change(name);
     SELECT string_agg(retl._q(r), ', ') INTO unknown
       FROM unnest(reset) r
      WHERE r IS NULL OR r NOT IN ('max_rows', 'max_delete_percent', 'max_delete_rows', 'quota_share', 'nulls', 'freshness',
@@ -1035,7 +1042,7 @@ BEGIN
     PERFORM retl._wake_worker_at_commit();
 END $$;
 COMMENT ON FUNCTION retl.alter_sync(text, text, text, jsonb, boolean, text, text[], text, bigint, numeric, bigint, numeric, text, interval, int, numeric, numeric, bigint, text, text[]) IS
-  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent; reset => ''{max_rows, freshness}'' puts safeguard and alert settings back to their defaults). A new destination starts from an empty snapshot and identity map.';
+  'Change a sync; arguments left NULL keep their value (reset_mappings => true maps every column again; after => ''{}'' removes every parent; reset => ''{max_rows, freshness}'' puts safeguard and alert settings back to their defaults). A new destination starts from an empty snapshot and identity map, after a worker planning or delivering the sync has ended its current step.';
 
 CREATE FUNCTION retl.drop_sync(name text, if_exists boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
