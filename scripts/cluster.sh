@@ -47,9 +47,9 @@ start() {
 
 # A quarter of the machine's memory, the starting point the Postgres documentation gives for
 # a dedicated server, between Debian's default of 128MB and 8GB. With 128MB a 1M-row sync's
-# snapshot, outbox and model did not fit, and plans and deliveries spent their time writing
-# out dirty pages to make room (measured in docs/BENCHMARKS.md). Set at every start, so an
-# existing cluster gets it too; RETL_SHARED_BUFFERS overrides it.
+# snapshot, outbox and model did not fit: backends wrote out dirty pages to make room, and
+# plans of 10% changes took about a quarter longer (docs/BENCHMARKS.md). Set at every start,
+# so an existing cluster gets it too; RETL_SHARED_BUFFERS overrides it.
 shared_buffers() {
     if [ -n "${RETL_SHARED_BUFFERS:-}" ]; then echo "$RETL_SHARED_BUFFERS"; return; fi
     local kb mb
