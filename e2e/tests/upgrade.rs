@@ -569,10 +569,6 @@ fn a_live_sync_with_queued_rows_survives_the_upgrade_from_0_8_0_and_its_referenc
     assert_eq!(orphans, 0);
 }
 
-/// A run that was delivering when the database was updated from 0.9.0 (its rows queued in the
-/// outbox, which 0.10.0 keys by run and id) is delivered after the update: the destination gets
-/// exactly the queued rows, the snapshot takes them, the outbox empties, and the next run sends
-/// nothing. The snapshot keeps its rows and gets room on its pages (fillfactor 90).
 #[test]
 fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
     a_run_delivering_during_the_upgrade_is_delivered_after_it(NINTH);
@@ -583,8 +579,11 @@ fn a_run_delivering_during_the_upgrade_from_0_10_0_is_delivered_after_it() {
     a_run_delivering_during_the_upgrade_is_delivered_after_it(PREVIOUS);
 }
 
-/// A run of a version-`from` database was delivering when the extension was updated: the
-/// workers of this version deliver it (0.10.0 and 0.11.0 each rebuilt the outbox's key).
+/// A run that was delivering when the database was updated from `from` (its rows queued in
+/// the outbox, whose key 0.10.0 and 0.11.0 each rebuilt; 0.11.0 files them by sync, run and id)
+/// is delivered after the update: the destination gets exactly the queued rows, the snapshot
+/// takes them, the outbox empties, and the next run sends nothing. The snapshot keeps its rows
+/// and has room on its pages (fillfactor 90); a row filed under another sync is refused.
 fn a_run_delivering_during_the_upgrade_is_delivered_after_it(from: &str) {
     let fake = FakeWebhook::start();
     let mut c = connect();
