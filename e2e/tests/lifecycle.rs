@@ -131,6 +131,27 @@ fn a_sighup_reloads_settings_in_the_workers() {
     drop(guard);
 }
 
+/// Starts a run of `f`'s sync (3 rows, one batch, to `fake`, which answers it after 2 s),
+/// calls `sql` while the batch is in flight, and checks that the call waited for the answer.
+fn call_while_the_batch_is_in_flight(f: &mut Fixture, fake: &FakeWebhook, sql: &str) {
+    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
+    // (The fake journals a delayed request when it answers it.)
+    let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
+    wait_until(SHORT, "the request in flight", || worker_doing(&mut f.client, &delivering).is_some());
+    assert_eq!(fake.request_count(), 0, "not answered yet");
+    let started = Instant::now();
+    f.exec(sql);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200), "{sql} returned after {waited:?}, before the answer came");
+    assert_eq!(fake.records().len(), 3, "the batch in flight was answered");
+}
+
+fn assert_no_worker_complaints(f: &mut Fixture, log: &ServerLog) {
+    let text = log.text(&mut f.client);
+    let complaints: Vec<&str> = text.lines().filter(|l| worker_complaint(l)).collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
 #[test]
 fn a_sync_dropped_while_its_batch_is_in_flight_waits_for_the_batch_to_be_recorded() {
     // drop_sync deletes the sync's runs and outbox rows. Run between a batch's request and
@@ -141,22 +162,12 @@ fn a_sync_dropped_while_its_batch_is_in_flight_waits_for_the_batch_to_be_recorde
     fake.script(vec![Scripted::Delay(Duration::from_secs(2))]);
     let mut f = Fixture::new(&fake.url(), 3, "upsert", "", None);
     let log = ServerLog::from_now(&mut f.client);
-    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
-    // (The fake journals a delayed request when it answers it.)
-    let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
-    wait_until(SHORT, "the request in flight", || worker_doing(&mut f.client, &delivering).is_some());
-    assert_eq!(fake.request_count(), 0, "not answered yet");
-    let started = Instant::now();
-    f.exec(&format!("SELECT retl.drop_sync(name => '{}')", f.sync));
-    let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1200), "drop_sync returned after {waited:?}, before the answer came");
+    let sql = format!("SELECT retl.drop_sync(name => '{}')", f.sync);
+    call_while_the_batch_is_in_flight(&mut f, &fake, &sql);
     assert_eq!(f.count(&format!("SELECT count(*) FROM retl.syncs WHERE name = '{}'", f.sync)), 0);
     assert_eq!(f.count("SELECT count(*) FROM retl.outbox o WHERE NOT EXISTS (SELECT FROM retl.syncs s WHERE s.id = o.sync_id)"), 0);
-    assert_eq!(fake.records().len(), 3, "the batch in flight was answered");
     std::thread::sleep(Duration::from_millis(500));
-    let text = log.text(&mut f.client);
-    let complaints: Vec<&str> = text.lines().filter(|l| worker_complaint(l)).collect();
-    assert!(complaints.is_empty(), "{complaints:?}");
+    assert_no_worker_complaints(&mut f, &log);
 }
 
 #[test]
@@ -171,22 +182,14 @@ fn a_sync_moved_to_another_destination_while_its_batch_is_in_flight_waits_for_th
     let moved_to = format!("{}_new", f.server);
     f.exec(&format!("CREATE SERVER {moved_to} FOREIGN DATA WRAPPER retl OPTIONS (type 'webhook', url '{}')", new.url()));
     let log = ServerLog::from_now(&mut f.client);
-    f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap();
-    let delivering = format!("retl: sync {} run %: delivering 3 rows to {}", f.sync, f.server);
-    wait_until(SHORT, "the request in flight", || worker_doing(&mut f.client, &delivering).is_some());
-    let started = Instant::now();
-    f.exec(&format!("SELECT retl.alter_sync(name => '{}', destination => '{moved_to}')", f.sync));
-    let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1200), "alter_sync returned after {waited:?}, before the answer came");
-    assert_eq!(old.records().len(), 3, "the batch in flight was answered");
+    let sql = format!("SELECT retl.alter_sync(name => '{}', destination => '{moved_to}')", f.sync);
+    call_while_the_batch_is_in_flight(&mut f, &old, &sql);
     assert_eq!(f.count(&format!("SELECT count(*) FROM retl.snapshots s JOIN retl.syncs y ON y.id = s.sync_id WHERE y.name = '{}'", f.sync)), 0);
     // The new destination gets every row.
     let run = f.run();
     assert_eq!((run.status.as_str(), run.delivered), ("succeeded", 3), "{run:?}");
     assert_eq!(new.records(), f.model_state());
-    let text = log.text(&mut f.client);
-    let complaints: Vec<&str> = text.lines().filter(|l| worker_complaint(l)).collect();
-    assert!(complaints.is_empty(), "{complaints:?}");
+    assert_no_worker_complaints(&mut f, &log);
 }
 
 #[test]
