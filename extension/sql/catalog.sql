@@ -934,6 +934,19 @@ BEGIN
     RETURN s;
 END $$;
 
+-- Wait until no worker works on sync `sync_id`, and keep the workers off it until this
+-- transaction ends. A worker holds the sync's advisory key (namespace 1380275276, "RETL", and
+-- the sync's id: worker.rs, pick_run) for one step on it: a plan, or a window of batches sent
+-- and recorded. Statements that delete a sync's rows take it first, before they lock the
+-- sync's row (the worker's statements need that row too): otherwise they deleted the rows a
+-- batch in flight was about to record, or deadlocked with the recording.
+CREATE FUNCTION retl._wait_for_worker(sync_id bigint) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_advisory_xact_lock(1380275276, sync_id::int4)
+$$;
+COMMENT ON FUNCTION retl._wait_for_worker(bigint) IS
+  'Waits for a worker''s step on the sync (a plan, or a window of batches) to end, and keeps the workers off it until the transaction ends.';
+
 CREATE FUNCTION retl.alter_sync(
     name        text,
     destination text DEFAULT NULL,
@@ -963,9 +976,9 @@ DECLARE
     unknown text;
 BEGIN
     -- A new destination empties the sync's snapshot and queue: first wait for a worker's step
-    -- on the sync, as drop_sync does (there: why, and why before the row lock).
+    -- on the sync (before the row lock, see retl._wait_for_worker).
     IF alter_sync.destination IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(1380275276, syncs.id::int4) FROM retl.syncs
+        PERFORM retl._wait_for_worker(syncs.id) FROM retl.syncs
           WHERE syncs.name = alter_sync.name AND syncs.destination <> alter_sync.destination;
     END IF;
     s := retl._sync_for_change(name);
@@ -1053,12 +1066,8 @@ BEGIN
     IF if_exists AND NOT EXISTS (SELECT 1 FROM retl.syncs WHERE syncs.name = drop_sync.name) THEN
         RETURN;
     END IF;
-    -- Wait for the worker planning or delivering the sync to end its step (a plan, or a
-    -- window of batches), and keep the workers off it until this commits: they hold this
-    -- lock while they work on a sync (worker.rs, pick_run). Without it the drop deleted the
-    -- rows a batch in flight was about to record, or deadlocked with the recording. Taken
-    -- before the sync's row is locked, which the worker's statements need too.
-    PERFORM pg_advisory_xact_lock(1380275276, syncs.id::int4) FROM retl.syncs WHERE syncs.name = drop_sync.name;
+    -- Wait for a worker's step on the sync, before the row lock (see retl._wait_for_worker).
+    PERFORM retl._wait_for_worker(syncs.id) FROM retl.syncs WHERE syncs.name = drop_sync.name;
     s := retl._sync_for_change(name);
     SELECT string_agg(retl._q(c.name), ', ' ORDER BY c.name) INTO children
       FROM retl.sync_parents p JOIN retl.syncs c ON c.id = p.sync_id WHERE p.parent_id = s.id;
