@@ -631,13 +631,6 @@ fn a_run_delivering_during_the_upgrade_is_delivered_after_it(from: &str) {
     );
     // Rows are found by sync, run and id: a row filed under another sync than its run's is
     // refused (it would never be found).
-    let misfiled = c
-        .batch_execute(&format!(
-            "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
-             SELECT r.sync_id + 1000, r.id, 'upsert', '{{\"id\": 9}}', '{{}}', '\\x00'
-               FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = '{sync}' ORDER BY r.id DESC LIMIT 1"
-        ))
-        .unwrap_err();
     let (run_id, sync_id): (i64, i64) = c
         .query_one(
             "SELECT r.id, r.sync_id FROM retl.runs r JOIN retl.syncs s ON s.id = r.sync_id WHERE s.name = $1 ORDER BY r.id DESC LIMIT 1",
@@ -645,16 +638,22 @@ fn a_run_delivering_during_the_upgrade_is_delivered_after_it(from: &str) {
         )
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
-    let db = misfiled.as_db_error().unwrap();
+    let misfiled = c
+        .batch_execute(&format!(
+            "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash)
+             VALUES ({}, {run_id}, 'upsert', '{{\"id\": 9}}', '{{}}', '\\x00')",
+            sync_id + 1000
+        ))
+        .unwrap_err();
+    let (code, message, _, _) = db_error(&misfiled);
     assert_eq!(
-        (db.code().code(), db.message()),
+        (code.as_str(), message),
         (
             "23503",
             format!(
                 "insert into table \"outbox\" files a row of run {run_id} under sync {}, but run {run_id} is of sync {sync_id}",
                 sync_id + 1000
             )
-            .as_str()
         )
     );
 
