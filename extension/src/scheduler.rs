@@ -6,9 +6,9 @@ use crate::shared;
 use crate::transaction::transaction;
 use pgrx::prelude::*;
 
-/// Advisory-lock namespace of pg_reverse_etl ("RETL", 1380275276: retl.drop_sync takes a sync's
-/// key by that number); key 0 is the scheduler, ALERTS_KEY the alerts' pass, keys > 0 are
-/// sync ids (two runs of one sync never overlap).
+/// Advisory-lock namespace of pg_reverse_etl ("RETL", 1380275276: retl._wait_for_worker takes
+/// a sync's key by that number); key 0 is the scheduler, ALERTS_KEY the alerts' pass, keys > 0
+/// are sync ids (two runs of one sync never overlap).
 pub const LOCK_NAMESPACE: i32 = 0x5245_544c;
 /// The alerts' pass. It was key 1 until 0.11.0, the key of sync 1: a worker delivering sync 1
 /// made the others skip their alerts, and a worker evaluating alerts kept the others off sync 1.
