@@ -514,6 +514,78 @@ async fn concurrency_is_bounded_by_max_concurrency_and_used() {
     assert_eq!(peak.load(Ordering::SeqCst), 3, "three requests in flight at most, and at once");
 }
 
+#[tokio::test]
+async fn a_batch_is_handed_over_while_the_batches_after_it_are_still_in_flight() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    // The second batch is answered only once the test lets it, or after 2 s (within the
+    // requests' timeout): a delivery that held the first report back until every batch was
+    // done then fails the assertion below instead of hanging.
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let second_answered = Arc::new(AtomicBool::new(false));
+    let answered = second_answered.clone();
+    let (url, _) = serve(move |_, request| {
+        if request.ids() == [2] {
+            let _ = released.lock().unwrap().recv_timeout(Duration::from_secs(2));
+            answered.store(true, Ordering::SeqCst);
+        }
+        reply(200, "")
+    });
+    let limits = limits(0);
+    let deliverer = Deliverer::new(limits.timeout).unwrap();
+    let dest = webhook(&url);
+    let auth = crate::oauth::Auth::fixed(Some(TOKEN));
+    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=1), records(2..=2)], &|| false);
+    delivery.close();
+    let first = delivery.next().await.expect("a report for the first batch");
+    assert_eq!(first, acked(&[1], 1));
+    assert!(!second_answered.load(Ordering::SeqCst), "the first report waited for the second batch's answer");
+    release.send(()).unwrap();
+    assert_eq!(delivery.next().await.expect("a report for the second batch"), acked(&[2], 1));
+    assert_eq!(delivery.next().await, None);
+}
+
+#[tokio::test]
+async fn batches_added_to_a_delivery_go_out_in_order_as_soon_as_they_are_sent() {
+    let (url, seen) = serve(|_, _| reply(200, ""));
+    let limits = DeliveryLimits { max_concurrency: 1, ..limits(0) };
+    let deliverer = Deliverer::new(limits.timeout).unwrap();
+    let dest = webhook(&url);
+    let auth = crate::oauth::Auth::fixed(Some(TOKEN));
+    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=2)], &|| false);
+    assert_eq!(delivery.next().await, Some(acked(&[1, 2], 1)));
+    delivery.push(records(3..=3));
+    delivery.push(records(4..=5));
+    assert_eq!(delivery.unsent(), 2);
+    delivery.send().await;
+    assert_eq!(delivery.unsent(), 1, "one batch at a time (max_concurrency 1)");
+    // No runtime turns from here: the request must already be on its way.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2, "send() wrote out the request of the batch it started");
+    assert_eq!(delivery.next().await, Some(acked(&[3], 1)));
+    delivery.close();
+    assert_eq!(delivery.next().await, Some(acked(&[4, 5], 1)));
+    assert_eq!(delivery.next().await, None);
+    let ids: Vec<Vec<i64>> = seen.lock().unwrap().iter().map(Seen::ids).collect();
+    assert_eq!(ids, [vec![1, 2], vec![3], vec![4, 5]]);
+}
+
+#[tokio::test]
+async fn a_delivery_left_open_with_nothing_to_send_ends_instead_of_waiting_forever() {
+    let (url, _) = serve(|_, _| reply(200, ""));
+    let limits = limits(0);
+    let deliverer = Deliverer::new(limits.timeout).unwrap();
+    let dest = webhook(&url);
+    let auth = crate::oauth::Auth::fixed(Some(TOKEN));
+    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=1)], &|| false);
+    assert_eq!(delivery.next().await, Some(acked(&[1], 1)));
+    assert_eq!(delivery.next().await, None);
+}
+
 /// A webhook whose every success answer "resolves" the records again (a destination that keeps
 /// naming other ids): delivery must stop after a bounded number of lookups.
 struct EndlessLookup(Box<dyn Destination>);
