@@ -1,6 +1,7 @@
 //! Several workers (retl.workers = 2 on the test cluster): runs take turns slice by slice so a
 //! large sync cannot starve a small one, a destination's rate limit is one budget shared by
-//! every worker, and retl.worker_status() / pg_stat_activity show who does what.
+//! every worker, and retl.worker_status() / pg_stat_activity show who does what. Within a
+//! slice, a worker sends the next requests while it records the batches answered before them.
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
@@ -39,6 +40,31 @@ fn a_small_sync_is_not_starved_by_two_large_ones() {
     });
     assert_eq!(fake_a.records(), a.model_state());
     assert_eq!(fake_b.records(), b.model_state());
+}
+
+#[test]
+fn the_next_request_goes_out_while_an_answered_batch_waits_to_be_recorded() {
+    // One row a request, one request at a time. A lock on the snapshot holds up the recording
+    // of the first batch (acknowledged rows enter the snapshot): the second request must go
+    // out all the same, read and sent before the first batch is recorded, not after.
+    let fake = FakeWebhook::start();
+    let mut f = Fixture::new(&fake.url(), 3, "upsert", "batch_size '1', max_concurrency '1'", None);
+    let mut holder = connect();
+    let mut lock = holder.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE retl.snapshots IN SHARE MODE").unwrap();
+    let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
+    wait_until(Duration::from_secs(10), "the second request, while the first batch waits to be recorded", || {
+        fake.request_count() >= 2
+    });
+    let recorded = format!("SELECT count(*) FROM retl.batches WHERE run_id = {run_id}");
+    assert_eq!(f.count(&recorded), 0, "no batch could be recorded yet");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.request_count(), 2, "one request in flight beyond the batch being recorded, no more");
+    lock.rollback().unwrap();
+    wait_until(SHORT, "the run to finish", || status_of(&mut f.client, run_id) == "succeeded");
+    assert_eq!(f.count(&recorded), 3);
+    assert_eq!(fake.request_count(), 3);
+    assert_eq!(fake.records(), f.model_state());
 }
 
 #[test]

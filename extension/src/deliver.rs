@@ -10,12 +10,13 @@ use crate::shared;
 use crate::transaction::{report_activity, transaction};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use retl_engine::connector::{self, Salesforce};
-use retl_engine::deliver::{BatchReport, DeliveryLimits};
+use retl_engine::connector::{self, Destination, Salesforce};
+use retl_engine::deliver::{BatchReport, DeliveryLimits, InOrder};
 use retl_engine::ratelimit::{LocalBucket, RateBudget, SharedGcra, TokenBucket};
 use retl_engine::record::{Op, OutboxRecord};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 /// What the worker keeps between slices.
 #[derive(Default)]
@@ -40,11 +41,18 @@ const MAX_CURSORS: usize = 1000;
 /// Upserts one Bulk API job takes at most (Salesforce's limit is 150 MB of CSV per job).
 const BULK_WINDOW: i64 = 100_000;
 
+/// How long a slice goes on reading more windows of its run: the next window is read and its
+/// requests sent while the worker records the batches before it (see Deliverer::start), so
+/// the longer a slice, the less of it is spent waiting for a first answer. Then the run goes
+/// back in line behind the other runs, and a drop_sync, alter_sync or paused sync waits no
+/// longer than this and the requests in flight.
+const SLICE_TIME: Duration = Duration::from_millis(500);
+
 impl Deliveries {
-    /// Deliver one window (batch_size x max_concurrency rows) of run `run_id`, and close the run
-    /// when it is over: every planned row acknowledged or rejected, or the run failed. While
-    /// rows remain it stays `delivering` and goes back in line (also when the worker is
-    /// shutting down: it resumes after a restart).
+    /// Deliver a slice of run `run_id` (windows of batch_size x max_concurrency rows, for about
+    /// SLICE_TIME), and close the run when it is over: every planned row acknowledged or
+    /// rejected, or the run failed. While rows remain it stays `delivering` and goes back in
+    /// line (also when the worker is shutting down: it resumes after a restart).
     pub fn slice(&mut self, runtime: &tokio::runtime::Runtime, run_id: i64) {
         let loaded = transaction(|| {
             Spi::connect(|client| {
@@ -69,7 +77,7 @@ impl Deliveries {
                 Ok((sync, dest, batch_no, fields))
             })
         });
-        let (sync, dest, mut batch_no, fields) = match loaded {
+        let (sync, dest, batch_no, fields) = match loaded {
             Ok(v) => v,
             Err(message) => {
                 finish_run(run_id, Some(&message), false);
@@ -90,6 +98,7 @@ impl Deliveries {
         let bulk = dest.config.salesforce.as_ref().filter(|o| o.bulk_threshold.is_some()).map(|o| Salesforce::new(&dest.config.url, o));
         let bulk_threshold = dest.config.salesforce.as_ref().and_then(|o| o.bulk_threshold).unwrap_or(usize::MAX) as i64;
         let use_bulk = bulk.is_some() && transaction(|| Ok(upserts_waiting(sync.id, run_id, bulk_threshold))).unwrap_or(false);
+        // A window: one Bulk API job, or one round of requests (max_concurrency batches).
         let window = if use_bulk { BULK_WINDOW } else { (batch_size * limits.max_concurrency) as i64 };
         // A Bulk window takes upserts only and leaves the deletes behind it: no cursor then.
         let after = if use_bulk { 0 } else { self.cursors.remove(&run_id).unwrap_or(0) };
@@ -120,12 +129,6 @@ impl Deliveries {
             records.len(),
             sync.destination
         ));
-        // After a bulk window, the run goes on (deletes, the rest) in the next slice.
-        let full_window = use_bulk || records.len() as i64 == window;
-        let last_id = records.iter().map(|r| r.id).max().unwrap_or(after);
-        let batches: Vec<Vec<OutboxRecord>> =
-            if use_bulk { vec![records] } else { connector::batches(connector.as_ref(), records, batch_size) };
-        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         let shared_state = dest.config.rate_limit.and_then(|_| shared::rate_state(dest.server));
         let shared_budget;
         let budget: Option<&dyn RateBudget> = match (dest.config.rate_limit, shared_state) {
@@ -146,54 +149,141 @@ impl Deliveries {
         };
         let should_stop = shared::shutdown_requested;
         let auth = dest.auth(sync.owner);
-        let reports = match (&bulk, use_bulk) {
-            (Some(sf), true) => vec![runtime.block_on(deliverer.deliver_bulk(
-                sf,
-                &limits,
-                budget,
-                &sync.name,
-                run_id,
-                &auth,
-                batches.into_iter().next().unwrap_or_default(),
-                &should_stop,
-            ))],
-            _ => runtime.block_on(deliverer.deliver(
-                connector.as_ref(),
-                &limits,
-                budget,
-                &sync.name,
-                &sync.uid,
-                run_id,
-                &auth,
-                batches,
-                &should_stop,
-            )),
+        let mut recorder = Recorder { sync: &sync, run_id, batch_no, run_error: None };
+        // Whether the run has rows left for another slice, and where they start.
+        let (goes_on, last_id) = match (&bulk, use_bulk) {
+            (Some(sf), true) => {
+                let size = records.len();
+                let report = runtime.block_on(deliverer.deliver_bulk(sf, &limits, budget, &sync.name, run_id, &auth, records, &should_stop));
+                recorder.record(size, &report);
+                // After a bulk window, the run goes on (deletes, the rest) in the next slice.
+                (true, None)
+            }
+            _ => {
+                let mut rounds = Rounds::new(&sync, run_id, window, batch_size, connector.as_ref(), after);
+                let mut delivery =
+                    deliverer.start(connector.as_ref(), &limits, budget, &sync.name, &sync.uid, run_id, &auth, Vec::new(), &should_stop);
+                rounds.add(&mut delivery, records);
+                let started = Instant::now();
+                while let Some(report) = runtime.block_on(delivery.next()) {
+                    if delivery.unsent() == 0 && !delivery.is_closed() {
+                        // Every batch read is under way: read the next round now, while they
+                        // are in flight, unless the slice has had its time or the run is failing.
+                        let go_on = rounds.more
+                            && started.elapsed() < SLICE_TIME
+                            && recorder.run_error.is_none()
+                            && !report.fatal
+                            && report.unresolved.is_empty()
+                            && !shared::shutdown_requested();
+                        let added = go_on
+                            && rounds.read_next(&mut delivery).unwrap_or_else(|message| {
+                                recorder.run_error.get_or_insert(message);
+                                false
+                            });
+                        if !added {
+                            delivery.close();
+                        }
+                    }
+                    runtime.block_on(delivery.send());
+                    recorder.record(rounds.sizes.pop_front().unwrap_or_default(), &report);
+                }
+                (rounds.more, Some(rounds.last_id))
+            }
         };
         dest.keep_refreshed(sync.owner, &auth);
-        let mut run_error: Option<String> = None;
-        for (report, size) in reports.iter().zip(&sizes) {
-            batch_no += 1;
-            for failure in &report.transport_failures {
-                log!("pg_reverse_etl: sync {} run {run_id} batch {batch_no}: a request to {} got no answer: {failure}", sync.name, sync.destination);
-            }
-            if let Err(message) = record_batch(&sync, run_id, batch_no, *size, report) {
-                run_error.get_or_insert(format!("could not record batch {batch_no}: {message}"));
-            }
-            if report.fatal || !report.unresolved.is_empty() {
-                run_error.get_or_insert_with(|| report.error.clone().unwrap_or_else(|| "delivery failed".into()));
-            }
-        }
+        let run_error = recorder.run_error;
         if shared::shutdown_requested() {
             // What was acknowledged is recorded; the rest stays queued for the restarted worker.
             return;
         }
-        if run_error.is_some() || !full_window {
+        if run_error.is_some() || !goes_on {
             finish_run(run_id, run_error.as_deref(), false);
-        } else if !use_bulk {
+        } else if let Some(last_id) = last_id {
             if self.cursors.len() >= MAX_CURSORS {
                 self.cursors.clear();
             }
             self.cursors.insert(run_id, last_id);
+        }
+    }
+}
+
+/// Reads a run's outbox for a slice, a window at a time after the rows already read, and adds
+/// each window's batches to the delivery.
+struct Rounds<'a> {
+    sync: &'a SyncDef,
+    run_id: i64,
+    window: i64,
+    batch_size: usize,
+    connector: &'a dyn Destination,
+    /// The sizes of the batches added and not yet recorded, in order.
+    sizes: VecDeque<usize>,
+    /// The last outbox id read.
+    last_id: i64,
+    /// Whether the run may have rows after `last_id`: the last read filled its window (or
+    /// found the sync paused, which the next slice then reports).
+    more: bool,
+}
+
+impl<'a> Rounds<'a> {
+    fn new(sync: &'a SyncDef, run_id: i64, window: i64, batch_size: usize, connector: &'a dyn Destination, after: i64) -> Self {
+        Rounds { sync, run_id, window, batch_size, connector, sizes: VecDeque::new(), last_id: after, more: false }
+    }
+
+    /// Adds a window's rows (read in id order) to the delivery, in batches.
+    fn add(&mut self, delivery: &mut InOrder, records: Vec<OutboxRecord>) {
+        self.more = records.len() as i64 == self.window;
+        self.last_id = records.iter().map(|r| r.id).max().unwrap_or(self.last_id);
+        for batch in connector::batches(self.connector, records, self.batch_size) {
+            self.sizes.push_back(batch.len());
+            delivery.push(batch);
+        }
+    }
+
+    /// Reads the next window and adds it; false if there was none to add.
+    fn read_next(&mut self, delivery: &mut InOrder) -> Result<bool, String> {
+        let (paused, records) = transaction(|| Ok(load_window(self.sync, self.run_id, self.window, false, self.last_id)))?;
+        if paused {
+            // The run goes back in line; its next slice finds the sync paused and cancels it.
+            return Ok(false);
+        }
+        if records.is_empty() {
+            self.more = false;
+            return Ok(false);
+        }
+        report_activity(&format!(
+            "retl: sync {} run {}: delivering {} rows to {}",
+            self.sync.name,
+            self.run_id,
+            records.len(),
+            self.sync.destination
+        ));
+        self.add(delivery, records);
+        Ok(true)
+    }
+}
+
+/// Records a slice's batches in turn, numbering them after the run's earlier ones.
+struct Recorder<'a> {
+    sync: &'a SyncDef,
+    run_id: i64,
+    /// The last batch number used.
+    batch_no: i32,
+    /// Why the run fails, from the first batch that says so.
+    run_error: Option<String>,
+}
+
+impl Recorder<'_> {
+    fn record(&mut self, size: usize, report: &BatchReport) {
+        self.batch_no += 1;
+        let (sync, run_id, batch_no) = (self.sync, self.run_id, self.batch_no);
+        for failure in &report.transport_failures {
+            log!("pg_reverse_etl: sync {} run {run_id} batch {batch_no}: a request to {} got no answer: {failure}", sync.name, sync.destination);
+        }
+        if let Err(message) = record_batch(sync, run_id, batch_no, size, report) {
+            self.run_error.get_or_insert(format!("could not record batch {batch_no}: {message}"));
+        }
+        if report.fatal || !report.unresolved.is_empty() {
+            self.run_error.get_or_insert_with(|| report.error.clone().unwrap_or_else(|| "delivery failed".into()));
         }
     }
 }
