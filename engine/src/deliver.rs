@@ -94,7 +94,7 @@ pub(crate) struct Http {
     policy: Arc<HostPolicy>,
 }
 
-/// One `deliver` call's shared state.
+/// One delivery's shared state (see [`Deliverer::start`]).
 struct Run<'a> {
     client: &'a Http,
     dest: &'a dyn Destination,
