@@ -69,7 +69,7 @@ clean: stop
 ## external psycopg+requests script doing the same job), on-change latency (100 single-row
 ## updates/s for 30 s on a 10,000-row model) and what the on-change triggers cost writers.
 ## The scale part rewrites its section of docs/BENCHMARKS.md and docs/benchmarks-scale.png
-## (about 30 minutes here; BENCH_SIZES=100000,1000000 for a 6-minute run). Results: printed, and in
+## (about 25 minutes here; BENCH_SIZES=100000,1000000 for a 6-minute run). Results: printed, and in
 ## .run/scale.json, .run/bench.json and .run/overhead.json. Reinstalls the extension.
 BENCH_SIZES ?= 100000,1000000,10000000
 BENCH_VENV  := .run/bench-venv
