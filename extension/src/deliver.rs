@@ -123,12 +123,7 @@ impl Deliveries {
             finish_run(run_id, None, false);
             return;
         }
-        report_activity(&format!(
-            "retl: sync {} run {run_id}: delivering {} rows to {}",
-            sync.name,
-            records.len(),
-            sync.destination
-        ));
+        report_delivering(&sync, run_id, records.len());
         let shared_state = dest.config.rate_limit.and_then(|_| shared::rate_state(dest.server));
         let shared_budget;
         let budget: Option<&dyn RateBudget> = match (dest.config.rate_limit, shared_state) {
@@ -250,16 +245,15 @@ impl<'a> Rounds<'a> {
             self.more = false;
             return Ok(false);
         }
-        report_activity(&format!(
-            "retl: sync {} run {}: delivering {} rows to {}",
-            self.sync.name,
-            self.run_id,
-            records.len(),
-            self.sync.destination
-        ));
+        report_delivering(self.sync, self.run_id, records.len());
         self.add(delivery, records);
         Ok(true)
     }
+}
+
+/// What pg_stat_activity shows while a window of `rows` rows is delivered.
+fn report_delivering(sync: &SyncDef, run_id: i64, rows: usize) {
+    report_activity(&format!("retl: sync {} run {run_id}: delivering {rows} rows to {}", sync.name, sync.destination));
 }
 
 /// Records a slice's batches in turn, numbering them after the run's earlier ones.
