@@ -300,3 +300,132 @@ fn mapped_payloads_carry_every_field_under_its_exact_name() {
         assert_eq!(fake.records(), expected(&mut f), "{longest}");
     }
 }
+
+/// The outbox's (op, key, payload) of `sync`'s rows as jsonb text, by key.
+fn outbox_text(client: &mut postgres::Client, sync: &str) -> Vec<(String, String, String)> {
+    client
+        .query(
+            "SELECT o.op, o.key::text, o.payload::text FROM retl.outbox o JOIN retl.syncs s ON s.id = o.sync_id
+              WHERE s.name = $1 ORDER BY o.key",
+            &[&sync],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Asserts two equally long lists of rows are equal, showing the first row that differs.
+fn assert_same_rows(got: &[(String, String, String)], expected: &[(String, String, String)], what: &str) {
+    assert_eq!(got.len(), expected.len(), "{what}: rows");
+    if let Some((g, e)) = got.iter().zip(expected).find(|(g, e)| g != e) {
+        assert_eq!(g, e, "{what}: the first row that differs");
+    }
+}
+
+/// A model whose columns are all of types the worker builds jsonb from itself (jsonb_rows.rs)
+/// gets keys and payloads, to the byte, as SQL builds them (`jsonb_build_object` and
+/// `to_jsonb`, under the settings plans run with): booleans, every integer width at its
+/// limits, real and double with NaN, infinities and -0, numeric with its scale, NaN and
+/// infinities, a numeric domain, text with quotes, backslashes, control characters and an
+/// emoji, values kept out of line (compressed and not), padded char(n), empty varchar, dates
+/// and timestamps (BC, infinite, fractional seconds), uuid, interval, NULL in every column, a
+/// two-column key, and field names jsonb must sort by length (mapped, one longer than a
+/// Postgres name). 12,006 rows: more than one write of 5,000 to the outbox.
+#[test]
+fn keys_and_payloads_built_by_the_worker_are_those_sql_builds() {
+    let fake = FakeWebhook::start();
+    // The fixture's destination; the model and sync are this test's own (a two-column key).
+    let mut f = Fixture::new(&fake.url(), 0, "upsert", "batch_size '1000'", None);
+    let (table, domain, model) = (format!("{}_types", f.table), format!("{}_amount", f.table), format!("{}_types", f.model));
+    f.sync = format!("{}_types", f.sync);
+    let _drop = DropSyncs(vec![f.sync.clone()]);
+    f.exec(&format!(
+        "CREATE DOMAIN {domain} AS numeric(12,2) CHECK (VALUE > -1000000);
+         CREATE TABLE {table} (id bigint, code varchar(8), b boolean, i2 smallint, i4 integer, i8 bigint, r real,
+           d double precision, n numeric, n3 numeric(10,3), amount {domain}, t text, v varchar(20), c char(5),
+           dt date, ts timestamp, tz timestamptz, u uuid, iv interval, PRIMARY KEY (id, code));
+         INSERT INTO {table} (id, code) VALUES (1, 'nulls');
+         INSERT INTO {table} VALUES
+           (2, 'max', true, 32767, 2147483647, 9223372036854775807, 'NaN', 'Infinity', 'NaN', 1.5, 12.5,
+            E'quote \" back \\\\ newline \\n tab \\t bell \\x07 emoji \\U0001F600', '', 'ab',
+            '2024-02-29', 'infinity', '2024-07-01 12:00:00.5+02', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '1 year 2 months 3 days 04:05:06.5'),
+           (3, 'min', false, -32768, -2147483648, -9223372036854775808, '-Infinity', '-0', '-Infinity', 0, -999999.99,
+            'x', 'twenty characters!!!', 'abcde', '0044-03-15 BC', '2024-02-29 13:14:15.123456', '-infinity',
+            '00000000-0000-0000-0000-000000000000', '-1 days -00:00:01'),
+           (4, 'long', true, 0, 0, 0, 3.4e38, 1e300, 123456789012345678901234567890.123456789, 0.001, 0,
+            repeat('long text ', 100000), NULL, NULL, 'infinity', '1999-12-31 23:59:59', 'epoch', NULL, '0'),
+           (5, 'other', NULL, NULL, 1, NULL, 0.1, 0.1, 1e-20, -0.5, 1.1,
+            (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i), 'é', 'ü', NULL, NULL, NULL, NULL,
+            'P1Y'::interval);
+         INSERT INTO {table} SELECT i, 'gen', i % 2 = 0, i % 100, i, i * 1000, i / 7.0, i / 3.0, i / 8.0, i / 1000.0,
+           i / 100.0, 'row ' || i, 'v' || i, 'c' || i % 10, date '2020-01-01' + i, timestamp '2020-01-01' + i * interval '1 minute',
+           timestamptz '2020-01-01 00:00:00+00' + i * interval '1 second', md5(i::text)::uuid, i * interval '1 hour'
+           FROM generate_series(6, 12006) i;"
+    ));
+    let columns = "id, code, b, i2, i4, i8, r, d, n, n3, amount, t, v, c, dt, ts, tz, u, iv";
+    f.client
+        .execute(
+            "SELECT retl.create_model(name => $1, query => $2, primary_key => '{id,code}')",
+            &[&model, &format!("SELECT {columns} FROM {table}")],
+        )
+        .unwrap();
+    f.client
+        .execute("SELECT retl.create_sync(name => $1, model => $2, destination => $3)", &[&f.sync, &model, &f.server])
+        .unwrap();
+    let long_field = format!("{}_t", "x".repeat(70));
+    let mapped = format!(
+        r#"{{"Code": "code", "b": "b", "a number": "n", "amount": "amount", "d": "d", "{long_field}": "t", "zz": "tz", "iv": "iv"}}"#
+    );
+    // What SQL builds, under the settings plans run with (the server's TimeZone: the test
+    // cluster's is the default).
+    f.exec("SET IntervalStyle = iso_8601; SET DateStyle = ISO; SET extra_float_digits = 1");
+    let model_view = format!("retl_models.{model}");
+    for mappings in [None, Some(mapped.as_str())] {
+        if let Some(mappings) = mappings {
+            f.client
+                .execute("SELECT retl.alter_sync(name => $1, mappings => $2::text::jsonb)", &[&f.sync, &mappings])
+                .unwrap();
+            // The snapshot is the unmapped payloads': every row is changed.
+            f.exec(&format!("UPDATE {table} SET b = NOT coalesce(b, false)"));
+        }
+        let payload = match mappings {
+            None => "to_jsonb(m)".to_string(),
+            Some(_) => format!(
+                "jsonb_build_object('Code', code, 'b', b, 'a number', n, 'amount', amount, 'd', d, '{long_field}', t, 'zz', tz, 'iv', iv)"
+            ),
+        };
+        let expected: Vec<(String, String, String)> = f
+            .client
+            .query(
+                &format!(
+                    "SELECT $1::text, jsonb_build_object('id', id, 'code', code)::text AS key, ({payload})::text
+                       FROM {model_view} m ORDER BY jsonb_build_object('id', id, 'code', code)"
+                ),
+                &[&"upsert"],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(expected.len(), 12_006);
+        // The rows stay in the outbox while a lock on the snapshot holds up their recording.
+        let mut holder = connect();
+        let mut lock = holder.transaction().unwrap();
+        lock.batch_execute("LOCK TABLE retl.snapshots IN SHARE MODE").unwrap();
+        let run_id: i64 = f.client.query_one("SELECT id FROM retl.run($1)", &[&f.sync]).unwrap().get(0);
+        wait_until(SHORT, "the run to be planned", || {
+            f.count(&format!("SELECT count(*) FROM retl.runs WHERE id = {run_id} AND planned_at IS NOT NULL")) == 1
+        });
+        let queued = outbox_text(&mut f.client, &f.sync);
+        lock.rollback().unwrap();
+        assert_same_rows(&queued, &expected, if mappings.is_none() { "whole rows" } else { "mapped" });
+        let run = f.last_run();
+        wait_until(SHORT, "the run to finish", || {
+            f.count(&format!("SELECT count(*) FROM retl.runs WHERE id = {run_id} AND status = 'succeeded'")) == 1
+        });
+        assert_eq!((run.id, f.outbox_rows()), (run_id, 0));
+        assert_eq!(fake.records().len(), 12_006);
+    }
+}

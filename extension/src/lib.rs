@@ -12,6 +12,7 @@ mod errors;
 mod fingerprint;
 mod one_pass;
 mod identity;
+mod jsonb_rows;
 mod key_source;
 mod parse;
 mod plan;

@@ -7,11 +7,13 @@
 //! alone costs. This plan reads the snapshot's fingerprints into memory (24 bytes a row), then
 //! streams the model from a cursor once, fingerprints each row, and looks it up: unchanged rows
 //! cost a hash and a probe, and only new and changed rows are written, in batches, to the
-//! outbox, whose keys and payloads SQL builds from them. The key check comes for free: a key
+//! outbox, with keys and payloads the worker builds (jsonb_rows.rs), or SQL when some column's
+//! type is not one the worker builds. The key check comes for free: a key
 //! seen twice, or NULL, hands the plan back to the SQL plan, which reports it exactly as it
 //! always has.
 
 use crate::fingerprint::{with_varlena_bytes, Fingerprinter};
+use crate::jsonb_rows::ObjectBuilder;
 use crate::plan::{self, Mode, SyncDef};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -220,27 +222,54 @@ fn for_each_batch(
     unsafe { pg_sys::SPI_cursor_close(portal) };
 }
 
-/// New or changed rows waiting to be written to the outbox, as composite values of the model's
-/// row type (in their own memory context, reset once they are written), with their
-/// fingerprints.
+/// New or changed rows waiting to be written to the outbox (in their own memory context, reset
+/// once they are written), with their fingerprints: their keys and payloads as jsonb, or the
+/// rows themselves as composite values of the model's row type for SQL to build them from.
 struct Pending {
     rows: Vec<pg_sys::Datum>,
+    keys: Vec<pg_sys::Datum>,
+    payloads: Vec<pg_sys::Datum>,
     fingerprints: Vec<Vec<u8>>,
     bytes: usize,
     memory: PgMemoryContexts,
+    /// A row's values, reused from row to row.
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
 }
 
 impl Pending {
     fn new(name: &str) -> Self {
-        Pending { rows: Vec::new(), fingerprints: Vec::new(), bytes: 0, memory: PgMemoryContexts::new(name) }
+        Pending {
+            rows: Vec::new(),
+            keys: Vec::new(),
+            payloads: Vec::new(),
+            fingerprints: Vec::new(),
+            bytes: 0,
+            memory: PgMemoryContexts::new(name),
+            values: Vec::new(),
+            nulls: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.fingerprints.len()
     }
 }
 
-/// What a flush needs: the statement and the model's row type.
+/// Who builds the outbox rows' keys and payloads.
+enum Build {
+    /// The worker, from each row's values (jsonb_rows.rs): the model's columns are all of
+    /// types it builds.
+    InWorker { key: ObjectBuilder, payload: ObjectBuilder },
+    /// SQL, from the rows passed as an array of the model's row type.
+    InSql { array_type: pg_sys::Oid },
+}
+
+/// What a flush needs: the statement, who builds keys and payloads, and the model's row type.
 struct Writer {
     sql: String,
+    build: Build,
     row_type: pg_sys::Oid,
-    array_type: pg_sys::Oid,
     row_desc: PgTupleDesc<'static>,
 }
 
@@ -255,8 +284,15 @@ impl Writer {
             .and_then(|t| t.first().get_one::<pg_sys::Oid>())
             .unwrap_or_else(|e| error!("{e}"))
             .unwrap_or_else(|| error!("the view of model \"{}\" has no row type", sync.source));
-        let array_type = unsafe { pg_sys::get_array_type(row_type) };
         let row_desc = unsafe { PgTupleDesc::from_pg(pg_sys::lookup_rowtype_tupdesc(row_type, -1)) };
+        if let Some((key, payload)) = worker_builders(sync, columns, &row_desc) {
+            let sql = "INSERT INTO retl.outbox (sync_id, run_id, op, key, payload, hash) \
+                       SELECT $1, $2, $3, u.key, CASE WHEN $6 THEN retl._without_nulls(u.payload) ELSE u.payload END, u.fingerprint \
+                         FROM unnest($4::jsonb[], $7::jsonb[], $5::bytea[]) AS u(key, payload, fingerprint)"
+                .to_string();
+            return Writer { sql, build: Build::InWorker { key, payload }, row_type, row_desc };
+        }
+        let array_type = unsafe { pg_sys::get_array_type(row_type) };
         // The fingerprints' column, named apart from the model's columns.
         let mut fingerprint = "retl_fingerprint".to_string();
         while columns.contains(&fingerprint) {
@@ -277,15 +313,33 @@ impl Writer {
             fingerprint = quote_identifier(&fingerprint),
             source = quote_identifier(&sync.source),
         );
-        Writer { sql, row_type, array_type, row_desc }
+        Writer { sql, build: Build::InSql { array_type }, row_type, row_desc }
     }
 
     /// Keep `tuple` (a row of the model's cursor) for the outbox.
     fn keep(&self, pending: &mut Pending, tuple: pg_sys::HeapTuple, fingerprint: &[u8]) {
         let desc = self.row_desc.as_ptr();
-        // Flattened (TOASTed values inlined) and stamped with the model's row type.
-        let row = unsafe { pending.memory.switch_to(|_| pg_sys::heap_copy_tuple_as_datum(tuple, desc)) };
-        pending.rows.push(row);
+        match &self.build {
+            Build::InWorker { key, payload } => {
+                let width = self.row_desc.len();
+                pending.values.resize(width, pg_sys::Datum::from(0usize));
+                pending.nulls.resize(width, true);
+                let (values, nulls) = (&mut pending.values, &mut pending.nulls);
+                let (keys, payloads) = (&mut pending.keys, &mut pending.payloads);
+                unsafe {
+                    pending.memory.switch_to(|_| {
+                        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                        keys.push(key.build(values, nulls));
+                        payloads.push(payload.build(values, nulls));
+                    })
+                };
+            }
+            Build::InSql { .. } => {
+                // Flattened (TOASTed values inlined) and stamped with the model's row type.
+                let row = unsafe { pending.memory.switch_to(|_| pg_sys::heap_copy_tuple_as_datum(tuple, desc)) };
+                pending.rows.push(row);
+            }
+        }
         pending.fingerprints.push(fingerprint.to_vec());
         pending.bytes += unsafe { (*tuple).t_len } as usize;
     }
@@ -303,48 +357,83 @@ impl Writer {
         fingerprint: &[u8],
     ) {
         self.keep(pending, tuple, fingerprint);
-        if pending.rows.len() >= FLUSH_ROWS || pending.bytes >= FLUSH_BYTES {
+        if pending.len() >= FLUSH_ROWS || pending.bytes >= FLUSH_BYTES {
             self.flush(client, sync, run_id, op, pending);
         }
     }
 
     fn flush(&self, client: &mut SpiClient, sync: &SyncDef, run_id: i64, op: &str, pending: &mut Pending) {
-        if pending.rows.is_empty() {
+        if pending.len() == 0 {
             return;
         }
-        let array = unsafe {
-            pg_sys::construct_array(
-                pending.rows.as_mut_ptr(),
-                pending.rows.len() as i32,
-                self.row_type,
-                -1,
-                false,
-                pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
-            )
-        };
         // Built in the batch's memory, reset below (in SPI's it would stay until the plan ends).
         let fingerprints = std::mem::take(&mut pending.fingerprints);
         let fingerprints = unsafe { pending.memory.switch_to(|_| fingerprints.into_datum()) };
-        client
-            .update(
-                &self.sql,
-                None,
-                &[
-                    sync.id.into(),
-                    run_id.into(),
-                    op.into(),
-                    unsafe { DatumWithOid::new(pg_sys::Datum::from(array), self.array_type) },
-                    unsafe { DatumWithOid::new(fingerprints, pg_sys::BYTEAARRAYOID) },
-                    sync.guards.keep_nulls_out.into(),
-                ],
-            )
-            .unwrap_or_else(|e| error!("{e}"));
+        // $4: the rows' keys (and $7 their payloads), or the rows.
+        let (rows_or_keys, payloads) = match &self.build {
+            Build::InWorker { .. } => {
+                let (keys, payloads) = (&mut pending.keys, &mut pending.payloads);
+                unsafe { pending.memory.switch_to(|_| (jsonb_array(keys), Some(jsonb_array(payloads)))) }
+            }
+            Build::InSql { array_type } => {
+                let rows = &mut pending.rows;
+                let array = unsafe {
+                    pending.memory.switch_to(|_| {
+                        pg_sys::construct_array(
+                            rows.as_mut_ptr(),
+                            rows.len() as i32,
+                            self.row_type,
+                            -1,
+                            false,
+                            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
+                        )
+                    })
+                };
+                (unsafe { DatumWithOid::new(pg_sys::Datum::from(array), *array_type) }, None)
+            }
+        };
+        let mut args = vec![
+            sync.id.into(),
+            run_id.into(),
+            op.into(),
+            rows_or_keys,
+            unsafe { DatumWithOid::new(fingerprints, pg_sys::BYTEAARRAYOID) },
+            sync.guards.keep_nulls_out.into(),
+        ];
+        args.extend(payloads);
+        client.update(&self.sql, None, &args).unwrap_or_else(|e| error!("{e}"));
         pending.rows.clear();
+        pending.keys.clear();
+        pending.payloads.clear();
         pending.bytes = 0;
-        unsafe {
-            pg_sys::pfree(array.cast());
-            pending.memory.reset();
-        }
+        unsafe { pending.memory.reset() };
+    }
+}
+
+/// Builders of the rows' keys and payloads, when every column they take is of a type
+/// jsonb_rows builds (bytea columns, sent as base64, are not).
+fn worker_builders(sync: &SyncDef, columns: &[String], desc: &PgTupleDesc) -> Option<(ObjectBuilder, ObjectBuilder)> {
+    let attr = |name: &String| columns.iter().position(|c| c == name);
+    let key_fields = sync.primary_key.iter().map(|k| Some((k.clone(), attr(k)?))).collect::<Option<Vec<_>>>()?;
+    let payload_fields = match &sync.mappings {
+        Some(pairs) => pairs.iter().map(|(field, column)| Some((field.clone(), attr(column)?))).collect::<Option<Vec<_>>>()?,
+        None => columns.iter().enumerate().map(|(i, column)| (column.clone(), i)).collect(),
+    };
+    Some((ObjectBuilder::new(desc, &key_fields)?, ObjectBuilder::new(desc, &payload_fields)?))
+}
+
+/// A jsonb[] of `values` (jsonb datums), in the current memory context.
+fn jsonb_array(values: &mut [pg_sys::Datum]) -> DatumWithOid<'static> {
+    unsafe {
+        let array = pg_sys::construct_array(
+            values.as_mut_ptr(),
+            values.len() as i32,
+            pg_sys::JSONBOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::JSONBARRAYOID)
     }
 }
 
