@@ -33,7 +33,8 @@ enum How {
     Output(Part, Box<pg_sys::FmgrInfo>),
 }
 
-fn output_of(type_oid: pg_sys::Oid, part: Part) -> How {
+/// The output function of type `type_oid`, looked up once to be called on many values.
+pub fn output_function(type_oid: pg_sys::Oid) -> Box<pg_sys::FmgrInfo> {
     let mut function = pg_sys::InvalidOid;
     let mut is_varlena = false;
     let mut finfo: Box<pg_sys::FmgrInfo> = Box::new(unsafe { std::mem::zeroed() });
@@ -41,7 +42,11 @@ fn output_of(type_oid: pg_sys::Oid, part: Part) -> How {
         pg_sys::getTypeOutputInfo(type_oid, &mut function, &mut is_varlena);
         pg_sys::fmgr_info(function, &mut *finfo);
     }
-    How::Output(part, finfo)
+    finfo
+}
+
+fn output_of(type_oid: pg_sys::Oid, part: Part) -> How {
+    How::Output(part, output_function(type_oid))
 }
 
 fn field_how(type_oid: pg_sys::Oid) -> How {

@@ -20,6 +20,7 @@
 //! Any other type (arrays, composites, json, jsonb, enums, bytea, ...) and the caller builds
 //! the whole object in SQL as before.
 
+use crate::fingerprint::output_function;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 use std::ffi::{c_char, c_int, CStr};
@@ -64,17 +65,6 @@ enum Convert {
     DateTime(pg_sys::Oid),
     /// The output function's text, as a string.
     Output(Box<pg_sys::FmgrInfo>),
-}
-
-fn output_function(type_oid: pg_sys::Oid) -> Box<pg_sys::FmgrInfo> {
-    let mut function = pg_sys::InvalidOid;
-    let mut is_varlena = false;
-    let mut finfo: Box<pg_sys::FmgrInfo> = Box::new(unsafe { std::mem::zeroed() });
-    unsafe {
-        pg_sys::getTypeOutputInfo(type_oid, &mut function, &mut is_varlena);
-        pg_sys::fmgr_info(function, &mut *finfo);
-    }
-    finfo
 }
 
 /// The conversion for a column of type `type_oid`, if it is one built here.
