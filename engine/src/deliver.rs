@@ -94,17 +94,30 @@ pub(crate) struct Http {
     policy: Arc<HostPolicy>,
 }
 
+/// What a delivery is for and the rules it keeps: everything its batches share but their
+/// progress (see [`Deliverer::start`]).
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub dest: &'a dyn Destination,
+    pub limits: &'a DeliveryLimits,
+    /// The destination's rate limit (`None` = unlimited), possibly shared with other workers.
+    pub budget: Option<&'a dyn RateBudget>,
+    /// Named in the log lines and errors of the delivery.
+    pub sync_name: &'a str,
+    /// Identifies this incarnation of the sync in idempotency keys: a sync dropped and
+    /// re-created under the same name starts its run and record ids over, and must not
+    /// collide with keys the destination still remembers.
+    pub key_scope: &'a str,
+    pub run_id: i64,
+    pub auth: &'a Auth,
+    /// Once it returns true, every batch stops within about `STOP_POLL`.
+    pub should_stop: &'a dyn Fn() -> bool,
+}
+
 /// One delivery's shared state (see [`Deliverer::start`]).
 struct Run<'a> {
     client: &'a Http,
-    dest: &'a dyn Destination,
-    limits: &'a DeliveryLimits,
-    budget: Option<&'a dyn RateBudget>,
-    sync_name: &'a str,
-    key_scope: &'a str,
-    run_id: i64,
-    auth: &'a Auth,
-    should_stop: &'a dyn Fn() -> bool,
+    job: Job<'a>,
     /// Set by the first batch that gets a fatal answer, so the others stop too.
     fatal: Cell<bool>,
     /// Why the token could not be refreshed, once that was tried and failed.
@@ -133,22 +146,10 @@ impl Deliverer {
             .map_err(|e| format!("could not create the HTTP client: {e}"))
     }
 
-    /// Delivers `batches` (each at most `dest.max_batch_size()` records) and returns one report
-    /// per batch, in the same order: [`start`](Self::start), with no batches added.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn deliver(
-        &self,
-        dest: &dyn Destination,
-        limits: &DeliveryLimits,
-        budget: Option<&dyn RateBudget>,
-        sync_name: &str,
-        key_scope: &str,
-        run_id: i64,
-        auth: &Auth,
-        batches: Vec<Vec<OutboxRecord>>,
-        should_stop: &dyn Fn() -> bool,
-    ) -> Vec<BatchReport> {
-        let mut delivery = self.start(dest, limits, budget, sync_name, key_scope, run_id, auth, batches, should_stop);
+    /// Delivers `batches` (each at most `job.dest.max_batch_size()` records) and returns one
+    /// report per batch, in the same order: [`start`](Self::start), with no batches added.
+    pub async fn deliver(&self, job: Job<'_>, batches: Vec<Vec<OutboxRecord>>) -> Vec<BatchReport> {
+        let mut delivery = self.start(job, batches);
         delivery.close();
         let mut reports = Vec::new();
         while let Some(report) = delivery.next().await {
@@ -157,8 +158,8 @@ impl Deliverer {
         reports
     }
 
-    /// Starts delivering `batches` (each at most `dest.max_batch_size()` records), at most
-    /// `limits.max_concurrency` at a time, and hands their reports over one by one, in order.
+    /// Starts delivering `batches` (each at most `job.dest.max_batch_size()` records), at most
+    /// `job.limits.max_concurrency` at a time, and hands their reports over one by one, in order.
     /// More batches can be added as it goes ([`InOrder::push`]) until it is closed.
     ///
     /// This lets the worker record each batch as soon as it and those before it are done,
@@ -173,37 +174,14 @@ impl Deliverer {
     /// again, under the same idempotency key): recording a batch takes milliseconds, timeouts
     /// are seconds.
     ///
-    /// `key_scope` identifies this incarnation of the sync in idempotency keys: a sync dropped
-    /// and re-created under the same name starts its run and record ids over, and must not
-    /// collide with keys the destination still remembers. `budget` is the destination's rate
-    /// limit (`None` = unlimited), possibly shared with other workers.
-    ///
-    /// Once `should_stop` returns true, every batch stops within about `STOP_POLL`, abandoning
+    /// Once `job.should_stop` returns true, every batch stops within about `STOP_POLL`, abandoning
     /// a request in flight: its records are reported unresolved and sent again after restart
     /// under the same idempotency key, so a request that did reach the destination is harmless.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start<'a>(
-        &'a self,
-        dest: &'a dyn Destination,
-        limits: &'a DeliveryLimits,
-        budget: Option<&'a dyn RateBudget>,
-        sync_name: &'a str,
-        key_scope: &'a str,
-        run_id: i64,
-        auth: &'a Auth,
-        batches: Vec<Vec<OutboxRecord>>,
-        should_stop: &'a dyn Fn() -> bool,
-    ) -> InOrder<'a> {
+    pub fn start<'a>(&'a self, job: Job<'a>, batches: Vec<Vec<OutboxRecord>>) -> InOrder<'a> {
+        let limits = job.limits;
         let run = Rc::new(Run {
             client: &self.client,
-            dest,
-            limits,
-            budget,
-            sync_name,
-            key_scope,
-            run_id,
-            auth,
-            should_stop,
+            job,
             fatal: Cell::new(false),
             refresh_failure: RefCell::new(None),
         });
@@ -324,8 +302,8 @@ impl Run<'_> {
         // Lookups in a row (a connector resolving a record's destination id, then sending it):
         // bounded, so a destination that keeps answering with another id cannot loop forever.
         let mut resolutions = 0;
-        pending.retain(|record| match self.dest.precheck(record) {
-            Ok(()) if self.dest.skip(record) => {
+        pending.retain(|record| match self.job.dest.precheck(record) {
+            Ok(()) if self.job.dest.skip(record) => {
                 report.acked.push(record.id);
                 false
             }
@@ -344,13 +322,13 @@ impl Run<'_> {
                 return self.give_up(report, &pending, reason);
             }
             let ctx = BatchContext {
-                sync_name: self.sync_name,
-                run_id: self.run_id,
-                idempotency_key: idempotency_key(self.key_scope, self.run_id, &pending),
+                sync_name: self.job.sync_name,
+                run_id: self.job.run_id,
+                idempotency_key: idempotency_key(self.job.key_scope, self.job.run_id, &pending),
             };
-            let generation = self.auth.generation();
-            let token = self.auth.token();
-            let request = match self.dest.build_request(&ctx, &pending, token.as_deref()) {
+            let generation = self.job.auth.generation();
+            let token = self.job.auth.token();
+            let request = match self.job.dest.build_request(&ctx, &pending, token.as_deref()) {
                 Ok(request) => request,
                 Err(message) => {
                     let message = self.redact(&message);
@@ -364,7 +342,7 @@ impl Run<'_> {
                 }
             };
             report.api_calls += 1;
-            let sent = self.unless_stopped(send(self.client, request, self.limits.timeout));
+            let sent = self.unless_stopped(send(self.client, request, self.job.limits.timeout));
             let outcome = match sent.await {
                 Err(reason) => return self.give_up(report, &pending, reason),
                 Ok(Err(SendError::Refused(message))) => {
@@ -373,10 +351,10 @@ impl Run<'_> {
                     return self.give_up(report, &pending, message);
                 }
                 Ok(Ok(response)) => {
-                    if let Some(usage) = self.dest.usage(&response) {
+                    if let Some(usage) = self.job.dest.usage(&response) {
                         ApiUsage::keep_latest(&mut report.api_usage, usage);
                     }
-                    self.dest.classify(&pending, &response)
+                    self.job.dest.classify(&pending, &response)
                 }
                 Ok(Err(SendError::Failed(message))) => {
                     if report.transport_failures.len() < 5 {
@@ -387,7 +365,7 @@ impl Run<'_> {
             };
             let outcome = match outcome {
                 // Refused credentials may just be an expired OAuth token, whatever the connector.
-                ResponseOutcome::Fatal { status: Some(401), message } if self.auth.has_client() => ResponseOutcome::Expired { message },
+                ResponseOutcome::Fatal { status: Some(401), message } if self.job.auth.has_client() => ResponseOutcome::Expired { message },
                 other => other,
             };
             let retry_after = match outcome {
@@ -419,7 +397,7 @@ impl Run<'_> {
                         }
                         resolutions += 1;
                         if resolutions > MAX_RESOLUTIONS {
-                            let message = format!("{} connector kept resolving destination ids ({MAX_RESOLUTIONS} times)", self.dest.kind());
+                            let message = format!("{} connector kept resolving destination ids ({MAX_RESOLUTIONS} times)", self.job.dest.kind());
                             return self.give_up(report, &resolved, message);
                         }
                         pending = resolved;
@@ -431,7 +409,7 @@ impl Run<'_> {
                 ResponseOutcome::PerRecord(results) => {
                     last_error = format!(
                         "{} connector returned {} results for {} records",
-                        self.dest.kind(),
+                        self.job.dest.kind(),
                         results.len(),
                         pending.len()
                     );
@@ -452,21 +430,21 @@ impl Run<'_> {
                     // Another batch may have refreshed the token meanwhile; else refresh it now
                     // (once per delivery). The request is then sent again at once: the refused
                     // one did nothing, so it is not counted as a retry.
-                    if self.auth.generation() == generation && self.auth.can_refresh() {
+                    if self.job.auth.generation() == generation && self.job.auth.can_refresh() {
                         // A failure is kept in refresh_failure and reported below.
                         let _ = self.refresh().await;
                     }
-                    while self.auth.is_refreshing() {
+                    while self.job.auth.is_refreshing() {
                         if let Err(reason) = self.pause(STOP_POLL).await {
                             return self.give_up(report, &pending, reason);
                         }
                     }
-                    if self.auth.generation() != generation {
+                    if self.job.auth.generation() != generation {
                         continue;
                     }
                     self.fatal.set(true);
                     report.fatal = true;
-                    let why = match (self.refresh_failure.borrow().clone(), self.auth.has_client()) {
+                    let why = match (self.refresh_failure.borrow().clone(), self.job.auth.has_client()) {
                         (Some(failure), _) => failure,
                         // Refreshed already, and the new token is refused too.
                         (None, true) => message,
@@ -479,7 +457,7 @@ impl Run<'_> {
                 break;
             }
             let retries = report.api_calls - 1;
-            if retries >= self.limits.max_retries {
+            if retries >= self.job.limits.max_retries {
                 let attempts = report.api_calls;
                 let plural = if attempts == 1 { "" } else { "s" };
                 return self.give_up(
@@ -488,8 +466,8 @@ impl Run<'_> {
                     format!("gave up after {attempts} attempt{plural}: {last_error}"),
                 );
             }
-            let max_backoff = self.limits.max_backoff;
-            let backoff = backoff_delay(retries, self.limits.retry_base, max_backoff);
+            let max_backoff = self.job.limits.max_backoff;
+            let backoff = backoff_delay(retries, self.job.limits.retry_base, max_backoff);
             let wait = backoff.max(retry_after.unwrap_or_default());
             if wait > max_backoff {
                 // The destination asks for more patience than configured: leave the rows for the
@@ -535,16 +513,16 @@ impl Run<'_> {
     }
 
     fn redact(&self, text: &str) -> String {
-        redact_all(text, &self.auth.secrets())
+        redact_all(text, &self.job.auth.secrets())
     }
 
     /// Waits out another batch's token refresh, and gets a first token when the user mapping
     /// holds only OAuth client credentials.
     async fn ready_credentials(&self) -> Result<(), String> {
-        while self.auth.is_refreshing() {
+        while self.job.auth.is_refreshing() {
             self.pause(STOP_POLL).await?;
         }
-        if self.auth.token().is_none() && self.auth.can_refresh() {
+        if self.job.auth.token().is_none() && self.job.auth.can_refresh() {
             self.refresh().await?;
         }
         match self.refresh_failure.borrow().as_ref() {
@@ -555,14 +533,14 @@ impl Run<'_> {
 
     /// The delivery's one token refresh. A failure is kept so every batch reports it.
     async fn refresh(&self) -> Result<(), String> {
-        let Some(request) = self.auth.begin_refresh() else {
+        let Some(request) = self.job.auth.begin_refresh() else {
             return Err("no refresh possible".into());
         };
-        let answer = match self.unless_stopped(send(self.client, request, self.limits.timeout)).await {
+        let answer = match self.unless_stopped(send(self.client, request, self.job.limits.timeout)).await {
             Ok(answer) => answer.map_err(String::from),
             Err(reason) => Err(reason),
         };
-        let outcome = self.auth.finish_refresh(answer).map_err(|e| self.redact(&e));
+        let outcome = self.job.auth.finish_refresh(answer).map_err(|e| self.redact(&e));
         if let Err(failure) = &outcome {
             self.refresh_failure.replace(Some(failure.clone()));
         }
@@ -573,7 +551,7 @@ impl Run<'_> {
     fn stop_reason(&self) -> Option<String> {
         if self.fatal.get() {
             Some("stopped: another batch failed fatally".into())
-        } else if (self.should_stop)() {
+        } else if (self.job.should_stop)() {
             Some(SHUTTING_DOWN.into())
         } else {
             None
@@ -600,7 +578,7 @@ impl Run<'_> {
     /// its outcome is still worth recording.
     async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Result<T, String> {
         let stop_requested = async {
-            while !(self.should_stop)() {
+            while !(self.job.should_stop)() {
                 tokio::time::sleep(STOP_POLL).await;
             }
         };
@@ -615,7 +593,7 @@ impl Run<'_> {
     /// Takes one request's worth of the rate budget, waiting as told. `try_acquire` holds
     /// nothing across the await, so concurrent batches interleave safely.
     async fn take_token(&self) -> Result<(), String> {
-        if let Some(budget) = self.budget {
+        if let Some(budget) = self.job.budget {
             while let Err(wait) = budget.try_acquire() {
                 self.pause(wait).await?;
             }

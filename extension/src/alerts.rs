@@ -7,7 +7,7 @@ use crate::settings;
 use crate::transaction::transaction;
 use pgrx::prelude::*;
 use retl_engine::connector;
-use retl_engine::deliver::DeliveryLimits;
+use retl_engine::deliver::{DeliveryLimits, Job};
 use retl_engine::record::{Op, OutboxRecord};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -186,17 +186,17 @@ fn send(runtime: &tokio::runtime::Runtime, alert: &PendingAlert) -> Result<(), S
     };
     let deliverer = crate::settings::deliverer(config.timeout)?;
     let auth = dest.auth(alert.owner);
-    let reports = runtime.block_on(deliverer.deliver(
-        connector.as_ref(),
-        &DeliveryLimits::from_config(&config),
-        None,
-        "alerts",
-        "alerts",
-        alert.id,
-        &auth,
-        vec![vec![record]],
-        &crate::shared::shutdown_requested,
-    ));
+    let job = Job {
+        dest: connector.as_ref(),
+        limits: &DeliveryLimits::from_config(&config),
+        budget: None,
+        sync_name: "alerts",
+        key_scope: "alerts",
+        run_id: alert.id,
+        auth: &auth,
+        should_stop: &crate::shared::shutdown_requested,
+    };
+    let reports = runtime.block_on(deliverer.deliver(job, vec![vec![record]]));
     let report = reports.into_iter().next().unwrap_or_default();
     if report.acked.contains(&alert.id) {
         return Ok(());

@@ -11,7 +11,7 @@ use crate::transaction::{report_activity, transaction};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use retl_engine::connector::{self, Destination, Salesforce};
-use retl_engine::deliver::{BatchReport, DeliveryLimits, InOrder};
+use retl_engine::deliver::{BatchReport, DeliveryLimits, InOrder, Job};
 use retl_engine::ratelimit::{LocalBucket, RateBudget, SharedGcra, TokenBucket};
 use retl_engine::record::{Op, OutboxRecord};
 use std::collections::{HashMap, VecDeque};
@@ -142,22 +142,30 @@ impl Deliveries {
                 Some(&budget.1)
             }
         };
-        let should_stop = shared::shutdown_requested;
         let auth = dest.auth(sync.owner);
+        let job = Job {
+            dest: connector.as_ref(),
+            limits: &limits,
+            budget,
+            sync_name: &sync.name,
+            key_scope: &sync.uid,
+            run_id,
+            auth: &auth,
+            should_stop: &shared::shutdown_requested,
+        };
         let mut recorder = Recorder { sync: &sync, run_id, batch_no, run_error: None };
         // Whether the run has rows left for another slice, and where they start.
         let (goes_on, last_id) = match (&bulk, use_bulk) {
             (Some(sf), true) => {
                 let size = records.len();
-                let report = runtime.block_on(deliverer.deliver_bulk(sf, &limits, budget, &sync.name, run_id, &auth, records, &should_stop));
+                let report = runtime.block_on(deliverer.deliver_bulk(sf, job, records));
                 recorder.record(size, &report);
                 // After a bulk window, the run goes on (deletes, the rest) in the next slice.
                 (true, None)
             }
             _ => {
                 let mut rounds = Rounds::new(&sync, run_id, window, batch_size, connector.as_ref(), after);
-                let mut delivery =
-                    deliverer.start(connector.as_ref(), &limits, budget, &sync.name, &sync.uid, run_id, &auth, Vec::new(), &should_stop);
+                let mut delivery = deliverer.start(job, Vec::new());
                 rounds.add(&mut delivery, records);
                 let started = Instant::now();
                 while let Some(report) = runtime.block_on(delivery.next()) {

@@ -3,11 +3,9 @@
 //! expired token once; a step that fails leaves every record unresolved (sent again by the next
 //! run: upserts by external id are idempotent), and an open job is aborted.
 
-use super::{send, BatchReport, Deliverer, DeliveryLimits, Run, STOP_POLL};
+use super::{send, BatchReport, Deliverer, Job, Run, STOP_POLL};
 use crate::connector::salesforce::bulk::{BulkError, JobState};
 use crate::connector::{HttpRequest, HttpResponse, RecordResult, Salesforce};
-use crate::oauth::Auth;
-use crate::ratelimit::RateBudget;
 use crate::record::OutboxRecord;
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
@@ -17,28 +15,12 @@ const MAX_JOB_WAIT: Duration = Duration::from_secs(1800);
 
 impl Deliverer {
     /// Delivers `records` (upserts only) in one Bulk API job; one report for all of them.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn deliver_bulk(
-        &self,
-        sf: &Salesforce,
-        limits: &DeliveryLimits,
-        budget: Option<&dyn RateBudget>,
-        sync_name: &str,
-        run_id: i64,
-        auth: &Auth,
-        records: Vec<OutboxRecord>,
-        should_stop: &dyn Fn() -> bool,
-    ) -> BatchReport {
+    /// `job`'s destination and key scope are not used: the job is `sf`'s, and Bulk API jobs
+    /// take no idempotency keys.
+    pub async fn deliver_bulk(&self, sf: &Salesforce, job: Job<'_>, records: Vec<OutboxRecord>) -> BatchReport {
         let run = Run {
             client: &self.client,
-            dest: sf,
-            limits,
-            budget,
-            sync_name,
-            key_scope: "",
-            run_id,
-            auth,
-            should_stop,
+            job: Job { dest: sf, key_scope: "", ..job },
             fatal: Cell::new(false),
             refresh_failure: RefCell::new(None),
         };
@@ -59,7 +41,7 @@ impl Deliverer {
                 report
             }
             Err(error) => {
-                if let Some(job) = job.filter(|_| !(run.should_stop)()) {
+                if let Some(job) = job.filter(|_| !(run.job.should_stop)()) {
                     // Best effort: a job we give up on should not linger open in the org.
                     let _ = run.step(&mut report, |t| sf.bulk_set_state(&job, "Aborted", t)).await;
                 }
@@ -125,19 +107,19 @@ impl Run<'_> {
         self.ready_credentials().await?;
         loop {
             self.take_token().await?;
-            let generation = self.auth.generation();
+            let generation = self.job.auth.generation();
             report.api_calls += 1;
-            let answer = self.unless_stopped(send(self.client, build(self.auth.token().as_deref()), self.limits.timeout)).await?.map_err(String::from)?;
+            let answer = self.unless_stopped(send(self.client, build(self.job.auth.token().as_deref()), self.job.limits.timeout)).await?.map_err(String::from)?;
             if let Some(usage) = crate::connector::salesforce::usage(&answer) {
                 crate::connector::ApiUsage::keep_latest(&mut report.api_usage, usage);
             }
             if answer.status != 401 {
                 return Ok(answer);
             }
-            if self.auth.can_refresh() {
+            if self.job.auth.can_refresh() {
                 let _ = self.refresh().await;
             }
-            if self.auth.generation() == generation {
+            if self.job.auth.generation() == generation {
                 self.fatal.set(true);
                 report.fatal = true;
                 return Err(self.refresh_failure.borrow().clone().unwrap_or_else(|| {

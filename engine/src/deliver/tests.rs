@@ -147,6 +147,15 @@ fn webhook(url: &str) -> Box<dyn Destination> {
     for_config(&parse_server_options(&[("type".into(), "webhook".into()), ("url".into(), url.into())]).unwrap())
 }
 
+fn never() -> bool {
+    false
+}
+
+/// The job of run 9 of sync "crm" (key scope "crm-uid"): no rate limit, never stopped.
+fn crm<'a>(dest: &'a dyn Destination, limits: &'a DeliveryLimits, auth: &'a crate::oauth::Auth) -> Job<'a> {
+    Job { dest, limits, budget: None, sync_name: "crm", key_scope: "crm-uid", run_id: 9, auth, should_stop: &never }
+}
+
 /// Runs one delivery of `batches` for sync "crm", run 9.
 async fn run(
     url: &str,
@@ -157,17 +166,7 @@ async fn run(
 ) -> Vec<BatchReport> {
     Deliverer::new(limits.timeout)
         .unwrap()
-        .deliver(
-            webhook(url).as_ref(),
-            limits,
-            budget,
-            "crm",
-            "crm-uid",
-            9,
-            &crate::oauth::Auth::fixed(Some(TOKEN)),
-            batches,
-            should_stop,
-        )
+        .deliver(Job { budget, should_stop, ..crm(webhook(url).as_ref(), limits, &crate::oauth::Auth::fixed(Some(TOKEN))) }, batches)
         .await
 }
 
@@ -536,7 +535,7 @@ async fn a_batch_is_handed_over_while_the_batches_after_it_are_still_in_flight()
     let deliverer = Deliverer::new(limits.timeout).unwrap();
     let dest = webhook(&url);
     let auth = crate::oauth::Auth::fixed(Some(TOKEN));
-    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=1), records(2..=2)], &|| false);
+    let mut delivery = deliverer.start(crm(dest.as_ref(), &limits, &auth), vec![records(1..=1), records(2..=2)]);
     delivery.close();
     let first = delivery.next().await.expect("a report for the first batch");
     assert_eq!(first, acked(&[1], 1));
@@ -553,7 +552,7 @@ async fn batches_added_to_a_delivery_go_out_in_order_as_soon_as_they_are_sent() 
     let deliverer = Deliverer::new(limits.timeout).unwrap();
     let dest = webhook(&url);
     let auth = crate::oauth::Auth::fixed(Some(TOKEN));
-    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=2)], &|| false);
+    let mut delivery = deliverer.start(crm(dest.as_ref(), &limits, &auth), vec![records(1..=2)]);
     assert_eq!(delivery.next().await, Some(acked(&[1, 2], 1)));
     delivery.push(records(3..=3));
     delivery.push(records(4..=5));
@@ -581,7 +580,7 @@ async fn a_delivery_left_open_with_nothing_to_send_ends_instead_of_waiting_forev
     let deliverer = Deliverer::new(limits.timeout).unwrap();
     let dest = webhook(&url);
     let auth = crate::oauth::Auth::fixed(Some(TOKEN));
-    let mut delivery = deliverer.start(dest.as_ref(), &limits, None, "crm", "crm-uid", 9, &auth, vec![records(1..=1)], &|| false);
+    let mut delivery = deliverer.start(crm(dest.as_ref(), &limits, &auth), vec![records(1..=1)]);
     assert_eq!(delivery.next().await, Some(acked(&[1], 1)));
     assert_eq!(delivery.next().await, None);
 }
@@ -611,7 +610,7 @@ async fn lookups_in_a_row_are_bounded() {
     let dest = EndlessLookup(webhook(&url));
     let reports = Deliverer::new(Duration::from_secs(3))
         .unwrap()
-        .deliver(&dest, &limits(5), None, "crm", "crm-uid", 9, &crate::oauth::Auth::fixed(None), vec![records(1..=2)], &|| false)
+        .deliver(crm(&dest, &limits(5), &crate::oauth::Auth::fixed(None)), vec![records(1..=2)])
         .await;
     assert_eq!(seen.lock().unwrap().len(), 1 + MAX_RESOLUTIONS as usize);
     assert_eq!(reports[0].unresolved, vec![1, 2]);
@@ -642,7 +641,7 @@ async fn an_expired_token_is_refreshed_once_per_delivery_and_shared_by_the_batch
     );
     let reports = Deliverer::new(Duration::from_secs(3))
         .unwrap()
-        .deliver(webhook(&url).as_ref(), &limits(5), None, "crm", "crm-uid", 9, &auth, vec![records(1..=2), records(3..=4)], &|| false)
+        .deliver(crm(webhook(&url).as_ref(), &limits(5), &auth), vec![records(1..=2), records(3..=4)])
         .await;
     assert_eq!(reports.iter().flat_map(|r| r.acked.clone()).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     let seen = seen.lock().unwrap();
@@ -686,17 +685,7 @@ async fn the_latest_usage_reading_wins_whichever_batch_it_answered() {
     });
     let reports = Deliverer::new(Duration::from_secs(3))
         .unwrap()
-        .deliver(
-            &CountingUsage(webhook(&url)),
-            &limits(0),
-            None,
-            "crm",
-            "crm-uid",
-            9,
-            &crate::oauth::Auth::fixed(Some(TOKEN)),
-            vec![records(1..=1), records(2..=2)],
-            &|| false,
-        )
+        .deliver(crm(&CountingUsage(webhook(&url)), &limits(0), &crate::oauth::Auth::fixed(Some(TOKEN))), vec![records(1..=1), records(2..=2)])
         .await;
     let shown: Vec<_> = reports.iter().map(|r| r.api_usage.as_ref().map(|u| u.shown.as_str())).collect();
     assert_eq!(shown, [Some("used 8"), Some("used 8")]);
@@ -718,17 +707,7 @@ async fn a_host_outside_the_allowed_hosts_is_never_contacted_and_fails_the_deliv
     let policy = crate::host_policy::HostPolicy::parse("api.example.com").unwrap();
     let reports = Deliverer::with_policy(Duration::from_secs(3), policy)
         .unwrap()
-        .deliver(
-            webhook(&url).as_ref(),
-            &limits(5),
-            None,
-            "crm",
-            "crm-uid",
-            9,
-            &crate::oauth::Auth::fixed(Some(TOKEN)),
-            vec![records(1..=2), records(3..=3)],
-            &|| false,
-        )
+        .deliver(crm(webhook(&url).as_ref(), &limits(5), &crate::oauth::Auth::fixed(Some(TOKEN))), vec![records(1..=2), records(3..=3)])
         .await;
     assert!(seen.lock().unwrap().is_empty());
     let refused = "request refused: host \"127.0.0.1\" is not in retl.allowed_hosts (\"api.example.com\"): a superuser can add it to that setting";
