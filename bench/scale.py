@@ -137,7 +137,7 @@ def fresh_extension(conn):
     # The workers hold the extension in each transaction, so a DROP EXTENSION waits for them
     # rather than deadlocking with one (it did before; this function then tried again).
     conn.execute("DROP EXTENSION IF EXISTS pg_reverse_etl CASCADE")
-    conn.execute("DROP TABLE IF EXISTS bench_customers, bench_rate, external_sync_state CASCADE")
+    conn.execute("DROP TABLE IF EXISTS bench_customers, bench_rate, external_sync_state, bench_outbox CASCADE")
     conn.execute("CREATE EXTENSION pg_reverse_etl")
 
 
@@ -185,6 +185,29 @@ def change(conn, table, rate, seed):
     changed = cur.rowcount
     conn.execute(f"VACUUM ANALYZE {table}")
     return changed
+
+
+def write_seconds(conn, rate, seed):
+    """What writing the changed rows to the outbox costs by itself, which any plan of them must
+    pay on top of reading the model: the rows `change(rate, seed)` changed, their keys, payloads
+    and 24-byte hashes built beforehand (not timed), inserted in one statement into a table
+    shaped like retl.outbox (its columns, identity, CHECK and one index; logged like it)."""
+    threshold = round(rate * 100000)
+    conn.execute("DROP TABLE IF EXISTS bench_changed")
+    conn.execute(
+        f"""CREATE TEMP TABLE bench_changed AS
+            SELECT jsonb_build_object('id', m.id) AS key, to_jsonb(m) - 'id' AS payload,
+                   substring(sha256(m::text::bytea) FROM 1 FOR 24) AS hash
+              FROM ({MODEL_QUERY}) m
+             WHERE (hashint8extended(m.id, %s) & 9223372036854775807) %% 100000 < %s""", (seed, threshold))
+    conn.execute("CREATE TABLE IF NOT EXISTS bench_outbox (LIKE retl.outbox INCLUDING ALL)")
+    started = time.perf_counter()
+    conn.execute("INSERT INTO bench_outbox (sync_id, run_id, op, key, payload, hash) "
+                 "SELECT 1, 1, 'upsert', key, payload, hash FROM bench_changed")
+    elapsed = time.perf_counter() - started
+    conn.execute("TRUNCATE bench_outbox")
+    conn.execute("DROP TABLE bench_changed")
+    return elapsed
 
 
 def floor_seconds(conn, query):
@@ -272,9 +295,12 @@ def bench_size(conn, receiver, sampler, rows, repeats, python, compare):
                 raise SystemExit(f"{rate:.1%}: changed {changed} rows, the run planned {r['planned']} and delivered {r['delivered']}")
             if after["records"] - before["records"] != changed:
                 raise SystemExit(f"{rate:.1%}: the destination received {after['records'] - before['records']} records, expected {changed}")
+            # After the run, so as not to slow it down; the model is as the run read it.
+            r["write_s"] = write_seconds(conn, rate, seed) if changed else None
             samples.append(r)
             log(f"{rate:.1%} (#{rep + 1}): {changed} changed, floor {floor:.2f} s, plan {r['plan_s']:.2f} s, "
-                f"run {r['wall_s']:.2f} s, {r['requests']} requests")
+                f"run {r['wall_s']:.2f} s, {r['requests']} requests"
+                + (f", the changed rows written alone {r['write_s']:.2f} s" if changed else ""))
         result["rates"][str(rate)] = {
             "samples": samples,
             "changed_rows": median([s["changed_rows"] for s in samples]),
@@ -285,6 +311,8 @@ def bench_size(conn, receiver, sampler, rows, repeats, python, compare):
             "plan_over_floor": median([s["plan_s"] / s["floor_s"] for s in samples]),
             "deliver_rows_per_s": median([s["delivered"] / s["deliver_s"] for s in samples if s["delivered"] and s["deliver_s"]]),
             "wall_over_floor": median([s["wall_s"] / s["floor_s"] for s in samples]),
+            "write_s": median([s["write_s"] for s in samples if s.get("write_s")]),
+            "write_over_floor": median([s["write_s"] / s["floor_s"] for s in samples if s.get("write_s")]),
         }
 
     if compare:
@@ -378,7 +406,19 @@ def environment(conn):
     settings = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in ("shared_buffers", "work_mem", "max_wal_size")}
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"postgres": version, "extension": ext[0] if ext else None, "workers": workers, "cores": os.cpu_count(),
-            "settings": settings, "commit": commit, "date": datetime.date.today().isoformat()}
+            "cpu": cpu_model(), "settings": settings, "commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def cpu_model():
+    """The processor's name: runs on hosts of the same kind have differed by 2x in delivery."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def main():
