@@ -262,14 +262,14 @@ enum Build {
     /// types it builds.
     InWorker { key: ObjectBuilder, payload: ObjectBuilder },
     /// SQL, from the rows passed as an array of the model's row type.
-    InSql { array_type: pg_sys::Oid },
+    InSql { row_type: pg_sys::Oid, array_type: pg_sys::Oid },
 }
 
-/// What a flush needs: the statement, who builds keys and payloads, and the model's row type.
+/// What a flush needs: the statement, who builds keys and payloads, and the model's row
+/// descriptor.
 struct Writer {
     sql: String,
     build: Build,
-    row_type: pg_sys::Oid,
     row_desc: PgTupleDesc<'static>,
 }
 
@@ -290,7 +290,7 @@ impl Writer {
                        SELECT $1, $2, $3, u.key, CASE WHEN $6 THEN retl._without_nulls(u.payload) ELSE u.payload END, u.fingerprint \
                          FROM unnest($4::jsonb[], $7::jsonb[], $5::bytea[]) AS u(key, payload, fingerprint)"
                 .to_string();
-            return Writer { sql, build: Build::InWorker { key, payload }, row_type, row_desc };
+            return Writer { sql, build: Build::InWorker { key, payload }, row_desc };
         }
         let array_type = unsafe { pg_sys::get_array_type(row_type) };
         // The fingerprints' column, named apart from the model's columns.
@@ -313,7 +313,7 @@ impl Writer {
             fingerprint = quote_identifier(&fingerprint),
             source = quote_identifier(&sync.source),
         );
-        Writer { sql, build: Build::InSql { array_type }, row_type, row_desc }
+        Writer { sql, build: Build::InSql { row_type, array_type }, row_desc }
     }
 
     /// Keep `tuple` (a row of the model's cursor) for the outbox.
@@ -375,14 +375,14 @@ impl Writer {
                 let (keys, payloads) = (&mut pending.keys, &mut pending.payloads);
                 unsafe { pending.memory.switch_to(|_| (jsonb_array(keys), Some(jsonb_array(payloads)))) }
             }
-            Build::InSql { array_type } => {
+            Build::InSql { row_type, array_type } => {
                 let rows = &mut pending.rows;
                 let array = unsafe {
                     pending.memory.switch_to(|_| {
                         pg_sys::construct_array(
                             rows.as_mut_ptr(),
                             rows.len() as i32,
-                            self.row_type,
+                            *row_type,
                             -1,
                             false,
                             pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
