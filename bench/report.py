@@ -200,6 +200,8 @@ def plot(results, path):
         colors.append("tab:blue")
     ax.bar(labels, values, color=colors)
     ax.axhline(THROUGHPUT_GOAL, color="k", linestyle=":", label=f"goal {THROUGHPUT_GOAL:,} rows/s")
+    # Room above the bars and the goal for the note on the external script.
+    ax.set_ylim(0, max(values + [THROUGHPUT_GOAL]) * 1.3)
     ax.set_ylabel("rows delivered per second")
     ax.set_title("Delivery throughput (unthrottled receiver)")
     one_m = size(results, 1_000_000)
