@@ -102,7 +102,8 @@ pub struct Job<'a> {
     pub limits: &'a DeliveryLimits,
     /// The destination's rate limit (`None` = unlimited), possibly shared with other workers.
     pub budget: Option<&'a dyn RateBudget>,
-    /// Named in the log lines and errors of the delivery.
+    /// The sync's name, as connectors show it to the destination (a template's `sync`, a
+    /// batch body's `sync`).
     pub sync_name: &'a str,
     /// Identifies this incarnation of the sync in idempotency keys: a sync dropped and
     /// re-created under the same name starts its run and record ids over, and must not
