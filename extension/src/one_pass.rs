@@ -373,23 +373,17 @@ impl Writer {
         let (rows_or_keys, payloads) = match &self.build {
             Build::InWorker { .. } => {
                 let (keys, payloads) = (&mut pending.keys, &mut pending.payloads);
+                let jsonb_array = |values: &mut Vec<pg_sys::Datum>| unsafe {
+                    varlena_array(values, pg_sys::JSONBOID, pg_sys::TYPALIGN_INT, pg_sys::JSONBARRAYOID)
+                };
                 unsafe { pending.memory.switch_to(|_| (jsonb_array(keys), Some(jsonb_array(payloads)))) }
             }
             Build::InSql { row_type, array_type } => {
                 let rows = &mut pending.rows;
-                let array = unsafe {
-                    pending.memory.switch_to(|_| {
-                        pg_sys::construct_array(
-                            rows.as_mut_ptr(),
-                            rows.len() as i32,
-                            *row_type,
-                            -1,
-                            false,
-                            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
-                        )
-                    })
-                };
-                (unsafe { DatumWithOid::new(pg_sys::Datum::from(array), *array_type) }, None)
+                // Composite values are aligned as doubles.
+                let array =
+                    unsafe { pending.memory.switch_to(|_| varlena_array(rows, *row_type, pg_sys::TYPALIGN_DOUBLE, *array_type)) };
+                (array, None)
             }
         };
         let mut args = vec![
@@ -422,18 +416,15 @@ fn worker_builders(sync: &SyncDef, columns: &[String], desc: &PgTupleDesc) -> Op
     Some((ObjectBuilder::new(desc, &key_fields)?, ObjectBuilder::new(desc, &payload_fields)?))
 }
 
-/// A jsonb[] of `values` (jsonb datums), in the current memory context.
-fn jsonb_array(values: &mut [pg_sys::Datum]) -> DatumWithOid<'static> {
+/// An array of type `array_type` of `values` (varlena datums of `element_type`, aligned as
+/// `align`), in the current memory context.
+///
+/// # Safety
+/// Every value must be a valid datum of `element_type`, and `array_type` its array type.
+unsafe fn varlena_array(values: &mut [pg_sys::Datum], element_type: pg_sys::Oid, align: u8, array_type: pg_sys::Oid) -> DatumWithOid<'static> {
     unsafe {
-        let array = pg_sys::construct_array(
-            values.as_mut_ptr(),
-            values.len() as i32,
-            pg_sys::JSONBOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        );
-        DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::JSONBARRAYOID)
+        let array = pg_sys::construct_array(values.as_mut_ptr(), values.len() as i32, element_type, -1, false, align as std::ffi::c_char);
+        DatumWithOid::new(pg_sys::Datum::from(array), array_type)
     }
 }
 
