@@ -19,7 +19,8 @@ const SIXTH: &str = "0.6.0";
 const SEVENTH: &str = "0.7.0";
 const EIGHTH: &str = "0.8.0";
 const NINTH: &str = "0.9.0";
-const PREVIOUS: &str = "0.10.0";
+const TENTH: &str = "0.10.0";
+const PREVIOUS: &str = "0.11.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
 #[test]
@@ -576,6 +577,11 @@ fn a_run_delivering_during_the_upgrade_from_0_9_0_is_delivered_after_it() {
 
 #[test]
 fn a_run_delivering_during_the_upgrade_from_0_10_0_is_delivered_after_it() {
+    a_run_delivering_during_the_upgrade_is_delivered_after_it(TENTH);
+}
+
+#[test]
+fn a_run_delivering_during_the_upgrade_from_0_11_0_is_delivered_after_it() {
     a_run_delivering_during_the_upgrade_is_delivered_after_it(PREVIOUS);
 }
 
@@ -583,7 +589,8 @@ fn a_run_delivering_during_the_upgrade_from_0_10_0_is_delivered_after_it() {
 /// the outbox, whose key 0.10.0 and 0.11.0 each rebuilt; 0.11.0 files them by sync, run and id)
 /// is delivered after the update: the destination gets exactly the queued rows, the snapshot
 /// takes them, the outbox empties, and the next run sends nothing. The snapshot keeps its rows
-/// and has room on its pages (fillfactor 90); a row filed under another sync is refused.
+/// and has room on its pages (fillfactor 90); a row filed under another sync is refused (by
+/// the reference check 0.12.0 replaced).
 fn a_run_delivering_during_the_upgrade_is_delivered_after_it(from: &str) {
     let fake = FakeWebhook::start();
     let mut c = connect();
@@ -833,7 +840,7 @@ fn an_upgraded_catalog_equals_a_fresh_install() {
     };
     admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
     assert!(fresh.len() > 100, "the description covers the catalog ({} lines)", fresh.len());
-    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, EIGHTH, NINTH, PREVIOUS] {
+    for from in [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH, SEVENTH, EIGHTH, NINTH, TENTH, PREVIOUS] {
         let upgraded_db = unique("upgraded");
         admin.batch_execute(&format!("CREATE DATABASE {upgraded_db}")).unwrap();
         let upgraded = {

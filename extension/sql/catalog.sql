@@ -246,6 +246,12 @@ COMMENT ON TABLE retl.outbox IS
 -- from one consistent dump. pg_dump orders an extension's tables' data by their foreign keys
 -- and their names: today other tables' foreign keys still put runs and syncs first, but
 -- nothing in these two references does any more.
+--
+-- A statement that inserted nothing has nothing to check: every acknowledged batch's upsert
+-- of the snapshot fires the trigger, and once the snapshot holds the sync's keys it inserts
+-- none. Without the early return, each such firing still ran the restore check and its query:
+-- delivering 100k changed rows of a 1M-row model took 1.73 s instead of 1.65 s (medians of
+-- ten runs each, alternating; measured for 0.12.0).
 CREATE FUNCTION retl._check_refs() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -253,6 +259,9 @@ DECLARE
     claimed bigint;
     actual bigint;
 BEGIN
+    IF NOT EXISTS (SELECT FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
     IF retl._installing() THEN
         RETURN NULL;
     END IF;
