@@ -13,7 +13,9 @@
 //! - boolean: a JSON boolean;
 //! - smallint, integer, bigint, real, double precision, numeric: the output function's text
 //!   read back by `numeric_in` as a JSON number, or that text as a string when it is NaN or
-//!   an infinity (it has an `N` or `n` in it);
+//!   an infinity (it has an `N` or `n` in it). The same numbers without the text, where that
+//!   is exact: an integer by its cast to numeric, and a numeric (not NaN or an infinity) as it
+//!   is, `numeric_in` of `numeric_out`'s text being the value it printed, to the byte;
 //! - date, timestamp, timestamptz: `JsonEncodeDateTime` (ISO 8601, whatever DateStyle);
 //! - text, varchar, char(n), uuid, interval: the output function's text, as a string.
 //!
@@ -52,13 +54,29 @@ unsafe extern "C-unwind" {
     fn json_encode_date_time(buf: *mut c_char, value: pg_sys::Datum, type_oid: pg_sys::Oid, tzp: *const c_int) -> *mut c_char;
     #[link_name = "pg_detoast_datum_packed"]
     fn detoast_packed(datum: *mut pg_sys::varlena) -> *mut pg_sys::varlena;
+    #[link_name = "pg_detoast_datum"]
+    fn detoast(datum: *mut pg_sys::varlena) -> *mut pg_sys::varlena;
+    #[link_name = "DirectFunctionCall1Coll"]
+    fn direct_function_call1(function: pg_sys::PGFunction, collation: pg_sys::Oid, a: pg_sys::Datum) -> pg_sys::Datum;
+    #[link_name = "int2_numeric"]
+    fn int2_numeric(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    #[link_name = "int4_numeric"]
+    fn int4_numeric(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    #[link_name = "int8_numeric"]
+    fn int8_numeric(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
 }
 
 /// How one column's values become jsonb values, decided once from its type.
 enum Convert {
     Bool,
-    /// The output function's text, read back as a numeric.
+    /// A float: the output function's text, read back as a numeric (its shortest text is not
+    /// what its cast to numeric gives).
     Number(Box<pg_sys::FmgrInfo>),
+    /// An integer, by its cast to numeric (`int8_numeric` and the like): what `numeric_in`
+    /// makes of its text, without the text.
+    Integer(pg_sys::PGFunction),
+    /// A numeric as it is, or, when it is NaN or an infinity, by its output function's text.
+    Numeric(Box<pg_sys::FmgrInfo>),
     /// A text type's characters.
     Text,
     /// `JsonEncodeDateTime` of a date, timestamp or timestamptz.
@@ -73,9 +91,11 @@ fn convert_for(type_oid: pg_sys::Oid) -> Option<Convert> {
     let base = unsafe { pg_sys::getBaseType(type_oid) };
     Some(match base {
         pg_sys::BOOLOID => Convert::Bool,
-        pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID | pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => {
-            Convert::Number(output_function(base))
-        }
+        pg_sys::INT2OID => Convert::Integer(Some(int2_numeric)),
+        pg_sys::INT4OID => Convert::Integer(Some(int4_numeric)),
+        pg_sys::INT8OID => Convert::Integer(Some(int8_numeric)),
+        pg_sys::NUMERICOID => Convert::Numeric(output_function(base)),
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Convert::Number(output_function(base)),
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Convert::Text,
         pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => Convert::DateTime(base),
         pg_sys::UUIDOID | pg_sys::INTERVALOID => Convert::Output(output_function(base)),
@@ -176,26 +196,16 @@ impl Convert {
                     v.val.boolean = value.value() != 0;
                     v
                 }
-                Convert::Number(finfo) => {
-                    let text = output_function_call(&**finfo as *const _ as *mut _, value);
-                    let bytes = CStr::from_ptr(text).to_bytes();
-                    if bytes.iter().any(|&b| b == b'N' || b == b'n') {
-                        // NaN, Infinity, -Infinity: JSON has no such numbers.
-                        string_value(text, bytes.len())
+                Convert::Integer(cast) => numeric_value(direct_function_call1(*cast, pg_sys::InvalidOid, value)),
+                Convert::Numeric(finfo) => {
+                    let numeric = detoast(value.cast_mut_ptr::<pg_sys::varlena>());
+                    if is_special_numeric(numeric) {
+                        number_by_text(finfo, value)
                     } else {
-                        let numeric = direct_function_call3(
-                            Some(numeric_in),
-                            pg_sys::InvalidOid,
-                            pg_sys::Datum::from(text),
-                            pg_sys::Datum::from(pg_sys::InvalidOid),
-                            pg_sys::Datum::from(-1i32),
-                        );
-                        let mut v = null_value();
-                        v.type_ = pg_sys::jbvType::jbvNumeric;
-                        v.val.numeric = numeric.cast_mut_ptr();
-                        v
+                        numeric_value(pg_sys::Datum::from(numeric))
                     }
                 }
+                Convert::Number(finfo) => number_by_text(finfo, value),
                 Convert::Text => {
                     let original = value.cast_mut_ptr::<pg_sys::varlena>();
                     let text = if pgrx::varlena::varatt_is_4b_c(original) || pgrx::varlena::varatt_is_1b_e(original) {
@@ -216,6 +226,51 @@ impl Convert {
             }
         }
     }
+}
+
+/// A number's jsonb value by its output function's text: read back by `numeric_in`, or a
+/// string when it is NaN or an infinity (JSON has no such numbers).
+///
+/// # Safety
+/// Inside an error trap; `value` is a non-NULL value of the function's type.
+unsafe fn number_by_text(finfo: &pg_sys::FmgrInfo, value: pg_sys::Datum) -> pg_sys::JsonbValue {
+    unsafe {
+        let text = output_function_call(finfo as *const _ as *mut _, value);
+        let bytes = CStr::from_ptr(text).to_bytes();
+        if bytes.iter().any(|&b| b == b'N' || b == b'n') {
+            string_value(text, bytes.len())
+        } else {
+            let numeric = direct_function_call3(
+                Some(numeric_in),
+                pg_sys::InvalidOid,
+                pg_sys::Datum::from(text),
+                pg_sys::Datum::from(pg_sys::InvalidOid),
+                pg_sys::Datum::from(-1i32),
+            );
+            numeric_value(numeric)
+        }
+    }
+}
+
+/// A JSON number of a numeric datum (a 4-byte varlena header, as numeric functions return).
+fn numeric_value(numeric: pg_sys::Datum) -> pg_sys::JsonbValue {
+    let mut v = null_value();
+    v.type_ = pg_sys::jbvType::jbvNumeric;
+    v.val.numeric = numeric.cast_mut_ptr();
+    v
+}
+
+/// Whether a detoasted numeric is NaN or an infinity: the top two bits of its first 16-bit
+/// word (`NUMERIC_IS_SPECIAL` in Postgres' numeric.c, the same in every version since 14; 13's
+/// NaN has them too).
+///
+/// # Safety
+/// `numeric` must be a detoasted numeric (4-byte header).
+unsafe fn is_special_numeric(numeric: *mut pg_sys::varlena) -> bool {
+    const NUMERIC_SIGN_MASK: u16 = 0xC000;
+    const NUMERIC_SPECIAL: u16 = 0xC000;
+    let header = unsafe { std::ptr::read_unaligned(pgrx::varlena::vardata_4b(numeric) as *const u16) };
+    header & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL
 }
 
 fn null_value() -> pg_sys::JsonbValue {
