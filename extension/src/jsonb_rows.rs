@@ -71,7 +71,7 @@ enum Convert {
     Bool,
     /// A float: the output function's text, read back as a numeric (its shortest text is not
     /// what its cast to numeric gives).
-    Number(Box<pg_sys::FmgrInfo>),
+    Float(Box<pg_sys::FmgrInfo>),
     /// An integer, by its cast to numeric (`int8_numeric` and the like): what `numeric_in`
     /// makes of its text, without the text.
     Integer(pg_sys::PGFunction),
@@ -95,7 +95,7 @@ fn convert_for(type_oid: pg_sys::Oid) -> Option<Convert> {
         pg_sys::INT4OID => Convert::Integer(Some(int4_numeric)),
         pg_sys::INT8OID => Convert::Integer(Some(int8_numeric)),
         pg_sys::NUMERICOID => Convert::Numeric(output_function(base)),
-        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Convert::Number(output_function(base)),
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Convert::Float(output_function(base)),
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Convert::Text,
         pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => Convert::DateTime(base),
         pg_sys::UUIDOID | pg_sys::INTERVALOID => Convert::Output(output_function(base)),
@@ -205,7 +205,7 @@ impl Convert {
                         numeric_value(pg_sys::Datum::from(numeric))
                     }
                 }
-                Convert::Number(finfo) => number_by_text(finfo, value),
+                Convert::Float(finfo) => number_by_text(finfo, value),
                 Convert::Text => {
                     let original = value.cast_mut_ptr::<pg_sys::varlena>();
                     let text = if pgrx::varlena::varatt_is_4b_c(original) || pgrx::varlena::varatt_is_1b_e(original) {
